@@ -1,0 +1,25 @@
+"""bquant_kernels: fused BatchQuant and LSQ fake-quantization kernels (CPU, CUDA, Triton).
+
+Functional ops: :func:`batchquant`, :func:`batch_range`, :func:`lsq`.
+Modules: :class:`BatchQuantizer`, :class:`LSQQuantizer`; :func:`recalibrate`.
+Backends: :func:`backends` reports what is available here.
+"""
+
+from . import _ext  # noqa: F401  (loads the compiled extension, warns once if it is missing)
+from .backends import backends
+from .modules import BatchQuantizer, LSQQuantizer
+from .ops import batch_range, batchquant, lsq, lsq_grad_scale
+from .recalibrate import recalibrate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchQuantizer",
+    "LSQQuantizer",
+    "backends",
+    "batch_range",
+    "batchquant",
+    "lsq",
+    "lsq_grad_scale",
+    "recalibrate",
+]

@@ -1,0 +1,62 @@
+"""Backend registry and selection.
+
+A backend is a module exposing the same functions, all taking tensors already validated and laid
+out by ``bquant_kernels.ops`` (``x`` dense, either contiguous or channels_last, viewed as
+``(outer, C, inner)`` in memory so that element ``i`` belongs to channel ``(i // inner) % C``):
+
+- ``available() -> (bool, str)``; ``DTYPES``; ``DEVICES``
+- ``batch_range(x, C, inner) -> float32[2]``
+- ``batchquant_forward(x, theta, offset, lo_hi | None, bits, signed, C, inner) -> (y, qparams)``
+  (``y`` with the strides of ``x``; ``qparams`` per ``bquant_kernels.qparams``)
+- ``batchquant_backward(grad_y, x, offset, qparams, bits, signed) -> (grad_x, grad_theta[1], grad_offset[1])``
+  (``grad_y`` has the strides of ``x``; scalar gradients in the dtype of ``qparams``)
+- ``lsq_forward(w, step, bits, signed) -> w_hat``
+- ``lsq_backward(grad, w, step, bits, signed, numel_full) -> (grad_w, grad_step[1])``
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+# Default preference per device type, fastest first (see README, "Backends").
+_PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def _load(name: str) -> ModuleType:
+    if name not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def backends() -> dict[str, tuple[bool, str]]:
+    """Every backend with ``(available, reason)``."""
+    return {name: _load(name).available() for name in NAMES}
+
+
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name to use for a tensor on ``device``: explicit, else ``BQUANT_BACKEND``, else the default."""
+    requested = backend or os.environ.get("BQUANT_BACKEND") or None
+    if requested is None:
+        for name in _PREFERENCE.get(device.type, ("reference",)):
+            mod = _load(name)
+            if device.type in mod.DEVICES and dtype in mod.DTYPES and mod.available()[0]:
+                return name
+        return "reference"
+    mod = _load(requested)
+    ok, why = mod.available()
+    if not ok:
+        raise RuntimeError(f"backend={requested!r} is not available: {why}")
+    if device.type not in mod.DEVICES:
+        raise ValueError(f"backend={requested!r} does not run on {device.type} tensors (runs on {mod.DEVICES})")
+    if dtype not in mod.DTYPES:
+        raise TypeError(f"backend={requested!r} does not support dtype {dtype}; supported: {mod.DTYPES}")
+    return requested
+
+
+def get(name: str) -> ModuleType:
+    return _load(name)

@@ -1,0 +1,126 @@
+"""Reference backend: eager PyTorch written straight from docs/spec-batchquant.md.
+
+It is the oracle every other backend is tested against (run on float64 inputs it is the float64
+reference of the spec). It takes any floating dtype and memory format and makes no host sync.
+Every function follows the backend contract documented in ``bquant_kernels/backends/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..qparams import DL_DTHETA, LN2, MIN_SCALE, SCALE, SOFTPLUS_THRESHOLD, ZERO, L, batchquant_grid, lsq_grid
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DEVICES = ("cpu", "cuda")
+
+
+def available() -> tuple[bool, str]:
+    return True, "eager PyTorch, any device"
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Half-precision inputs are computed in float32 (spec 1.4); float64 stays float64.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _channel_minmax(x: Tensor) -> tuple[Tensor, Tensor]:
+    dims = [d for d in range(x.dim()) if d != 1]
+    return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
+
+
+def batch_range(x: Tensor, C: int, inner: int) -> Tensor:
+    """float32 ``[lo, hi]``: means over channels of the per-channel min and max (spec 1.1)."""
+    m, M = _channel_minmax(x)
+    return torch.stack([m.double().mean(), M.double().mean()]).float()
+
+
+def _qparams(lo: Tensor, hi: Tensor, theta: Tensor, bits: int, signed: bool, dtype: torch.dtype) -> Tensor:
+    """Observer (spec 1.2) and softplus (spec 1.3), in float64, stored in ``dtype``."""
+    qmin, qmax = batchquant_grid(bits, signed)
+    lo, hi = lo.double(), hi.double()
+    lo0 = torch.clamp(lo, max=0.0)
+    hi0 = torch.clamp(hi, min=0.0)
+    scale = torch.clamp((hi0 - lo0) / (qmax - qmin), min=MIN_SCALE).to(dtype)
+    # z is derived from the scale the element pass will use.
+    zero = torch.clamp(qmin - torch.round(lo0 / scale.double()), qmin, qmax)
+    degenerate = hi0 == lo0
+    scale = torch.where(degenerate, torch.ones_like(scale), scale)
+    zero = torch.where(degenerate, torch.zeros_like(zero), zero)
+    t = theta.double().reshape(())
+    above = t * LN2 > SOFTPLUS_THRESHOLD
+    l = torch.where(above, t, torch.log1p(torch.exp(t * LN2)) / LN2)
+    dl = torch.where(above, torch.ones_like(t), torch.sigmoid(t * LN2))
+    parts = [lo, hi, scale.double(), zero, l.to(dtype).double(), dl.to(dtype).double()]
+    return torch.stack(parts).to(dtype)
+
+
+def _element_pass(x: Tensor, offset: Tensor, qp: Tensor, bits: int, signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """u and the spec 1.4 forward in the compute dtype: returns (xf, y, inside)."""
+    qmin, qmax = batchquant_grid(bits, signed)
+    dt = qp.dtype
+    l, scale, zero = qp[L], qp[SCALE], qp[ZERO]
+    o = offset.to(dt).reshape(())
+    xf = x.to(dt)
+    u = xf * l / scale + zero + o
+    q = torch.round(torch.clamp(u, qmin, qmax))
+    y = (q - zero - o) * scale / l
+    inside = (u >= qmin) & (u <= qmax)  # inclusive at both ends (spec 1.5)
+    return xf, y, inside
+
+
+def batchquant_forward(
+    x: Tensor, theta: Tensor, offset: Tensor, lo_hi: Tensor | None, bits: int, signed: bool, C: int, inner: int
+) -> tuple[Tensor, Tensor]:
+    dt = _compute_dtype(x)
+    if lo_hi is None:
+        m, M = _channel_minmax(x)
+        lo, hi = m.double().mean(), M.double().mean()
+    else:
+        lo, hi = lo_hi[0], lo_hi[1]
+    qp = _qparams(lo, hi, theta, bits, signed, dt)
+    _, y, _ = _element_pass(x, offset, qp, bits, signed)
+    return y.to(x.dtype), qp
+
+
+def batchquant_backward(
+    grad_y: Tensor, x: Tensor, offset: Tensor, qp: Tensor, bits: int, signed: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    xf, y, inside = _element_pass(x, offset, qp, bits, signed)
+    g = grad_y.to(qp.dtype)
+    l, scale, dl_dtheta = qp[L], qp[SCALE], qp[DL_DTHETA]
+    grad_x = torch.where(inside, g, torch.zeros_like(g)).to(x.dtype)
+    dy_dl = torch.where(inside, (xf - y) / l, -(y / l))
+    dy_do = torch.where(inside, torch.zeros_like(y), (-scale / l).expand_as(y))
+    grad_l = (g * dy_dl).sum(dtype=torch.float64)
+    grad_theta = (grad_l * dl_dtheta.double()).to(qp.dtype).reshape(1)
+    grad_offset = (g * dy_do).sum(dtype=torch.float64).to(qp.dtype).reshape(1)
+    return grad_x, grad_theta, grad_offset
+
+
+def lsq_forward(w: Tensor, step: Tensor, bits: int, signed: bool) -> Tensor:
+    qn, qp = lsq_grid(bits, signed)
+    dt = _compute_dtype(w)
+    s = step.to(dt).reshape(()).abs()
+    v = w.to(dt) / s
+    return (torch.round(torch.clamp(v, qn, qp)) * s).to(w.dtype)
+
+
+def lsq_backward(
+    grad: Tensor, w: Tensor, step: Tensor, bits: int, signed: bool, numel_full: int
+) -> tuple[Tensor, Tensor]:
+    qn, qp = lsq_grid(bits, signed)
+    dt = _compute_dtype(w)
+    s_raw = step.to(dt).reshape(())
+    s = s_raw.abs()
+    v = w.to(dt) / s
+    g = grad.to(dt)
+    inside = (v > qn) & (v < qp)  # exclusive (spec 2)
+    grad_w = torch.where(inside, g, torch.zeros_like(g)).to(w.dtype)
+    term = torch.where(inside, torch.round(v) - v, torch.clamp(v, qn, qp))
+    k = 1.0 / math.sqrt(numel_full * qp)
+    grad_step = (g * term).sum(dtype=torch.float64) * k * torch.sign(s_raw).double()
+    return grad_w, grad_step.to(dt).reshape(1)

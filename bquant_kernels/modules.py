@@ -1,0 +1,85 @@
+"""``nn.Module`` wrappers: :class:`BatchQuantizer` (activations) and :class:`LSQQuantizer` (weights)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .ops import _check_bits, batchquant, lsq
+from .qparams import lsq_grid
+
+
+class BatchQuantizer(nn.Module):
+    """BatchQuant activation fake-quantizer (spec 1).
+
+    Parameters ``theta`` (raw scale, init 0 so ``l = 1``) and ``offset`` (init 0). Buffer ``lo_hi``
+    holds the running range, written only by :func:`bquant_kernels.recalibrate` (never an EMA).
+    Training mode quantizes with the batch statistics; eval mode with ``lo_hi``.
+    """
+
+    def __init__(self, bits: int, signed: bool = False, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.bits = _check_bits("bits", bits, 2, 8)
+        self.signed = signed
+        self.backend = backend
+        self.theta = nn.Parameter(torch.zeros(1))
+        self.offset = nn.Parameter(torch.zeros(1))
+        self.register_buffer("lo_hi", torch.zeros(2))
+        self._range_sink = None  # set by recalibrate(): collects the batch ranges
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._range_sink is not None:
+            y, used = batchquant(
+                x, self.theta, self.offset, self.bits, signed=self.signed, return_range=True, backend=self.backend
+            )
+            self._range_sink.add(used, x.shape[0])
+            return y
+        lo_hi = None if self.training else self.lo_hi
+        return batchquant(x, self.theta, self.offset, self.bits, signed=self.signed, lo_hi=lo_hi, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
+
+
+class LSQQuantizer(nn.Module):
+    """LSQ weight fake-quantizer (spec 2).
+
+    The step is initialised on first use to ``2 * mean(|W_full|) / sqrt(Qp)`` from the full shared
+    weight. The buffer ``initialized`` is saved in the state dict, so loading a checkpoint never
+    re-initialises the step.
+    """
+
+    def __init__(self, bits: int, signed: bool = True, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.bits = _check_bits("bits", bits, 1, 8)
+        self.signed = signed
+        self.backend = backend
+        self.step = nn.Parameter(torch.ones(1))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._initialized = False  # host mirror of the buffer: no sync in forward
+        self.register_load_state_dict_post_hook(LSQQuantizer._sync_initialized)
+
+    @staticmethod
+    def _sync_initialized(module: "LSQQuantizer", _incompatible_keys) -> None:
+        module._initialized = bool(module.initialized)
+
+    @torch.no_grad()
+    def initialize(self, w_full: Tensor) -> None:
+        """Set the step from the full weight (spec 2 convention)."""
+        qp = lsq_grid(self.bits, self.signed)[1]
+        self.step.copy_(2.0 * w_full.detach().abs().float().mean() / math.sqrt(qp))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def forward(self, w: Tensor, w_full: Optional[Tensor] = None) -> Tensor:
+        """Quantize ``w``, a slice of ``w_full`` (default: ``w`` itself) that sets init and gradient scale."""
+        full = w if w_full is None else w_full
+        if not self._initialized:
+            self.initialize(full)
+        return lsq(w, self.step, self.bits, signed=self.signed, numel_full=full.numel(), backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"

@@ -1,0 +1,5 @@
+import sys
+
+from qfa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,41 @@
+"""The ``qfa`` command: ``qfa <subcommand> [options]`` (also ``python -m qfa`` and ``torchrun -m qfa``).
+
+Each subcommand lives in ``qfa/commands/<name>.py`` with ``add_arguments(parser)`` and ``run(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": "train the supernet (sandwich + random subnets, KD, torchrun multi-GPU)",
+    "calibrate": "recalibrate BN and BatchQuant statistics of a subnet",
+    "eval": "recalibrate and evaluate subnets",
+    "collect": "sample, recalibrate and evaluate subnets; append JSON lines",
+    "predictor": "train the accuracy predictor on collected samples",
+    "search": "NSGA-II search over predicted accuracy and LUT-FLOPs",
+    "export": "export a subnet: standalone quantized model and ONNX",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qfa", description="Quantized-for-all supernet: train, search, export.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in SUBCOMMANDS.items():
+        module = importlib.import_module(f"qfa.commands.{name}")
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -229,7 +229,7 @@ def batchquant(
         lo_hi = lo_hi.reshape(2)
     name = _resolve_backend(backend, x.device, x.dtype)
     y, qp = torch.ops.bquant.batchquant_fwd(x, theta, offset, lo_hi, bits, bool(signed), name)
-    return (y, qp[:2]) if return_range else y
+    return (y, qp[:2].detach()) if return_range else y  # the range is a constant for autograd
 
 
 def lsq(

@@ -38,9 +38,25 @@ def backends() -> dict[str, tuple[bool, str]]:
     return {name: _load(name).available() for name in NAMES}
 
 
+_RESOLVED: dict[tuple[str | None, str, torch.dtype], str] = {}
+
+
+@torch.compiler.assume_constant_result
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend name to use for a tensor on ``device``: explicit, else ``BQUANT_BACKEND``, else the default."""
+    """The backend name to use for a tensor on ``device``: explicit, else ``BQUANT_BACKEND``, else the default.
+
+    Cached per (request, device type, dtype): it runs on every op call. Under ``torch.compile`` it is
+    evaluated once at trace time.
+    """
     requested = backend or os.environ.get("BQUANT_BACKEND") or None
+    key = (requested, device.type, dtype)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve_uncached(requested, device, dtype)
+    return name
+
+
+def _resolve_uncached(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
     if requested is None:
         for name in _PREFERENCE.get(device.type, ("reference",)):
             mod = _load(name)

@@ -1,0 +1,368 @@
+"""BatchQuant (spec 1) in Triton: batch range, observer, fake-quantization and its backward.
+
+Forward with batch statistics is three launches and no host sync:
+  1. per-channel min/max partials, read in place for both layouts (``_channel_minmax_planes`` for
+     contiguous NCHW/NCL, ``_channel_minmax_rows`` for channels_last and 2-D), one partial per
+     (split, channel);
+  2. ``_range_finish``: one program folds the partials per channel, averages over channels in
+     float64 and computes ``qparams`` (lo, hi, S, z, l, dl/dtheta) on the device;
+  3. ``_quantize``: the element pass, reading those scalars.
+With a stored range only ``_quantize`` runs; it computes the qparams itself (program 0 stores them).
+The backward is one element pass writing grad_x and per-program float32 partials of the two
+scalar-gradient sums, then ``_grad_finish`` (one program) adds them in float64 in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..qparams import DL_DTHETA, HI, LO, NUM_QPARAMS, SCALE, ZERO, L, batchquant_grid
+from .launch import (
+    ELEMENTWISE_CONFIGS,
+    ELEMENTWISE_INTERPRET,
+    FINISH_BLOCK,
+    device_guard,
+    reduction_programs,
+    size_class,
+    tuned,
+)
+from .quant_math import (
+    batchquant_elem,
+    batchquant_elem_backward,
+    observer_qparams,
+    softplus_ln2,
+)
+from .reductions import fold_minmax, reduce_minmax, sum_partials
+from .rounding import cast_rne
+
+_QP_LO: tl.constexpr = tl.constexpr(LO)
+_QP_HI: tl.constexpr = tl.constexpr(HI)
+_QP_SCALE: tl.constexpr = tl.constexpr(SCALE)
+_QP_ZERO: tl.constexpr = tl.constexpr(ZERO)
+_QP_L: tl.constexpr = tl.constexpr(L)
+_QP_DL_DTHETA: tl.constexpr = tl.constexpr(DL_DTHETA)
+
+_TILE_CONFIGS = [
+    triton.Config({"TILE": 2048}, num_warps=4),
+    triton.Config({"TILE": 4096}, num_warps=4),
+    triton.Config({"TILE": 4096}, num_warps=8),
+    triton.Config({"TILE": 8192}, num_warps=8),
+]
+_ROWS_MAX_BLOCK_C = 128  # channels per program of the rows kernel (<= every TILE)
+_RANGE_FINISH_TILE = 4096  # (split, channel) partials per iteration of the one-program range finish
+_FINISH_WARPS = 4
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@tuned(_TILE_CONFIGS, key=["size_class", "BLOCK_I"], interpret=triton.Config({"TILE": 1024}))
+@triton.jit
+def _channel_minmax_planes(
+    x_ptr,
+    part_ptr,
+    C,
+    inner,
+    plane,
+    n_rows,
+    n_inner_blocks,
+    n_splits,
+    size_class,
+    BLOCK_I: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Partial min/max of channel ``c`` of x viewed as ``(outer, C, inner)`` (``plane = C * inner``),
+    split ``s`` of ``n_splits`` (grid ``(C, n_splits)``), into part[0|1, s, c].
+
+    The channel is walked as ``n_rows = outer * n_inner_blocks`` rows of ``BLOCK_I`` contiguous
+    elements (row q: batch index q // n_inner_blocks, inner block q % n_inner_blocks), BLOCK_Q rows
+    per tile: one division per row, vector loads along the row, and no lanes lost to a short
+    ``inner`` (7x7) or to a batch of one."""
+    BLOCK_Q: tl.constexpr = TILE // BLOCK_I
+    c = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_I)
+    channel_ptr = x_ptr + c.to(tl.int64) * inner
+    acc_min = tl.full([BLOCK_Q, BLOCK_I], float("inf"), tl.float32)
+    acc_max = tl.full([BLOCK_Q, BLOCK_I], float("-inf"), tl.float32)
+    for start in range(split * BLOCK_Q, n_rows, n_splits * BLOCK_Q):
+        q = start + tl.arange(0, BLOCK_Q)
+        n = q // n_inner_blocks
+        i = (q - n * n_inner_blocks) * BLOCK_I
+        offs = (n.to(tl.int64) * plane + i)[:, None] + cols[None, :]
+        mask = (q < n_rows)[:, None] & ((i[:, None] + cols[None, :]) < inner)
+        v = tl.load(channel_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_min, acc_max = fold_minmax(acc_min, acc_max, v, v, mask)
+    lo, hi = reduce_minmax(acc_min, acc_max, None)
+    tl.store(part_ptr + split * C + c, lo)
+    tl.store(part_ptr + (n_splits + split) * C + c, hi)
+
+
+@tuned(_TILE_CONFIGS, key=["size_class", "BLOCK_C"], interpret=triton.Config({"TILE": 1024}))
+@triton.jit
+def _channel_minmax_rows(x_ptr, part_ptr, rows, C, n_splits, size_class, BLOCK_C: tl.constexpr, TILE: tl.constexpr):
+    """Partial min/max of x viewed as ``(rows, C)`` (channels_last, 2-D): program ``(cb, s)`` folds
+    channels ``[cb * BLOCK_C, ...)`` over rows of split ``s`` (grid ``(cdiv(C, BLOCK_C), n_splits)``)."""
+    BLOCK_R: tl.constexpr = TILE // BLOCK_C
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    col_mask = cols < C
+    acc_min = tl.full([BLOCK_R, BLOCK_C], float("inf"), tl.float32)
+    acc_max = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
+    for start in range(split * BLOCK_R, rows, n_splits * BLOCK_R):
+        r = start + tl.arange(0, BLOCK_R)
+        mask = (r < rows)[:, None] & col_mask[None, :]
+        offs = r.to(tl.int64)[:, None] * C + cols[None, :]
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_min, acc_max = fold_minmax(acc_min, acc_max, v, v, mask)
+    lo, hi = reduce_minmax(acc_min, acc_max, 0)
+    tl.store(part_ptr + split * C + cols, lo, mask=col_mask)
+    tl.store(part_ptr + (n_splits + split) * C + cols, hi, mask=col_mask)
+
+
+@triton.jit
+def _range_finish(
+    part_ptr,
+    out_ptr,
+    theta_ptr,
+    n_splits,
+    C,
+    qmin,
+    qmax,
+    WITH_QPARAMS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One program: per-channel min/max from the ``(2, n_splits, C)`` partials, their means over
+    channels in float64 (fixed order), then ``[lo, hi]`` or the full qparams into ``out``."""
+    sum_min = tl.zeros([BLOCK_C], dtype=tl.float64)
+    sum_max = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
+        ch_min = tl.full([BLOCK_S, BLOCK_C], float("inf"), tl.float32)
+        ch_max = tl.full([BLOCK_S, BLOCK_C], float("-inf"), tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = (s < n_splits)[:, None] & col_mask[None, :]
+            offs = s[:, None] * C + cols[None, :]
+            part_min = tl.load(part_ptr + offs, mask=mask, other=0.0)
+            part_max = tl.load(part_ptr + n_splits * C + offs, mask=mask, other=0.0)
+            ch_min, ch_max = fold_minmax(ch_min, ch_max, part_min, part_max, mask)
+        m, M = reduce_minmax(ch_min, ch_max, 0)
+        sum_min += tl.where(col_mask, m.to(tl.float64), 0.0)
+        sum_max += tl.where(col_mask, M.to(tl.float64), 0.0)
+    lo = tl.sum(sum_min, axis=0) / C
+    hi = tl.sum(sum_max, axis=0) / C
+    tl.store(out_ptr + _QP_LO, lo.to(tl.float32))
+    tl.store(out_ptr + _QP_HI, hi.to(tl.float32))
+    if WITH_QPARAMS:
+        scale, zero = observer_qparams(lo, hi, qmin, qmax)
+        l, dl_dtheta = softplus_ln2(tl.load(theta_ptr).to(tl.float64))
+        tl.store(out_ptr + _QP_SCALE, scale)
+        tl.store(out_ptr + _QP_ZERO, zero)
+        tl.store(out_ptr + _QP_L, l)
+        tl.store(out_ptr + _QP_DL_DTHETA, dl_dtheta)
+
+
+@tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)
+@triton.jit
+def _quantize(
+    x_ptr,
+    y_ptr,
+    qp_ptr,
+    theta_ptr,
+    offset_ptr,
+    lo_hi_ptr,
+    numel,
+    size_class,
+    qmin,
+    qmax,
+    FROM_RANGE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The element pass (spec 1.4). ``FROM_RANGE``: the qparams come from ``lo_hi`` and theta,
+    computed by every program (a few float64 scalar ops) and stored by program 0; else they are read."""
+    pid = tl.program_id(0)
+    if FROM_RANGE:
+        lo = tl.load(lo_hi_ptr).to(tl.float64)
+        hi = tl.load(lo_hi_ptr + 1).to(tl.float64)
+        scale, zero = observer_qparams(lo, hi, qmin, qmax)
+        l, dl_dtheta = softplus_ln2(tl.load(theta_ptr).to(tl.float64))
+        if pid == 0:
+            tl.store(qp_ptr + _QP_LO, lo.to(tl.float32))
+            tl.store(qp_ptr + _QP_HI, hi.to(tl.float32))
+            tl.store(qp_ptr + _QP_SCALE, scale)
+            tl.store(qp_ptr + _QP_ZERO, zero)
+            tl.store(qp_ptr + _QP_L, l)
+            tl.store(qp_ptr + _QP_DL_DTHETA, dl_dtheta)
+    else:
+        scale = tl.load(qp_ptr + _QP_SCALE)
+        zero = tl.load(qp_ptr + _QP_ZERO)
+        l = tl.load(qp_ptr + _QP_L)
+    offset = tl.load(offset_ptr).to(tl.float32)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y, _ = batchquant_elem(x, l, scale, zero, offset, qmin, qmax)
+    tl.store(y_ptr + offs, cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)
+@triton.jit
+def _quantize_backward(
+    g_ptr,
+    x_ptr,
+    gx_ptr,
+    qp_ptr,
+    offset_ptr,
+    part_ptr,
+    numel,
+    n_programs,
+    size_class,
+    qmin,
+    qmax,
+    BLOCK: tl.constexpr,
+):
+    """grad_x, and per-program float32 partials part[0, pid] = sum(dl_term), part[1, pid] = sum(do_term)
+    (grid-stride loop over ``n_programs`` programs, so the partial count does not depend on BLOCK)."""
+    pid = tl.program_id(0)
+    scale = tl.load(qp_ptr + _QP_SCALE)
+    zero = tl.load(qp_ptr + _QP_ZERO)
+    l = tl.load(qp_ptr + _QP_L)
+    offset = tl.load(offset_ptr).to(tl.float32)
+    acc_dl = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_do = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(pid.to(tl.int64) * BLOCK, numel, n_programs * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad_x, dl_term, do_term = batchquant_elem_backward(g, x, l, scale, zero, offset, qmin, qmax)
+        tl.store(gx_ptr + offs, cast_rne(grad_x, gx_ptr.dtype.element_ty), mask=mask)
+        acc_dl += dl_term  # masked lanes have g = 0, so their terms are 0
+        acc_do += do_term
+    tl.store(part_ptr + pid, tl.sum(acc_dl, axis=0))
+    tl.store(part_ptr + n_programs + pid, tl.sum(acc_do, axis=0))
+
+
+@triton.jit
+def _grad_finish(part_ptr, qp_ptr, grad_theta_ptr, grad_offset_ptr, n_programs, BLOCK: tl.constexpr):
+    """grad_theta = sum_dl / l * dl/dtheta, grad_offset = -sum_do * S / l, in float64."""
+    sum_dl = sum_partials(part_ptr, n_programs, BLOCK)
+    sum_do = sum_partials(part_ptr + n_programs, n_programs, BLOCK)
+    scale = tl.load(qp_ptr + _QP_SCALE).to(tl.float64)
+    l = tl.load(qp_ptr + _QP_L).to(tl.float64)
+    dl_dtheta = tl.load(qp_ptr + _QP_DL_DTHETA).to(tl.float64)
+    tl.store(grad_theta_ptr, (sum_dl / l * dl_dtheta).to(tl.float32))
+    tl.store(grad_offset_ptr, (-sum_do * scale / l).to(tl.float32))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _inner_block(inner: int) -> int:
+    """Row length for the planes kernel: the power of two in [min(32, next_pow2(inner)), 1024] that
+    wastes the fewest lanes on ``inner`` (the larger on a tie: longer contiguous runs)."""
+    smallest = min(32, triton.next_power_of_2(inner))
+    candidates = [1 << k for k in range(smallest.bit_length() - 1, 11)]
+    return max(candidates, key=lambda b: (inner / (triton.cdiv(inner, b) * b), b))
+
+
+def _channel_partials(x: Tensor, C: int, inner: int) -> tuple[Tensor, int]:
+    """float32 ``(2, n_splits, C)`` per-channel min/max partials of ``x`` and ``n_splits``."""
+    numel = x.numel()
+    if inner == 1:
+        rows = numel // C
+        block_c = min(triton.next_power_of_2(C), _ROWS_MAX_BLOCK_C)
+        n_splits = reduction_programs(rows * min(C, block_c), triton.cdiv(C, block_c), x.device)
+        part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
+        _channel_minmax_rows[lambda meta: (triton.cdiv(C, block_c), n_splits)](
+            x, part, rows, C, n_splits, size_class(numel), BLOCK_C=block_c
+        )
+    else:
+        outer = numel // (C * inner)
+        block_i = _inner_block(inner)
+        n_inner_blocks = triton.cdiv(inner, block_i)
+        n_rows = outer * n_inner_blocks
+        if n_rows >= 2**31:
+            raise ValueError(f"x has {outer * inner} elements per channel; the Triton kernels support fewer")
+        n_splits = reduction_programs(outer * inner, C, x.device)
+        part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
+        _channel_minmax_planes[(C, n_splits)](
+            x, part, C, inner, C * inner, n_rows, n_inner_blocks, n_splits, size_class(numel), BLOCK_I=block_i
+        )
+    return part, n_splits
+
+
+def _finish_range(part: Tensor, n_splits: int, C: int, out: Tensor, theta: Tensor, grid: tuple[float, float]) -> None:
+    block_s = min(triton.next_power_of_2(n_splits), 64)
+    block_c = min(triton.next_power_of_2(C), max(16, _RANGE_FINISH_TILE // block_s))
+    _range_finish[(1,)](
+        part,
+        out,
+        theta,
+        n_splits,
+        C,
+        grid[0],
+        grid[1],
+        WITH_QPARAMS=out.numel() == NUM_QPARAMS,
+        BLOCK_S=block_s,
+        BLOCK_C=block_c,
+        num_warps=_FINISH_WARPS,
+    )
+
+
+def batch_range(x: Tensor, C: int, inner: int) -> Tensor:
+    """float32 ``[lo, hi]``: channel means of the per-channel min and max (spec 1.1)."""
+    out = torch.empty(2, dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        part, n_splits = _channel_partials(x, C, inner)
+        _finish_range(part, n_splits, C, out, out, (0.0, 0.0))  # theta unused without qparams
+    return out
+
+
+def batchquant_forward(
+    x: Tensor, theta: Tensor, offset: Tensor, lo_hi: Tensor | None, bits: int, signed: bool, C: int, inner: int
+) -> tuple[Tensor, Tensor]:
+    """``(y, qparams)``: spec 1.4 with the batch range (``lo_hi=None``) or the given one."""
+    grid = batchquant_grid(bits, signed)
+    numel = x.numel()
+    y = torch.empty_like(x)  # same strides as x: the element pass runs in memory order
+    qp = torch.empty(NUM_QPARAMS, dtype=torch.float32, device=x.device)
+    from_range = lo_hi is not None
+    with device_guard(x):
+        if from_range:
+            lo_hi = lo_hi.contiguous()
+        else:
+            part, n_splits = _channel_partials(x, C, inner)
+            _finish_range(part, n_splits, C, qp, theta, grid)
+            lo_hi = qp  # not read
+        _quantize[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
+            x, y, qp, theta, offset, lo_hi, numel, size_class(numel), grid[0], grid[1], FROM_RANGE=from_range
+        )
+    return y, qp
+
+
+def batchquant_backward(
+    grad_y: Tensor, x: Tensor, offset: Tensor, qparams: Tensor, bits: int, signed: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_theta[1], grad_offset[1])`` (spec 1.5), scalar gradients in float32."""
+    if qparams.dtype != torch.float32:
+        raise TypeError(f"qparams must be float32 for the triton backend, got {qparams.dtype}")
+    grid = batchquant_grid(bits, signed)
+    numel = x.numel()
+    n_programs = reduction_programs(numel, 1, x.device)
+    grad_x = torch.empty_like(x)
+    part = torch.empty(2 * n_programs, dtype=torch.float32, device=x.device)
+    grad_theta = torch.empty(1, dtype=torch.float32, device=x.device)
+    grad_offset = torch.empty(1, dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        _quantize_backward[(n_programs,)](
+            grad_y, x, grad_x, qparams, offset, part, numel, n_programs, size_class(numel), grid[0], grid[1]
+        )
+        _grad_finish[(1,)](part, qparams, grad_theta, grad_offset, n_programs, BLOCK=FINISH_BLOCK)
+    return grad_x, grad_theta, grad_offset

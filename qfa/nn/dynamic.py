@@ -1,0 +1,309 @@
+"""Dynamic (elastic) quantized layers of the supernet.
+
+Every layer quantizes its input with a BatchQuantizer and its weight with an LSQQuantizer of the
+active bit-widths, convolves, then applies BN, activation (and SE) in full precision. The active
+width, kernel size and bit-widths are plain attributes set from outside by the network
+(``set_active_*``); ``forward`` only reads them, so no module walk or host sync happens per step.
+Input channels follow the input tensor (the first ``C`` channels of the weight are used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bquant_kernels import BatchQuantizer, LSQQuantizer
+
+from .batchnorm import DynamicBatchNorm2d
+from .quantizers import FULL_PRECISION, activation_bank, bank_key, weight_bank
+from .se import DynamicSE, se_mid_channels
+from .static import QConv2d, QLinear
+from .utils import build_activation, sub_kernel_slice
+
+# ----------------------------------------------------------------------------- copies into static layers
+
+
+def _copy_bn(dst: DynamicBatchNorm2d, src: DynamicBatchNorm2d, c: int) -> None:
+    dst.eps = src.eps
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(dst, name).copy_(getattr(src, name)[:c])
+
+
+def _copy_se(dst: DynamicSE, src: DynamicSE, c: int) -> None:
+    mid = se_mid_channels(c)
+    dst.reduce.weight.copy_(src.reduce.weight[:mid, :c])
+    dst.reduce.bias.copy_(src.reduce.bias[:mid])
+    dst.expand.weight.copy_(src.expand.weight[:c, :mid])
+    dst.expand.bias.copy_(src.expand.bias[:c])
+
+
+def _copy_quantizers(
+    dst_w: LSQQuantizer | None,
+    src_w: LSQQuantizer | None,
+    w_full: Tensor,
+    dst_a: BatchQuantizer | None,
+    src_a: BatchQuantizer | None,
+) -> None:
+    """Copy learned quantizer state. An LSQ step the supernet has not initialised yet gets the value
+    the supernet would give it on first use (from the full weight), never a re-initialisation."""
+    if dst_w is not None:
+        if bool(src_w.initialized):
+            dst_w.load_state_dict(src_w.state_dict())
+        else:
+            dst_w.initialize(w_full)
+    if dst_a is not None:
+        dst_a.load_state_dict(src_a.state_dict())
+
+
+class _ActiveBits:
+    """Active weight / activation bit-widths of a layer with one bank of each."""
+
+    w_quantizer: nn.ModuleDict
+    a_quantizer: nn.ModuleDict
+
+    def _init_bits(self) -> None:
+        self.w_bits = FULL_PRECISION
+        self.a_bits = FULL_PRECISION
+        self._w_key: str | None = None
+        self._a_key: str | None = None
+
+    def set_active_bits(self, w_bits: int, a_bits: int) -> None:
+        w_key = bank_key(self.w_quantizer, w_bits, "w_bits")
+        a_key = bank_key(self.a_quantizer, a_bits, "a_bits")
+        self.w_bits, self.a_bits, self._w_key, self._a_key = w_bits, a_bits, w_key, a_key
+
+
+class DynamicQConv2d(_ActiveBits, nn.Module):
+    """Quantized dense conv (1x1 pointwise, or the kxk stem) with elastic output width.
+
+    Uses ``weight[:active_out_channels, :C_in]``; the LSQ step sees the full weight for its
+    initialisation and gradient scale (``lsq(w_active, w_full=weight)``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        *,
+        bn: bool = True,
+        act: str | None = None,
+        quant_bits: Sequence[int],
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, kernel_size // 2
+        self.act_name, self.backend = act, backend
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bn = DynamicBatchNorm2d(out_channels) if bn else None
+        self.act = build_activation(act)
+        self.w_quantizer = weight_bank(quant_bits, backend)
+        self.a_quantizer = activation_bank(quant_bits, backend)
+        self.active_out_channels = out_channels
+        self._init_bits()
+
+    def forward(self, x: Tensor) -> Tensor:
+        c_in = x.shape[1]
+        if c_in > self.in_channels:
+            raise ValueError(f"input has {c_in} channels, this conv takes at most {self.in_channels}")
+        w = self.weight[: self.active_out_channels, :c_in]
+        if self._a_key is not None:
+            x = self.a_quantizer[self._a_key](x)
+        if self._w_key is not None:
+            w = self.w_quantizer[self._w_key](w, w_full=self.weight)
+        y = F.conv2d(x, w, None, self.stride, self.padding)
+        if self.bn is not None:
+            y = self.bn(y)
+        return self.act(y)
+
+    @torch.no_grad()
+    def to_static(self, in_channels: int) -> QConv2d:
+        """The active layer (``in_channels`` inputs) as a :class:`QConv2d` with copied weights and state."""
+        out = self.active_out_channels
+        layer = QConv2d(
+            in_channels,
+            out,
+            self.kernel_size,
+            self.stride,
+            w_bits=self.w_bits,
+            a_bits=self.a_bits,
+            bn=self.bn is not None,
+            act=self.act_name,
+            backend=self.backend,
+        )
+        layer.weight.copy_(self.weight[:out, :in_channels])
+        if self.bn is not None:
+            _copy_bn(layer.bn, self.bn, out)
+        src_w = None if self._w_key is None else self.w_quantizer[self._w_key]
+        src_a = None if self._a_key is None else self.a_quantizer[self._a_key]
+        _copy_quantizers(layer.w_quantizer, src_w, self.weight, layer.a_quantizer, src_a)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"active_out={self.active_out_channels}, w_bits={self.w_bits}, a_bits={self.a_bits}"
+        )
+
+
+class DynamicQDepthwiseConv2d(nn.Module):
+    """Quantized depthwise conv with elastic kernel size (and SE), on the first ``C`` channels.
+
+    One ``K x K`` weight (``K`` = largest kernel size); a smaller kernel ``k`` is the centre ``k x k``
+    of the next larger transformed kernel, flattened and multiplied by a learned ``k^2 x k^2`` matrix
+    (identity at init, shared across channels): 7 -> 5 -> 3. Each kernel size has its own weight and
+    activation quantizer banks. The LSQ "full weight" is the transformed kernel of all channels.
+    """
+
+    def __init__(
+        self,
+        max_channels: int,
+        ks_list: Sequence[int],
+        stride: int = 1,
+        *,
+        act: str | None,
+        se: bool,
+        quant_bits: Sequence[int],
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.max_channels = max_channels
+        self.ks_list = tuple(sorted(ks_list))
+        self.max_kernel_size = self.ks_list[-1]
+        self.stride = stride
+        self.act_name, self.backend = act, backend
+        k = self.max_kernel_size
+        self.weight = nn.Parameter(torch.empty(max_channels, 1, k, k))
+        self.kernel_transforms = nn.ParameterDict(
+            {f"{big}to{small}": nn.Parameter(torch.eye(small * small)) for small, big in self._transform_pairs()}
+        )
+        self.bn = DynamicBatchNorm2d(max_channels)
+        self.act = build_activation(act)
+        self.se = DynamicSE(max_channels) if se else None
+        self.w_quantizers = nn.ModuleDict({str(ks): weight_bank(quant_bits, backend) for ks in self.ks_list})
+        self.a_quantizers = nn.ModuleDict({str(ks): activation_bank(quant_bits, backend) for ks in self.ks_list})
+        self.active_kernel_size = self.max_kernel_size
+        self.w_bits = self.a_bits = FULL_PRECISION
+        self._w_key: str | None = None
+        self._a_key: str | None = None
+
+    def _transform_pairs(self) -> list[tuple[int, int]]:
+        """``(small, big)`` for every consecutive pair of kernel sizes, largest first."""
+        return [(self.ks_list[i - 1], self.ks_list[i]) for i in range(len(self.ks_list) - 1, 0, -1)]
+
+    def set_active_kernel_size(self, ks: int) -> None:
+        if ks not in self.ks_list:
+            raise ValueError(f"ks={ks} not in {self.ks_list}")
+        self.active_kernel_size = ks
+        self.set_active_bits(self.w_bits, self.a_bits)  # re-resolve against this kernel size's banks
+
+    def set_active_bits(self, w_bits: int, a_bits: int) -> None:
+        ks = str(self.active_kernel_size)
+        w_key = bank_key(self.w_quantizers[ks], w_bits, "w_bits")
+        a_key = bank_key(self.a_quantizers[ks], a_bits, "a_bits")
+        self.w_bits, self.a_bits, self._w_key, self._a_key = w_bits, a_bits, w_key, a_key
+
+    def kernel(self, ks: int | None = None) -> Tensor:
+        """The ``ks x ks`` kernel of every channel, ``(max_channels, 1, ks, ks)`` (default: active size)."""
+        ks = self.active_kernel_size if ks is None else ks
+        w = self.weight
+        for small, big in self._transform_pairs():
+            if big <= ks:
+                break
+            centre = sub_kernel_slice(big, small)
+            flat = w[:, :, centre, centre].reshape(self.max_channels, small * small)
+            w = F.linear(flat, self.kernel_transforms[f"{big}to{small}"]).view(self.max_channels, 1, small, small)
+        return w
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        if c > self.max_channels:
+            raise ValueError(f"input has {c} channels, this depthwise conv holds {self.max_channels}")
+        ks = self.active_kernel_size
+        w_full = self.kernel(ks)
+        w = w_full[:c]
+        if self._a_key is not None:
+            x = self.a_quantizers[str(ks)][self._a_key](x)
+        if self._w_key is not None:
+            w = self.w_quantizers[str(ks)][self._w_key](w, w_full=w_full)
+        y = F.conv2d(x, w, None, self.stride, ks // 2, 1, c)
+        y = self.act(self.bn(y))
+        return y if self.se is None else self.se(y)
+
+    @torch.no_grad()
+    def to_static(self, channels: int) -> QConv2d:
+        """The active layer on ``channels`` channels as a depthwise :class:`QConv2d` (transformed kernel)."""
+        ks = self.active_kernel_size
+        layer = QConv2d(
+            channels,
+            channels,
+            ks,
+            self.stride,
+            groups=channels,
+            w_bits=self.w_bits,
+            a_bits=self.a_bits,
+            act=self.act_name,
+            se=self.se is not None,
+            backend=self.backend,
+        )
+        w_full = self.kernel(ks)
+        layer.weight.copy_(w_full[:channels])
+        _copy_bn(layer.bn, self.bn, channels)
+        if self.se is not None:
+            _copy_se(layer.se, self.se, channels)
+        src_w = None if self._w_key is None else self.w_quantizers[str(ks)][self._w_key]
+        src_a = None if self._a_key is None else self.a_quantizers[str(ks)][self._a_key]
+        _copy_quantizers(layer.w_quantizer, src_w, w_full, layer.a_quantizer, src_a)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.max_channels}, ks_list={self.ks_list}, stride={self.stride}, active_ks={self.active_kernel_size}, "
+            f"w_bits={self.w_bits}, a_bits={self.a_bits}"
+        )
+
+
+class DynamicQLinear(_ActiveBits, nn.Module):
+    """Quantized fully connected layer (the classifier), with bias, on the first ``C_in`` inputs."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, quant_bits: Sequence[int], backend: str | None = None
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.w_quantizer = weight_bank(quant_bits, backend)
+        self.a_quantizer = activation_bank(quant_bits, backend)
+        self._init_bits()
+
+    def forward(self, x: Tensor) -> Tensor:
+        c_in = x.shape[1]
+        if c_in > self.in_features:
+            raise ValueError(f"input has {c_in} features, this linear layer takes at most {self.in_features}")
+        w = self.weight[:, :c_in]
+        if self._a_key is not None:
+            x = self.a_quantizer[self._a_key](x)
+        if self._w_key is not None:
+            w = self.w_quantizer[self._w_key](w, w_full=self.weight)
+        return F.linear(x, w, self.bias)
+
+    @torch.no_grad()
+    def to_static(self, in_features: int) -> QLinear:
+        """The active layer (``in_features`` inputs) as a :class:`QLinear` with copied weights and state."""
+        layer = QLinear(in_features, self.out_features, w_bits=self.w_bits, a_bits=self.a_bits, backend=self.backend)
+        layer.weight.copy_(self.weight[:, :in_features])
+        layer.bias.copy_(self.bias)
+        src_w = None if self._w_key is None else self.w_quantizer[self._w_key]
+        src_a = None if self._a_key is None else self.a_quantizer[self._a_key]
+        _copy_quantizers(layer.w_quantizer, src_w, self.weight, layer.a_quantizer, src_a)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}"

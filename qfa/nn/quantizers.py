@@ -1,0 +1,38 @@
+"""Banks of bquant quantizers: one per bit-width, so every bit-width keeps its own learned parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from bquant_kernels import BatchQuantizer, LSQQuantizer
+
+FULL_PRECISION = 32  # a bit-width of 32 means "not quantized" (identity; no quantizer is stored)
+HEAD_MIN_BITS = 8  # the classifier is quantized with at least this many bits (8 is always in a bank)
+
+
+def bank_bits(bits_list: Iterable[int]) -> tuple[int, ...]:
+    """Bit-widths that get a quantizer: every option except 32, plus 8 (published layout: 2, 3, 4, 8)."""
+    return tuple(sorted({b for b in bits_list if b != FULL_PRECISION} | {HEAD_MIN_BITS}))
+
+
+def weight_bank(bits: Iterable[int], backend: str | None) -> nn.ModuleDict:
+    """``{str(b): LSQQuantizer(b)}`` (signed, per-tensor step)."""
+    return nn.ModuleDict({str(b): LSQQuantizer(b, signed=True, backend=backend) for b in bits})
+
+
+def activation_bank(bits: Iterable[int], backend: str | None) -> nn.ModuleDict:
+    """``{str(b): BatchQuantizer(b)}`` (unsigned grid; the zero point covers negative ranges, spec 1.6)."""
+    return nn.ModuleDict({str(b): BatchQuantizer(b, signed=False, backend=backend) for b in bits})
+
+
+def bank_key(bank: nn.ModuleDict, bits: int, what: str) -> str | None:
+    """Key of ``bits`` in ``bank`` (``None`` for 32 = not quantized); a clear error when it has none."""
+    if bits == FULL_PRECISION:
+        return None
+    key = str(bits)
+    if key not in bank:
+        have = sorted(int(k) for k in bank.keys())
+        raise ValueError(f"{what}={bits}: this layer has quantizers for {have} (and 32 = not quantized)")
+    return key

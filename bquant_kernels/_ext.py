@@ -6,6 +6,8 @@ import importlib
 import warnings
 from types import ModuleType
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 # Bumped whenever the C++/CUDA binding signatures change; a build with another value is stale.
 API_VERSION = 1
 

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# The one script run on a lent GPU machine: environment, in-place CUDA build, the whole test
+# suite, the kernel (and, if present, training-step) benchmarks, the device-to-device copy
+# bandwidth, and a JSON summary. Every stage has its own time limit and a failed stage does not
+# stop the next one, so one run yields as much as it can. Whole run: under 8 minutes.
+#
+# Usage: OUT=/some/dir bash bench/gpu_check.sh        (OUT defaults to ./gpu_out)
+# Files under $OUT (7): env.txt build.log pytest.log bench.log kernels.json train_step.json gpu_check.json
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-python}"
+BUDGET_S=440        # hard end of the last stage; the summary gets the remaining 30 s of the 8 minutes
+STAGES=""           # "name:rc:seconds" entries for the summary
+
+# Run a stage under `timeout`: min(its own limit, what is left of the budget minus `reserve` seconds
+# kept for the stages after it). Output goes to the given log (appended) and to stdout's tail.
+stage() {
+  local name="$1" limit="$2" reserve="$3" log="$4"
+  shift 4
+  local left=$((BUDGET_S - SECONDS - reserve))
+  ((left < limit)) && limit=$left
+  if ((limit < 5)); then
+    echo "[gpu_check] $name: skipped, no time left" | tee -a "$log"
+    STAGES="$STAGES $name:skipped:0"
+    return
+  fi
+  echo "[gpu_check] $name (limit ${limit}s): $*" | tee -a "$log"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  echo "[gpu_check] $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$log"
+  STAGES="$STAGES $name:$rc:$((SECONDS - t0))"
+}
+
+# ----------------------------------------------------------------------------- environment
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(uname -a)"
+  echo "python: $($PY --version 2>&1)"
+  $PY - <<'EOF' 2>&1
+import torch
+print("torch:", torch.__version__, "cuda:", torch.version.cuda, "cuda available:", torch.cuda.is_available())
+try:
+    import triton
+    print("triton:", triton.__version__)
+except ImportError as err:
+    print("triton: not importable:", err)
+EOF
+  echo "nvcc: $(/usr/local/cuda/bin/nvcc --version 2>&1 | tail -n 2 | tr '\n' ' ')"
+  nvidia-smi 2>&1
+} | tee "$OUT/env.txt"
+
+# ----------------------------------------------------------------------------- build
+export CUDA_HOME=/usr/local/cuda BQUANT_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
+stage build 210 200 "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps -v -e .
+$PY -c "import bquant_kernels as bk; print(bk.backends())" 2>&1 | tee -a "$OUT/build.log"
+
+# ----------------------------------------------------------------------------- tests
+stage pytest 150 70 "$OUT/pytest.log" $PY -m pytest -x -q -p no:cacheprovider --durations=15
+
+# ----------------------------------------------------------------------------- benchmarks
+stage kernels 60 25 "$OUT/bench.log" $PY bench/kernels.py --json "$OUT/kernels.json"
+if [[ -f bench/train_step.py ]]; then
+  stage train_step 40 5 "$OUT/bench.log" $PY bench/train_step.py --json "$OUT/train_step.json"
+else
+  echo "[gpu_check] train_step: bench/train_step.py not present" | tee -a "$OUT/bench.log"
+  STAGES="$STAGES train_step:absent:0"
+fi
+
+# ----------------------------------------------------------------------------- summary
+STAGES="$STAGES" OUT="$OUT" timeout --kill-after=5 30 $PY - <<'EOF' 2>&1 | tee -a "$OUT/bench.log"
+import json
+import os
+import re
+import subprocess
+from datetime import datetime, timezone
+
+out = os.environ["OUT"]
+summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {}}
+
+
+def write() -> None:
+    summary["benchmarks"] = sorted(f for f in ("kernels.json", "train_step.json") if os.path.exists(os.path.join(out, f)))
+    summary["files"] = sorted(set(os.listdir(out)) | {"gpu_check.json"})
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+for entry in os.environ["STAGES"].split():
+    name, rc, seconds = entry.split(":")
+    summary["stages"][name] = {"rc": rc, "seconds": int(seconds)}
+
+# The last pytest summary line, e.g. "2 failed, 310 passed, 12 skipped in 95.1s".
+try:
+    with open(os.path.join(out, "pytest.log")) as f:
+        lines = [ln.strip() for ln in f if re.search(r"\b(passed|failed|errors?|skipped|no tests ran)\b", ln)]
+    tests = {"summary": lines[-1] if lines else None}
+    for key in ("passed", "failed", "skipped", "error", "errors", "xfailed", "xpassed"):
+        m = re.search(rf"(\d+) {key}\b", tests["summary"] or "")
+        tests[key] = int(m.group(1)) if m else 0
+    summary["tests"] = tests
+except OSError as err:
+    summary["tests"] = {"summary": None, "error": repr(err)}
+write()  # first without anything that imports torch: this much survives a hung CUDA
+
+try:
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    summary["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+except Exception as err:  # keep going: every field is optional but the file
+    summary["nvidia_smi"] = repr(err)
+try:
+    import torch
+
+    summary.update(torch=torch.__version__, cuda=torch.version.cuda)
+    summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+except Exception as err:
+    summary["torch_error"] = repr(err)
+try:
+    import triton
+
+    summary["triton"] = triton.__version__
+except Exception as err:
+    summary["triton"] = f"not importable: {err!r}"
+try:
+    import bquant_kernels as bk
+
+    summary["backends"] = {name: {"available": ok, "reason": why} for name, (ok, why) in bk.backends().items()}
+except Exception as err:
+    summary["backends"] = repr(err)
+write()
+
+# Device-to-device copy bandwidth: 1 GiB copied, read + write bytes counted, median of 10.
+try:
+    n = 2**30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").fill_(1)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    median = sorted(times)[len(times) // 2]
+    summary["d2d_copy"] = {"bytes_copied": n, "median_s": median, "gbps_read_plus_write": 2 * n / median / 1e9}
+except Exception as err:
+    summary["d2d_copy"] = {"error": repr(err)}
+write()
+print(json.dumps({k: summary.get(k) for k in ("device", "tests", "stages", "d2d_copy", "benchmarks")}, indent=2))
+EOF
+echo "[gpu_check] done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -49,7 +49,13 @@ def _extensions():
     with_cuda = why_not is None
 
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
-    cxx = ["-O3", "-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # -ffp-contract=off: no fused multiply-adds the source does not spell out, so every CPU kernel
+    # (and each of its instruction-set variants) rounds exactly as the scalar spec code does.
+    # -Wno-unknown-pragmas / -Wno-psabi: ATen's vector headers use `#pragma unroll` (not a GCC
+    # pragma) and pass AVX vectors by value (GCC notes the 2011 ABI change); csrc/cpu/kernels_avx2.cpp.
+    # No -std flag: torch's cpp_extension adds the standard its headers need (C++20 for torch 2.14).
+    cxx = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-ffp-contract=off"]
+    cxx += ["-Wno-unknown-pragmas", "-Wno-psabi"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     if with_cuda:
@@ -59,7 +65,8 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("BQUANT_WITH_CUDA", "1"))
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-Wall"]
+        # No -std flag: torch's cpp_extension adds the standard its headers need (C++17 or C++20).
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-Wall"]
         ext = cpp_extension.CUDAExtension(
             "bquant_kernels._C",
             sources,

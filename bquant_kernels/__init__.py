@@ -8,6 +8,7 @@ Backends: :func:`backends` reports what is available here.
 from . import _ext  # noqa: F401  (loads the compiled extension, warns once if it is missing)
 from .backends import backends
 from .modules import BatchQuantizer, LSQQuantizer
+from .multi_tensor import lsq_multi
 from .ops import batch_range, batchquant, lsq, lsq_grad_scale
 from .recalibrate import recalibrate
 
@@ -21,5 +22,6 @@ __all__ = [
     "batchquant",
     "lsq",
     "lsq_grad_scale",
+    "lsq_multi",
     "recalibrate",
 ]

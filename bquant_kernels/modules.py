@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +19,7 @@ class BatchQuantizer(nn.Module):
     Training mode quantizes with the batch statistics; eval mode with ``lo_hi``.
     """
 
-    def __init__(self, bits: int, signed: bool = False, backend: Optional[str] = None) -> None:
+    def __init__(self, bits: int, signed: bool = False, backend: str | None = None) -> None:
         super().__init__()
         self.bits = _check_bits("bits", bits, 2, 8)
         self.signed = signed
@@ -52,7 +51,7 @@ class LSQQuantizer(nn.Module):
     re-initialises the step.
     """
 
-    def __init__(self, bits: int, signed: bool = True, backend: Optional[str] = None) -> None:
+    def __init__(self, bits: int, signed: bool = True, backend: str | None = None) -> None:
         super().__init__()
         self.bits = _check_bits("bits", bits, 1, 8)
         self.signed = signed
@@ -63,7 +62,7 @@ class LSQQuantizer(nn.Module):
         self.register_load_state_dict_post_hook(LSQQuantizer._sync_initialized)
 
     @staticmethod
-    def _sync_initialized(module: "LSQQuantizer", _incompatible_keys) -> None:
+    def _sync_initialized(module: LSQQuantizer, _incompatible_keys) -> None:
         module._initialized = bool(module.initialized)
 
     @torch.no_grad()
@@ -74,7 +73,7 @@ class LSQQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._initialized = True
 
-    def forward(self, w: Tensor, w_full: Optional[Tensor] = None) -> Tensor:
+    def forward(self, w: Tensor, w_full: Tensor | None = None) -> Tensor:
         """Quantize ``w``, a slice of ``w_full`` (default: ``w`` itself) that sets init and gradient scale."""
         full = w if w_full is None else w_full
         if not self._initialized:

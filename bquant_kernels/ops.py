@@ -8,7 +8,6 @@ uses them without graph breaks.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -91,7 +90,7 @@ def _(x: Tensor, backend: str) -> Tensor:
 
 @torch.library.custom_op("bquant::batchquant_fwd", mutates_args=())
 def _batchquant_fwd(
-    x: Tensor, theta: Tensor, offset: Tensor, lo_hi: Optional[Tensor], bits: int, signed: bool, backend: str
+    x: Tensor, theta: Tensor, offset: Tensor, lo_hi: Tensor | None, bits: int, signed: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
     xl, C, inner = _layout(x)
     y, qp = _get_backend(backend).batchquant_forward(xl, theta, offset, lo_hi, bits, signed, C, inner)
@@ -123,7 +122,7 @@ def _batchquant_setup(ctx, inputs, output) -> None:
     ctx.args = (bits, signed, backend, theta.dtype, offset.dtype)
 
 
-def _batchquant_backward(ctx, grad_y: Optional[Tensor], _grad_qparams: Optional[Tensor]):
+def _batchquant_backward(ctx, grad_y: Tensor | None, _grad_qparams: Tensor | None):
     x, offset, qp = ctx.saved_tensors
     bits, signed, backend, theta_dtype, offset_dtype = ctx.args
     if grad_y is None:  # only the range was used
@@ -179,7 +178,7 @@ _lsq_fwd.register_autograd(_lsq_backward, setup_context=_lsq_setup)
 # ----------------------------------------------------------------------------- public API
 
 
-def batch_range(x: Tensor, *, backend: Optional[str] = None) -> Tensor:
+def batch_range(x: Tensor, *, backend: str | None = None) -> Tensor:
     """float32 ``[lo, hi]``: the means over channels (dim 1) of per-channel min and max (spec 1.1).
 
     A NaN anywhere in ``x`` makes the range NaN, like ``torch.amin``/``torch.amax``.
@@ -196,9 +195,9 @@ def batchquant(
     bits: int,
     *,
     signed: bool = False,
-    lo_hi: Optional[Tensor] = None,
+    lo_hi: Tensor | None = None,
     return_range: bool = False,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """BatchQuant fake-quantization of ``x`` (channel axis 1), per docs/spec-batchquant.md.
 
@@ -238,8 +237,8 @@ def lsq(
     bits: int,
     *,
     signed: bool = True,
-    numel_full: Optional[int] = None,
-    backend: Optional[str] = None,
+    numel_full: int | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     """LSQ fake-quantization of a weight tensor (spec 2), differentiable in ``w`` and ``step``.
 

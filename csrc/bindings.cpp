@@ -1,4 +1,6 @@
 // Thin Python binding of the kernels (flash-attn style): no logic here.
+#include <torch/extension.h>
+
 #include "bquant.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,5 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_batchquant_backward", &bquant::cuda_batchquant_backward);
   m.def("cuda_lsq_forward", &bquant::cuda_lsq_forward);
   m.def("cuda_lsq_backward", &bquant::cuda_lsq_backward);
+  m.def("cuda_lsq_multi_forward", &bquant::cuda_lsq_multi_forward);
+  m.def("cuda_lsq_multi_backward", &bquant::cuda_lsq_multi_backward);
 #endif
 }

@@ -56,7 +56,11 @@ def make_activation(shape, *, kind: str = "mixed", seed: int = 0) -> torch.Tenso
 
 def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.transpose(1, -1).contiguous().transpose(1, -1)
+        return (
+            x.contiguous(memory_format=torch.channels_last)
+            if x.dim() == 4
+            else x.transpose(1, -1).contiguous().transpose(1, -1)
+        )
     if layout == "sliced":  # not dense: every other channel of a wider tensor
         base = torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=x.dtype)
         base[:, ::2] = x

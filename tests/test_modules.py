@@ -6,12 +6,12 @@ import math
 import os
 
 import pytest
+import spec_oracle as oracle
 import torch
 import torch.distributed as dist
+from helpers import make_activation
 
 import bquant_kernels as bk
-import spec_oracle as oracle
-from helpers import make_activation
 
 
 def test_batchquantizer_train_uses_batch_stats_and_eval_uses_lo_hi():
@@ -102,10 +102,16 @@ def test_recalibration_is_batch_size_weighted_mean():
             model(x)
     # hand-computed: per-batch [lo, hi] of each quantizer's input, weighted by batch size
     total = sum(x.shape[0] for x in batches)
-    exp_a = sum(torch.tensor(oracle.channel_range(x.double().numpy()), dtype=torch.float64) * x.shape[0] for x in batches) / total
+    exp_a = (
+        sum(torch.tensor(oracle.channel_range(x.double().numpy()), dtype=torch.float64) * x.shape[0] for x in batches)
+        / total
+    )
     with torch.no_grad():
         inputs_b = [torch.relu(bk.batchquant(x, model.a.theta, model.a.offset, 4)) * 2.0 for x in batches]
-    exp_b = sum(torch.tensor(oracle.channel_range(x.double().numpy()), dtype=torch.float64) * x.shape[0] for x in inputs_b) / total
+    exp_b = (
+        sum(torch.tensor(oracle.channel_range(x.double().numpy()), dtype=torch.float64) * x.shape[0] for x in inputs_b)
+        / total
+    )
     torch.testing.assert_close(model.a.lo_hi.double(), exp_a, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(model.b.lo_hi.double(), exp_b, rtol=1e-6, atol=1e-7)
     assert torch.equal(model.unused.lo_hi, torch.zeros(2)), "inactive quantizers keep their values"

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import spec_oracle as oracle
 import torch
+from helpers import assert_quant_close, make_activation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bquant_kernels as bk
-import spec_oracle as oracle
 from bquant_kernels.backends import resolve
-from helpers import assert_quant_close, make_activation
 
 
 def _xto(shape=(2, 3, 4, 4)):
@@ -125,7 +125,9 @@ def test_straight_through_gradient_matches_autograd_formulation(bits, signed):
     g = torch.randn_like(x)
     y, _ = bk.batchquant(x, theta, offset, bits, signed=signed, return_range=True, backend="reference")
     y.backward(g)
-    qp = torch.ops.bquant.batchquant_fwd(x.detach(), theta.detach(), offset.detach(), None, bits, signed, "reference")[1]
+    qp = torch.ops.bquant.batchquant_fwd(x.detach(), theta.detach(), offset.detach(), None, bits, signed, "reference")[
+        1
+    ]
     xs, ts, os_ = (t.detach().clone().requires_grad_(True) for t in (x, theta, offset))
     _surrogate(xs, ts, os_, qp, bits, signed).backward(g)
     torch.testing.assert_close(x.grad, xs.grad)
@@ -173,7 +175,9 @@ def test_opcheck_custom_ops(backend):
     w = torch.randn(8, 3, 3, 3, requires_grad=True)
     s = torch.tensor([0.1], requires_grad=True)
     torch.library.opcheck(torch.ops.bquant.lsq_fwd, (w, s, 4, True, w.numel(), backend))
-    torch.library.opcheck(torch.ops.bquant.lsq_bwd, (torch.randn_like(w), w.detach(), s.detach(), 4, True, 500, backend))
+    torch.library.opcheck(
+        torch.ops.bquant.lsq_bwd, (torch.randn_like(w), w.detach(), s.detach(), 4, True, 500, backend)
+    )
 
 
 class _TinyQuantNet(torch.nn.Module):
@@ -244,5 +248,7 @@ def test_property_output_on_grid(n, c, hw, bits, signed, scale, theta, offset, s
     o = torch.tensor([offset])
     y = bk.batchquant(x, t, o, bits, signed=signed)
     assert torch.unique(y).numel() <= 2**bits
-    ref = oracle.batchquant(x.double().numpy(), np.ones(x.shape), float(t), float(o), bits, signed, scale_dtype=np.float32)
+    ref = oracle.batchquant(
+        x.double().numpy(), np.ones(x.shape), float(t), float(o), bits, signed, scale_dtype=np.float32
+    )
     assert_quant_close(y, ref.y, ref.scale / ref.l, torch.float32)

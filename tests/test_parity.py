@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
-import bquant_kernels as bk
 import spec_oracle as oracle
+import torch
 from helpers import (
     BACKEND_DEVICES,
     allowed_flips,
@@ -23,6 +21,8 @@ from helpers import (
     require,
     to_layout,
 )
+
+import bquant_kernels as bk
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SCALAR_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-3, torch.float16: 1e-3}
@@ -42,7 +42,9 @@ CASES = [
 ]
 KINDS = ["mixed", "relu", "shifted"]
 
-backend_devices = pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES])
+backend_devices = pytest.mark.parametrize(
+    "backend,device", BACKEND_DEVICES, ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES]
+)
 
 
 def _params(case_index: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +191,7 @@ def test_determinism_bitwise(backend, device, dtype):
         y = bk.batchquant(xi, t, o, 3, backend=backend)
         y.backward(g)
         outs.append((y, xi.grad, t.grad, o.grad))
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
 
 
@@ -230,7 +232,9 @@ def test_lsq_parity(backend, device, dtype, bits, shape):
     w_hat = bk.lsq(w, step, bits, numel_full=numel_full, backend=backend)
     poison_heap(w.numel() * w.element_size(), device)
     w_hat.backward(g)
-    ref = oracle.lsq(w.detach().double().cpu().numpy(), g.double().cpu().numpy(), float(step.detach()), bits, numel_full)
+    ref = oracle.lsq(
+        w.detach().double().cpu().numpy(), g.double().cpu().numpy(), float(step.detach()), bits, numel_full
+    )
     assert w_hat.dtype == dtype and w_hat.shape == w.shape
     assert_quant_close(w_hat, ref.w_hat, s, dtype, "w_hat")
     np.testing.assert_array_equal(w.grad.double().cpu().numpy() != 0, ref.grad_w != 0)

@@ -10,6 +10,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define BQ_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined on the host too: the CPU backend compiles these functions into one translation
+// unit per instruction set (csrc/cpu/kernels_*.cpp), which must never share an out-of-line copy.
+#define BQ_HD inline __attribute__((always_inline))
 #else
 #define BQ_HD inline
 #endif
@@ -86,60 +90,71 @@ BQ_HD T clamp_nan(T v, T lo, T hi) {
   return v < lo ? lo : (v > hi ? hi : v);
 }
 
-// Observer: (lo, hi) -> (S, z) per spec 1.2, in double like the published host code.
-BQ_HD void observer_qparams(double lo, double hi, Grid g, float* scale, float* zero) {
+// Observer: (lo, hi) -> (S, z) per spec 1.2, in double like the published host code. T is the
+// dtype of the element math (float, or double for float64 inputs).
+template <typename T>
+BQ_HD void observer_qparams(double lo, double hi, Grid g, T* scale, T* zero) {
   const double lo0 = nan_min(lo, 0.0);
   const double hi0 = nan_max(hi, 0.0);
   if (hi0 == lo0) {
-    *scale = 1.0f;
-    *zero = 0.0f;
+    *scale = T(1);
+    *zero = T(0);
     return;
   }
   const double s = nan_max((hi0 - lo0) / (static_cast<double>(g.qmax) - g.qmin), kMinScale);
-  // S is used in float32 by the element pass, so z is derived from that float32 value.
-  const float s32 = static_cast<float>(s);
-  const double z = clamp_nan(static_cast<double>(g.qmin) - round_half_even(lo0 / s32),
+  // S is used in T by the element pass, so z is derived from that rounded value.
+  const T s_t = static_cast<T>(s);
+  const double z = clamp_nan(static_cast<double>(g.qmin) - round_half_even(lo0 / static_cast<double>(s_t)),
                              static_cast<double>(g.qmin), static_cast<double>(g.qmax));
-  *scale = s32;
-  *zero = static_cast<float>(z);
+  *scale = s_t;
+  *zero = static_cast<T>(z);
 }
 
 // l = softplus(theta; beta = ln 2) and dl/dtheta, with PyTorch's threshold.
-BQ_HD void softplus_ln2(double theta, float* l, float* dl_dtheta) {
+template <typename T>
+BQ_HD void softplus_ln2(double theta, T* l, T* dl_dtheta) {
   const double bx = theta * kLn2;
   if (bx > kSoftplusThreshold) {
-    *l = static_cast<float>(theta);
-    *dl_dtheta = 1.0f;
+    *l = static_cast<T>(theta);
+    *dl_dtheta = T(1);
     return;
   }
-  *l = static_cast<float>(log1p(exp(bx)) / kLn2);
-  *dl_dtheta = static_cast<float>(1.0 / (1.0 + exp(-bx)));
+  *l = static_cast<T>(log1p(exp(bx)) / kLn2);
+  *dl_dtheta = static_cast<T>(1.0 / (1.0 + exp(-bx)));
 }
 
-// Fill a qparams array from the range and theta.
-BQ_HD void fill_qparams(double lo, double hi, double theta, Grid g, float* qp) {
-  qp[kLo] = static_cast<float>(lo);
-  qp[kHi] = static_cast<float>(hi);
+// Fill a qparams array (float, or double for float64 inputs) from the range and theta.
+template <typename T>
+BQ_HD void fill_qparams(double lo, double hi, double theta, Grid g, T* qp) {
+  qp[kLo] = static_cast<T>(lo);
+  qp[kHi] = static_cast<T>(hi);
   observer_qparams(lo, hi, g, &qp[kScale], &qp[kZero]);
   softplus_ln2(theta, &qp[kL], &qp[kDlDtheta]);
 }
 
-// The scalars the element pass needs.
-struct BQScalars {
-  float l, scale, zero, offset, qmin, qmax;
+// The scalars the element pass needs. T is float (float32/float16/bfloat16 inputs) or double
+// (float64 inputs); BQScalars is the float form.
+template <typename T>
+struct BQScalarsT {
+  T l, scale, zero, offset, qmin, qmax;
 };
+using BQScalars = BQScalarsT<float>;
 
 // BatchQuant forward of one element (spec 1.4). Operation order is part of the contract:
 //   u = x * l / S + z + o ; q = round(clamp(u, qmin, qmax)) ; y = (q - z - o) * S / l
-struct BQElem {
-  float y;
+// (the CPU backend's vector form, csrc/cpu/kernels_impl.h, mirrors it op for op).
+template <typename T>
+struct BQElemT {
+  T y;
   bool in;  // inclusive clamp mask qmin <= u <= qmax (spec 1.5)
 };
+using BQElem = BQElemT<float>;
 
-BQ_HD BQElem batchquant_elem(float x, const BQScalars& p) {
-  const float u = x * p.l / p.scale + p.zero + p.offset;
-  const float q = round_half_even(clamp_nan(u, p.qmin, p.qmax));
-  const float y = (q - p.zero - p.offset) * p.scale / p.l;
+template <typename T>
+BQ_HD BQElemT<T> batchquant_elem(T x, const BQScalarsT<T>& p) {
+  const T u = x * p.l / p.scale + p.zero + p.offset;
+  const T q = round_half_even(clamp_nan(u, p.qmin, p.qmax));
+  const T y = (q - p.zero - p.offset) * p.scale / p.l;
   return {y, u >= p.qmin && u <= p.qmax};
 }
 
@@ -147,33 +162,42 @@ BQ_HD BQElem batchquant_elem(float x, const BQScalars& p) {
 //   grad_x = g * in
 //   grad_l = (1 / l) * sum(g * (in ? x - y : -y))   -> accumulate dl_sum
 //   grad_o = -(S / l) * sum(g * !in)                 -> accumulate do_sum
-struct BQGrad {
-  float grad_x;
-  float dl_term;
-  float do_term;
+template <typename T>
+struct BQGradT {
+  T grad_x;
+  T dl_term;
+  T do_term;
 };
+using BQGrad = BQGradT<float>;
 
-BQ_HD BQGrad batchquant_elem_backward(float g, float x, const BQScalars& p) {
-  const BQElem e = batchquant_elem(x, p);
-  if (e.in) return {g, g * (x - e.y), 0.0f};
-  return {0.0f, -g * e.y, g};
+template <typename T>
+BQ_HD BQGradT<T> batchquant_elem_backward(T g, T x, const BQScalarsT<T>& p) {
+  const BQElemT<T> e = batchquant_elem(x, p);
+  if (e.in) return {g, g * (x - e.y), T(0)};
+  return {T(0), -g * e.y, g};
 }
 
 // LSQ (spec 2). v = w / |s| ; w_hat = |s| * round(clamp(v, Qn, Qp)).
-BQ_HD float lsq_elem(float w, float abs_step, Grid g) {
-  const float v = w / abs_step;
-  return round_half_even(clamp_nan(v, g.qmin, g.qmax)) * abs_step;
+template <typename T>
+BQ_HD T lsq_elem(T w, T abs_step, Grid g) {
+  const T v = w / abs_step;
+  return round_half_even(clamp_nan(v, static_cast<T>(g.qmin), static_cast<T>(g.qmax))) * abs_step;
 }
 
-struct LSQGrad {
-  float grad_w;
-  float ds_term;  // g * (inside ? round(v) - v : clamp(v)); times k * sign(s) at the end
+template <typename T>
+struct LSQGradT {
+  T grad_w;
+  T ds_term;  // g * (inside ? round(v) - v : clamp(v)); times k * sign(s) at the end
 };
+using LSQGrad = LSQGradT<float>;
 
-BQ_HD LSQGrad lsq_elem_backward(float grad, float w, float abs_step, Grid g) {
-  const float v = w / abs_step;
-  if (v > g.qmin && v < g.qmax) return {grad, grad * (round_half_even(v) - v)};
-  return {0.0f, grad * clamp_nan(v, g.qmin, g.qmax)};
+template <typename T>
+BQ_HD LSQGradT<T> lsq_elem_backward(T grad, T w, T abs_step, Grid g) {
+  const T qn = static_cast<T>(g.qmin);
+  const T qp = static_cast<T>(g.qmax);
+  const T v = w / abs_step;
+  if (v > qn && v < qp) return {grad, grad * (round_half_even(v) - v)};
+  return {T(0), grad * clamp_nan(v, qn, qp)};
 }
 
 }  // namespace bquant

@@ -1,0 +1,114 @@
+"""Export a subnet: standalone static quantized model (no supernet needed to load it), ONNX with
+QuantizeLinear/DequantizeLinear, and an .npz of integer weights and quantization parameters.
+
+The subnet is recalibrated on the supernet first (BN and BatchQuant statistics, spec 3). Both
+exports are checked on a held-out batch: the standalone model must reproduce the supernet's
+outputs bit for bit; the ONNX model (onnxruntime) within --onnx-atol (see qfa/export/onnx_export.py
+for why it is not bit-exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import qfa
+from qfa.calibrate import resize
+from qfa.config import SubnetConfig
+from qfa.export.onnx_export import export_onnx, run_onnx, save_deployment_npz
+from qfa.export.standalone import export_subnet, load_standalone
+from qfa.search.records import atomic_write_text
+from qfa.search.runtime import add_data_arguments, add_supernet_arguments, load_model, make_loaders, resolve_device
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_supernet_arguments(p)
+    add_data_arguments(p)
+    p.add_argument("--config", required=True, help="a SubnetConfig JSON file, or a `qfa search` result (with --index)")
+    p.add_argument("--index", type=int, default=None, help="which front entry of a search result to export")
+    p.add_argument("--resolution", type=int, default=None, help="input size; None: the config's resolution")
+    p.add_argument("--out-dir", required=True, help="writes subnet.pt, subnet.onnx, subnet.npz, export.json")
+    p.add_argument("--name", default="subnet", help="file name stem of the exported files")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX and .npz exports")
+    p.add_argument("--onnx-atol", type=float, default=1e-3, help="max |ONNX - PyTorch| logit difference accepted")
+
+
+def read_config(path: str | Path, index: int | None = None) -> SubnetConfig:
+    """A SubnetConfig from a config JSON file or from entry ``index`` of a search result's front."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config: {path} is not JSON ({exc})") from exc
+    if isinstance(data, dict) and "front" in data:
+        front = data["front"]
+        if index is None or not 0 <= index < len(front):
+            raise ValueError(
+                f"--config {path} is a search result with {len(front)} front entries: pass --index 0..{len(front) - 1}"
+            )
+        data = front[index]["config"]
+    elif index is not None:
+        raise ValueError("--index only applies to a search result (a JSON with a 'front' list)")
+    if isinstance(data, dict) and "config" in data and isinstance(data["config"], dict):
+        data = data["config"]  # a single search entry or collected record
+    return SubnetConfig.from_dict(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = read_config(args.config, args.index)
+    device = resolve_device(args.device)
+    model = load_model(args, device)
+    model.space.check_config(cfg)  # a config of another supernet fails here, naming the field
+    resolution = args.resolution or cfg.resolution
+    if resolution is None:
+        raise ValueError("the config has no resolution: pass --resolution")
+    calib, val = make_loaders(args, model, device)
+    model.set_active_config(cfg)
+    qfa.calibrate(model, calib, num_batches=args.calib_batches, resolution=resolution)
+    out_dir = Path(args.out_dir)
+    pt_path = out_dir / f"{args.name}.pt"
+    export_subnet(model, pt_path, resolution=resolution, checkpoint=str(args.checkpoint), data=str(args.data))
+    images = resize(next(iter(val))[0], resolution)
+    with torch.no_grad():
+        reference = model(images)
+        standalone = load_standalone(pt_path, backend=args.backend, map_location=device)(images)
+    report: dict[str, Any] = {
+        "config": cfg.to_dict() | {"resolution": resolution},
+        "standalone": {"path": str(pt_path), "exact": bool(torch.equal(standalone, reference))},
+        "costs": {k: float(v[0]) for k, v in qfa.cost.CostModel(model).evaluate_batch([cfg]).items()},
+    }
+    if not report["standalone"]["exact"]:
+        diff = (standalone - reference).abs().max().item()
+        raise RuntimeError(f"the standalone model does not reproduce the supernet (max |diff| {diff:.3g}): a bug")
+    if not args.no_onnx:
+        onnx_path, npz_path = out_dir / f"{args.name}.onnx", out_dir / f"{args.name}.npz"
+        net = load_standalone(pt_path, map_location="cpu")
+        export_onnx(net, onnx_path, resolution, metadata={"checkpoint": str(args.checkpoint)})
+        save_deployment_npz(net, npz_path)
+        ref = reference.float().cpu().numpy()
+        got = run_onnx(onnx_path, images.float().cpu().numpy())
+        diff = float(np.abs(got - ref).max())
+        report["onnx"] = {
+            "path": str(onnx_path),
+            "npz": str(npz_path),
+            "max_abs_diff": diff,
+            "max_abs_logit": float(np.abs(ref).max()),
+            "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
+            "images": int(len(ref)),
+            "atol": args.onnx_atol,
+        }
+    atomic_write_text(out_dir / "export.json", json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    if "onnx" in report and report["onnx"]["max_abs_diff"] > args.onnx_atol:
+        print(
+            f"export: ONNX differs from PyTorch by {report['onnx']['max_abs_diff']:.3g} > --onnx-atol {args.onnx_atol}"
+        )
+        return 1
+    return 0

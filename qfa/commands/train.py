@@ -1,0 +1,37 @@
+"""Train a QFA supernet: per step the min, max and random subnets of one batch, each at its own
+resolution, with label-smoothed cross-entropy plus distillation, gradients summed, one SGD step.
+
+Without arguments this trains the digits demo (scikit-learn's bundled 8x8 digits, a small supernet,
+about 3 minutes on 2 CPU cores); `--data PATH` with an ImageFolder tree uses the published recipe.
+Phases: `--bits 2,3,4,32` (phase 0), then `--bits 2,3,4 --init OUT/supernet.pt` (phase 1).
+Multi-GPU / multi-node: `torchrun --nproc-per-node N -m qfa train ...`. Resume: `--resume auto`
+(the default) continues from OUT/last.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..train import distributed, options
+from ..train.ckpt import CheckpointError
+from ..train.step import NonFiniteLossError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    options.add_arguments(parser, options.TrainOptions)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.trainer import Trainer
+
+    opts = options.resolve(options.TrainOptions, args)
+    ctx = distributed.setup(opts.device)
+    try:
+        Trainer(opts, ctx).fit()
+    except (NonFiniteLossError, CheckpointError) as err:
+        print(f"qfa train: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.teardown()
+    return 0

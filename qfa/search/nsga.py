@@ -1,0 +1,224 @@
+"""NSGA-II over (predicted accuracy up, LUT-FLOPs down) with pymoo (spec 6).
+
+The genome is the choice-index vector of a :class:`SubnetEncoder` (``ks``, ``e`` per block, ``d`` per
+stage, resolution, ``w``/``a`` bits per quantized layer but the classifier). Variation follows the
+published search: uniform crossover that swaps each gene with a small probability (0.007) and a
+mutation that resets each gene to a different option with probability 0.02. Hard limits on
+LUT-FLOPs and BitOPs are pymoo inequality constraints (constraint-domination), and ``--bits``
+narrows the genome's bit options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pymoo.algorithms.moo.nsga2 import NSGA2
+from pymoo.core.callback import Callback
+from pymoo.core.crossover import Crossover
+from pymoo.core.mutation import Mutation
+from pymoo.core.problem import Problem
+from pymoo.operators.sampling.rnd import IntegerRandomSampling
+from pymoo.optimize import minimize
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+from qfa.search.encoding import SubnetEncoder
+
+# genes (n, n_genes) of the search encoder -> {"lut_flops": (n,), "bitops": (n,)} (raw counts)
+CostFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+# genes (n, n_genes) of the search encoder -> predicted accuracy (n,)
+AccuracyFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class NSGASettings:
+    """Published defaults: population 500, 1000 generations, per-gene crossover 0.007, mutation 0.02."""
+
+    population: int = 500
+    generations: int = 1000
+    crossover_per_gene: float = 0.007
+    mutation_per_gene: float = 0.02
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.population < 2:
+            raise ValueError(f"population must be >= 2, got {self.population}")
+        if self.generations < 1:
+            raise ValueError(f"generations must be >= 1, got {self.generations}")
+        for name in ("crossover_per_gene", "mutation_per_gene"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Hard limits (``None``: no limit). ``max_mflops`` is in millions of LUT-FLOPs, ``max_bitops`` a raw count."""
+
+    max_mflops: float | None = None
+    max_bitops: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_mflops", "max_bitops"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+
+    @property
+    def active(self) -> list[str]:
+        return [n for n in ("max_mflops", "max_bitops") if getattr(self, n) is not None]
+
+    def violations(self, costs: dict[str, np.ndarray]) -> np.ndarray:
+        """``(n, k)`` pymoo inequality values (feasible where every column is <= 0)."""
+        cols = []
+        if self.max_mflops is not None:
+            cols.append(costs["lut_flops"] / 1e6 - self.max_mflops)
+        if self.max_bitops is not None:
+            cols.append(costs["bitops"] - self.max_bitops)
+        return np.stack(cols, axis=1) if cols else np.zeros((len(costs["lut_flops"]), 0))
+
+    def feasible(self, costs: dict[str, np.ndarray]) -> np.ndarray:
+        return np.all(self.violations(costs) <= 0, axis=1)
+
+
+class GeneSwapCrossover(Crossover):
+    """Uniform crossover of two parents: each gene is swapped with probability ``prob_gene``."""
+
+    def __init__(self, prob_gene: float) -> None:
+        super().__init__(n_parents=2, n_offsprings=2, prob=1.0)
+        self.prob_gene = prob_gene
+
+    def _do(self, problem, X, *args, random_state=None, **kwargs):
+        swap = random_state.random(X.shape[1:]) < self.prob_gene  # (n_matings, n_var)
+        out = X.copy()
+        out[0][swap], out[1][swap] = X[1][swap], X[0][swap]
+        return out
+
+
+class GeneResetMutation(Mutation):
+    """Each gene, with probability ``prob_gene``, takes a different option chosen uniformly."""
+
+    def __init__(self, prob_gene: float) -> None:
+        super().__init__(prob=1.0)
+        self.prob_gene = prob_gene
+
+    def _do(self, problem, X, *args, random_state=None, **kwargs):
+        X = np.asarray(X, dtype=np.int64).copy()
+        n_options = (problem.xu - problem.xl + 1).astype(np.int64)  # per gene
+        hit = (random_state.random(X.shape) < self.prob_gene) & (n_options[None, :] > 1)
+        # A uniform draw among the other options: shift by 1..n-1 (mod n).
+        shift = 1 + np.floor(random_state.random(X.shape) * (n_options[None, :] - 1)).astype(np.int64)
+        moved = (X - problem.xl + shift) % n_options[None, :] + problem.xl
+        X[hit] = moved[hit]
+        return X
+
+
+class SubnetProblem(Problem):
+    """Objectives ``(-predicted accuracy, LUT-MFLOPs)``, both minimised; constraints from :class:`Constraints`."""
+
+    def __init__(self, encoder: SubnetEncoder, accuracy: AccuracyFn, cost: CostFn, constraints: Constraints) -> None:
+        self.encoder, self.accuracy, self.cost, self.constraints = encoder, accuracy, cost, constraints
+        super().__init__(
+            n_var=encoder.n_genes,
+            n_obj=2,
+            n_ieq_constr=len(constraints.active),
+            xl=np.zeros(encoder.n_genes, dtype=np.int64),
+            xu=encoder.gene_upper.copy(),
+            vtype=int,
+        )
+
+    def _evaluate(self, X, out, *args, **kwargs):
+        genes = np.asarray(X, dtype=np.int64)
+        costs = self.cost(genes)
+        out["F"] = np.column_stack([-self.accuracy(genes), costs["lut_flops"] / 1e6])
+        if self.constraints.active:
+            out["G"] = self.constraints.violations(costs)
+
+
+class _Progress(Callback):
+    def __init__(self, bar) -> None:
+        super().__init__()
+        self.bar = bar
+
+    def notify(self, algorithm) -> None:
+        self.bar.update(1)
+
+
+@dataclass
+class SearchResult:
+    """The non-dominated feasible subnets found, sorted by LUT-FLOPs (ascending)."""
+
+    genes: np.ndarray  # (k, n_genes) choice indices of the search encoder
+    configs: list[Any]
+    predicted: np.ndarray  # (k,)
+    lut_flops: np.ndarray  # (k,)
+    bitops: np.ndarray  # (k,)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def non_dominated(objectives: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated rows of an ``(n, m)`` array of objectives to minimise."""
+    if len(objectives) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(NonDominatedSorting().do(objectives, only_non_dominated_front=True))
+
+
+def run_nsga2(
+    encoder: SubnetEncoder,
+    accuracy: AccuracyFn,
+    cost: CostFn,
+    constraints: Constraints | None = None,
+    settings: NSGASettings | None = None,
+    progress: bool = False,
+) -> SearchResult:
+    """Search and return the feasible non-dominated set of the final population (deterministic per seed)."""
+    constraints = constraints or Constraints()
+    settings = settings or NSGASettings()
+    problem = SubnetProblem(encoder, accuracy, cost, constraints)
+    algorithm = NSGA2(
+        pop_size=settings.population,
+        sampling=IntegerRandomSampling(),
+        crossover=GeneSwapCrossover(settings.crossover_per_gene),
+        mutation=GeneResetMutation(settings.mutation_per_gene),
+        eliminate_duplicates=True,
+    )
+    extra: dict[str, Any] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=settings.generations, desc="NSGA-II", unit="gen")
+        extra["callback"] = _Progress(bar)
+    try:
+        res = minimize(problem, algorithm, ("n_gen", settings.generations), seed=settings.seed, verbose=False, **extra)
+    finally:
+        if bar is not None:
+            bar.close()
+    pop = res.pop
+    genes = np.asarray(pop.get("X"), dtype=np.int64)
+    # One row per distinct function (inactive blocks do not matter), sorted: independent of population order.
+    genes = np.unique(encoder.canonical(genes), axis=0)
+    costs = cost(genes)
+    keep = constraints.feasible(costs)
+    if not np.any(keep):
+        best = float(np.min(costs["lut_flops"])) / 1e6
+        raise RuntimeError(
+            f"no subnet in the final population satisfies the constraints {constraints} "
+            f"(smallest LUT-FLOPs found: {best:.3f} M); relax them or search longer"
+        )
+    genes = genes[keep]
+    costs = {k: v[keep] for k, v in costs.items()}
+    predicted = np.asarray(accuracy(genes), dtype=np.float64)
+    front = non_dominated(np.column_stack([-predicted, costs["lut_flops"]]))
+    order = front[np.lexsort((-predicted[front], costs["lut_flops"][front]))]
+    genes = genes[order]
+    return SearchResult(
+        genes=genes,
+        configs=[encoder.from_indices(g) for g in genes],
+        predicted=predicted[order],
+        lut_flops=costs["lut_flops"][order],
+        bitops=costs["bitops"][order],
+        info={"evaluations": int(res.algorithm.evaluator.n_eval), "generations": settings.generations},
+    )

@@ -1,0 +1,123 @@
+"""JSON-lines sample files: tolerant reading, locked appending, atomic whole-file writes.
+
+A collection run may be killed mid-write; its partial last line is ignored when reading and cut off
+before the next append. Several processes (torchrun ranks) append to one file under an exclusive
+``fcntl`` lock, each line in one write.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from qfa.search.space import space_to_dict
+
+
+def space_id(space: Any) -> str:
+    """Short fingerprint of a search space: records from different supernets never mix."""
+    blob = json.dumps(space_to_dict(space), sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All complete records of a JSONL file (empty list when the file does not exist).
+
+    An unparsable *last* line without a trailing newline is a write cut short by a kill: it is
+    skipped with a warning. Any other bad line is an error naming the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail is b"" when the file ends with a newline
+    records = []
+    for lineno, raw in enumerate(complete, start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from exc
+    if tail.strip():
+        try:
+            records.append(json.loads(tail))
+        except json.JSONDecodeError:
+            warnings.warn(
+                f"{path}: ignoring a partial last line ({len(tail)} bytes, from an interrupted run)", stacklevel=2
+            )
+    return records
+
+
+def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+    """Append records as JSON lines under an exclusive lock, flushed to disk.
+
+    A partial last line left by a killed writer is truncated first, so the file stays valid JSONL.
+    """
+    payload = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records)
+    if not payload:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size:
+            end = _end_of_last_line(fd, size)
+            if end != size:
+                os.ftruncate(fd, end)
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _end_of_last_line(fd: int, size: int, chunk: int = 1 << 16) -> int:
+    """Offset just past the last newline of the file (0 if there is none)."""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - chunk)
+        block = os.pread(fd, pos - start, start)
+        k = block.rfind(b"\n")
+        if k >= 0:
+            return start + k + 1
+        pos = start
+    return 0
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_consistent(records: list[dict[str, Any]], path: str | os.PathLike) -> dict[str, Any]:
+    """The search space shared by every record of a sample file (ValueError if they disagree)."""
+    if not records:
+        raise ValueError(f"{path}: no samples")
+    spaces = {r.get("space_id") for r in records}
+    if len(spaces) != 1 or None in spaces:
+        raise ValueError(
+            f"{path}: records come from {len(spaces)} different search spaces ({sorted(map(str, spaces))})"
+        )
+    if "space" not in records[0]:
+        raise ValueError(f"{path}: records lack the 'space' field (not written by qfa collect?)")
+    return records[0]["space"]

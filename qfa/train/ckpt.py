@@ -1,0 +1,160 @@
+"""Training checkpoints: atomic writes, RNG capture, and loading with clear errors.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain Python values, so it loads
+with ``weights_only=True`` (no code runs on load). Writes go to a temporary file in the same
+directory, are flushed and fsynced, then ``os.replace``-d over the target: a reader (or a resumed
+run after a crash) sees either the previous complete checkpoint or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "qfa-train"
+FORMAT_VERSION = 1
+TMP_PREFIX = ".tmp-"
+LAST = "last.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: unreadable, corrupt, of another format, or for another model."""
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temp file in the same directory, fsync, ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporary files left by writers that were killed mid-write; returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (initialised) CUDA generator states, as tensors and plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002  (the legacy global state is what we save)
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+    }  # fmt: skip
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_training_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint written by :class:`qfa.train.Trainer`; :class:`CheckpointError` if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # zip/pickle errors of every kind: the file is torn or not a checkpoint
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint ({type(err).__name__}: {err}). "
+            "Delete it or resume from another file."
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a qfa training checkpoint (format {found!r}, expected {FORMAT!r}); "
+            "to start from supernet weights use --init instead of --resume"
+        )
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format_version {state.get('format_version')!r}; "
+            f"this qfa reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in ("model", "model_config", "optimizer", "scheduler", "rng", "epoch", "batch", "step")
+               if k not in state]  # fmt: skip
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing}: it is incomplete")
+    return state
+
+
+def check_model_config(path: str | os.PathLike, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """:class:`CheckpointError` naming every architecture setting that differs."""
+    keys = sorted(set(saved) | set(current))
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
+        for k in keys
+        if _normalise(saved.get(k)) != _normalise(current.get(k))
+    ]
+    if diffs:
+        raise CheckpointError(f"checkpoint {str(path)!r} was written for a different supernet: " + "; ".join(diffs))
+
+
+def _normalise(v: Any) -> Any:
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def resolve_resume(resume: str | None, out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: ``None``/``"none"`` -> none; ``"auto"`` -> ``out_dir/last.pt`` if
+    it exists; otherwise the given path, which must exist."""
+    if resume is None or resume.lower() in ("", "none", "no"):
+        return None
+    if resume.lower() == "auto":
+        last = Path(out_dir) / LAST
+        return last if last.exists() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {resume!r}: no such checkpoint file")
+    return path

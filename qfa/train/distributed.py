@@ -1,0 +1,158 @@
+"""Data parallelism without DistributedDataParallel.
+
+Why not DDP: every step trains six different subnets on the same batch, each using a different
+subset of the supernet's parameters (and of its per-bit-width quantizers). DDP would need
+``find_unused_parameters=True`` (a full autograd-graph walk per backward) plus ``no_sync()`` for the
+first five subnets, and its reducer is built around one fixed set of used parameters. Here every
+rank trains the *same* subnets (sampled from a seeded ``random.Random``), so after the last backward
+all ranks hold gradients for exactly the same parameters, in the same order. One bucketed
+all-reduce of those gradients (:class:`GradientAllReduce`) is then all the synchronisation a step
+needs: no graph walk, no unused-parameter bookkeeping, no static-graph assumption. Only the overlap
+of the last subnet's backward with communication is given up (DDP could overlap only that one too,
+since the first five backwards run under ``no_sync``).
+
+The step's loss values ride in the same all-reduce, so every rank sees the global mean losses and
+all ranks stop together on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+BUCKET_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process runs: rank, world size, local rank and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; or the named device."""
+    if device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={device!r} but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``, ``RANK``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); a single process when there is none.
+
+    NCCL on CUDA devices, gloo on the CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _buckets(tensors: list[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
+    """Consecutive groups of same-dtype tensors of about ``bucket_bytes`` each (order preserved)."""
+    by_dtype: dict[torch.dtype, list[list[Tensor]]] = {}
+    sizes: dict[torch.dtype, int] = {}
+    for t in tensors:
+        groups = by_dtype.setdefault(t.dtype, [[]])
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and sizes[t.dtype] + nbytes > bucket_bytes:
+            groups.append([])
+            sizes[t.dtype] = 0
+        groups[-1].append(t)
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + nbytes
+    return [g for groups in by_dtype.values() for g in groups]
+
+
+@torch.no_grad()
+def all_reduce_mean(tensors: list[Tensor], world_size: int, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Average ``tensors`` in place across ranks: flattened into buckets, all-reduced asynchronously."""
+    if world_size == 1 or not tensors:
+        return
+    pending = []
+    for bucket in _buckets(tensors, bucket_bytes):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
+    for bucket, flat, work in pending:
+        work.wait()
+        flat.div_(world_size)
+        for t, chunk in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
+            t.copy_(chunk.view_as(t))
+
+
+class GradientAllReduce:
+    """Averages the gradients of ``module`` (those that exist, in parameter order) across ranks,
+    plus any extra tensors (e.g. the step's losses)."""
+
+    def __init__(self, module: nn.Module, ctx: DistContext, bucket_bytes: int = BUCKET_BYTES) -> None:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.ctx, self.bucket_bytes = ctx, bucket_bytes
+
+    def __call__(self, *extra: Tensor) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        all_reduce_mean([*extra, *grads], self.ctx.world_size, self.bucket_bytes)
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, ctx: DistContext, src: int = 0) -> None:
+    """Make every rank's state dict equal to rank ``src``'s (bucketed broadcasts), then reload it so
+    that modules with load hooks (e.g. the LSQ ``initialized`` host flag) see the new values."""
+    if not ctx.distributed:
+        return
+    state = module.state_dict()
+    tensors = [t for t in state.values() if isinstance(t, Tensor) and t.numel() > 0]
+    for bucket in _buckets(tensors, BUCKET_BYTES):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        wire = flat.to(torch.uint8) if flat.dtype == torch.bool else flat  # gloo/NCCL have no bool
+        dist.broadcast(wire, src)
+        flat = wire.to(flat.dtype)
+        for t, chunk in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
+            t.copy_(chunk.view_as(t))
+    module.load_state_dict(state)
+
+
+def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
+    """Sum of ``t`` over ranks (in place); ``t`` itself when not distributed."""
+    if ctx.distributed:
+        dist.all_reduce(t)
+    return t
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()

@@ -1,0 +1,446 @@
+"""The supernet trainer behind ``qfa train`` (docs/spec-qfa-supernet.md section 5)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import data as qdata
+from . import ckpt, distributed
+from .losses import DistillationLoss
+from .optim import build_optimizer, warmup_cosine_schedule
+from .options import TrainOptions
+from .report import JsonlLog, format_table
+from .step import (
+    ExternalTeacher,
+    InplaceTeacher,
+    NonFiniteGuard,
+    PlannedSubnet,
+    plan_full_precision,
+    plan_subnets,
+    step_rng,
+)
+
+TABLE_COLUMNS = ("subnet", "bits", "res", "top1", "top5", "loss")
+VAL_BATCH = 128  # evaluation needs no gradients: larger batches, fewer calls
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels while training (restored afterwards, so library users are unaffected)."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+
+
+def build_supernet(opts: TrainOptions, n_classes: int) -> nn.Module:
+    from ..networks import QFAMobileNetV3
+
+    return QFAMobileNetV3(**opts.model_config(n_classes), backend=opts.backend, resolutions=opts.resolution_list)
+
+
+def val_configs(model: nn.Module, kinds: list[str], bits: list[int], resolutions: tuple[int, ...]) -> list[dict]:
+    """The validation subnets: for each kind (``min``: smallest ks, e, d at the smallest resolution;
+    ``max``: largest at the largest) and each bit-width (every quantized layer; classifier per spec 3)."""
+    space = model.space
+    out = []
+    for kind in kinds:
+        pick = min if kind == "min" else max
+        for b in bits:
+            cfg = space.make_config(
+                ks=pick(space.ks_list),
+                e=pick(space.expand_list),
+                d=pick(space.depth_list),
+                w_bits=b,
+                a_bits=b,
+                resolution=pick(resolutions),
+            )
+            out.append({"subnet": kind, "bits": b, "res": cfg.resolution, "config": cfg})
+    return out
+
+
+class Trainer:
+    """Trains a QFA supernet: per step, the min, max and random subnets of one batch (each at its own
+    resolution, resized on the device), label-smoothed CE + distillation, gradients summed, one SGD
+    step; per-epoch recalibrated validation; atomic checkpoints that resume bit-exactly.
+
+    Args:
+        opts: resolved :class:`TrainOptions`.
+        ctx: the process's rank/device (default: from ``torchrun``'s environment, see
+            :func:`qfa.train.distributed.setup`).
+        model: an already-built supernet (default: built from ``opts``).
+        log: where rank 0 prints progress lines.
+    """
+
+    def __init__(
+        self,
+        opts: TrainOptions,
+        ctx: distributed.DistContext | None = None,
+        *,
+        model: nn.Module | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.opts = opts
+        self.ctx = ctx or distributed.setup(opts.device)
+        self.device = self.ctx.device
+        self._log = log
+        self.out = Path(opts.out)
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temps(self.out)
+        torch.manual_seed(opts.seed)  # same initial weights on every rank (then broadcast anyway)
+
+        self.train_loader, self.val_loader = qdata.build_loaders(
+            opts.data, opts.batch_size, opts.max_resolution, opts.workers, self.ctx.distributed, opts.seed,
+            device=self.device, channels_last=opts.channels_last, val_batch_size=max(opts.batch_size, VAL_BATCH),
+        )  # fmt: skip
+        self.calib_loader = qdata.calib_loader(
+            opts.data, opts.batch_size, opts.max_resolution, opts.calib_batches, opts.workers,
+            self.ctx.distributed, opts.seed, device=self.device, channels_last=opts.channels_last,
+        )  # fmt: skip
+        self.n_classes = self.train_loader.num_classes
+
+        self.model = model if model is not None else build_supernet(opts, self.n_classes)
+        if opts.init:
+            from .weights import load_initial_weights
+
+            self.info(load_initial_weights(self.model, opts.init))
+        memory_format = torch.channels_last if opts.channels_last else torch.preserve_format
+        self.model.to(device=self.device, memory_format=memory_format)
+        self.model.train()
+        self.teacher = self._build_teacher()
+        self.criterion: nn.Module = DistillationLoss(opts.label_smoothing, opts.kd_ratio, opts.kd_temperature)
+
+        self.steps_per_epoch = min(len(self.train_loader), opts.limit_batches or len(self.train_loader))
+        self.total_epochs = opts.warmup_epochs + opts.epochs
+        self.total_steps = self.total_epochs * self.steps_per_epoch
+        self.lr = opts.lr * self.ctx.world_size
+        self.optimizer = build_optimizer(
+            self.model, self.lr, momentum=opts.momentum, weight_decay=opts.weight_decay, nesterov=opts.nesterov
+        )
+        self.scheduler = warmup_cosine_schedule(
+            self.optimizer, opts.warmup_epochs * self.steps_per_epoch, self.total_steps
+        )
+        self.amp_dtype = AMP_DTYPES[opts.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=opts.amp == "fp16")
+        self.grad_sync = distributed.GradientAllReduce(self.model, self.ctx)
+        self.guard = NonFiniteGuard(self.device)
+        self.metrics = JsonlLog(self.out / "metrics.jsonl" if self.ctx.is_main else None)
+
+        self.epoch, self.batch, self.step = 0, 0, 0  # next epoch / batch in it; completed optimiser steps
+        self.history: list[dict[str, Any]] = []
+        resume_from = ckpt.resolve_resume(opts.resume, self.out)
+        if resume_from is not None:
+            self._load(resume_from)
+        distributed.broadcast_module(self.model, self.ctx)
+
+    # ------------------------------------------------------------------ helpers
+
+    def info(self, message: str) -> None:
+        if self.ctx.is_main and message:
+            self._log(message)
+
+    def _build_teacher(self):
+        if self.opts.kd_ratio == 0:
+            return None
+        if self.opts.teacher is None:
+            return InplaceTeacher(self.model)
+        from .weights import load_teacher
+
+        teacher, needs_calibration, note = load_teacher(self.opts.teacher, self.model, self.device)
+        self.info(note)
+        if needs_calibration:
+            from ..calibrate import calibrate
+
+            calibrate(teacher, self.calib_loader, self.opts.calib_batches, resolution=self.opts.max_resolution)
+            self.info("  (its BN statistics were recalibrated for the full-precision max subnet)")
+        if self.opts.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        return ExternalTeacher(teacher)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _rng_devices(self) -> list[int]:
+        return [self.device.index or 0] if self.device.type == "cuda" else []
+
+    @property
+    def fp_phase(self) -> bool:
+        """Whether this epoch trains the full-precision supernet (``--fp-epochs``)."""
+        return self.epoch < self.opts.fp_epochs
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.total_epochs or (self.opts.max_steps is not None and self.step >= self.opts.max_steps)
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self, images: Tensor, labels: Tensor) -> list[PlannedSubnet]:
+        """One optimiser step on one batch (images at the largest resolution); returns the subnets trained."""
+        opts, model = self.opts, self.model
+        if self.fp_phase:
+            plan, teacher = plan_full_precision(model, opts.resolution_list), None
+        else:
+            plan, teacher = (
+                plan_subnets(model, step_rng(opts.seed, self.step), opts.subnets, opts.resolution_list),
+                self.teacher,
+            )
+        fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+        teacher_logits: dict[int, Tensor] = {}  # the teacher does not change within a step: once per resolution
+        losses = []
+        for sub in plan:
+            res = sub.config.resolution
+            x = qdata.resize(images, res).contiguous(memory_format=fmt)
+            with self._autocast():
+                if teacher is not None and res not in teacher_logits:
+                    teacher_logits[res] = teacher(x)
+                model.set_active_config(sub.config)
+                logits = model(x)
+            loss = self.criterion(logits, labels, teacher_logits.get(res))
+            self.scaler.scale(loss).backward()  # gradients of the subnets add up
+            losses.append(loss.detach())
+        loss_vec = torch.stack(losses)
+        self.grad_sync(loss_vec)  # one all-reduce: gradients and the losses (all ranks see the mean)
+        grad_norm = None
+        if opts.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.clip_grad_norm, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        # With fp16 an inf gradient norm only makes the scaler skip the step: not an error.
+        self.guard.push(self.step, plan, loss_vec, None if self.scaler.is_enabled() else grad_norm)
+        self.step += 1
+        return plan
+
+    # ------------------------------------------------------------------ validation
+
+    def validation_bits(self, final: bool = False) -> list[int]:
+        if self.fp_phase and not final:
+            return [32]
+        if self.opts.val_bits and not final:
+            return list(self.opts.val_bits)
+        quantized = sorted(b for b in self.opts.bits if b != 32)
+        bits = quantized if final else sorted({quantized[0], quantized[-1]}) if quantized else []
+        return bits + ([32] if 32 in self.opts.bits else [])
+
+    def validate(self, final: bool = False) -> list[dict[str, Any]]:
+        """Recalibrate and evaluate the min/max subnets at the validation bit-widths; rows of metrics.
+
+        Runs under a forked RNG, so validating never changes the training run's random stream.
+        """
+        from ..evaluate import evaluate_subnet
+
+        kinds = self.opts.val_subnets.split(",")
+        rows = []
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            for row in val_configs(self.model, kinds, self.validation_bits(final), self.opts.resolution_list):
+                metrics = evaluate_subnet(
+                    self.model, row.pop("config"), self.calib_loader, self.val_loader, self.opts.calib_batches
+                )
+                rows.append({**row, **{k: metrics[k] for k in ("top1", "top5", "loss")}})
+        self.model.train()
+        return rows
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or ``max_steps``), then evaluate; returns the summary (also in metrics.jsonl)."""
+        opts = self.opts
+        with deterministic_mode(opts.deterministic):
+            if self.step == 0 and self.epoch == 0 and self.batch == 0:
+                self.info(self._banner())
+                self.metrics.write({"event": "start", "options": opts.to_dict(), "world_size": self.ctx.world_size})
+            elif not self.finished:
+                self.info(f"resuming at epoch {self.epoch + 1}, batch {self.batch} (step {self.step})")
+            else:
+                self.info(f"training in {self.out} is already complete (step {self.step}); evaluating it again "
+                          "(use --resume none or another --out to train anew)")  # fmt: skip
+            while not self.finished:
+                self._train_epoch()
+            self.guard.flush()
+            rows = self.validate(final=True)
+        summary = {"event": "final", "epoch": self.epoch, "step": self.step, "results": rows}
+        self.metrics.write(summary)
+        self.info(format_table(rows, TABLE_COLUMNS, title="final: recalibrated subnets on the held-out set"))
+        self._save_supernet(rows)
+        return summary
+
+    def _train_epoch(self) -> None:
+        opts, epoch = self.opts, self.epoch
+        self.train_loader.set_epoch(epoch, self.batch)
+        steps = self.steps_per_epoch - self.batch
+        if opts.max_steps is not None:
+            steps = min(steps, opts.max_steps - self.step)
+        bar = self._progress(steps, f"epoch {epoch + 1}/{self.total_epochs}")
+        seen: list[tuple[int, list[float], float]] = []
+        start = time.perf_counter()
+        for images, labels in itertools.islice(self.train_loader, max(0, steps)):
+            plan = self.train_step(images, labels)
+            self.batch += 1
+            if bar is not None:
+                bar.update(1)
+            records = self.guard.drain()
+            seen += records
+            if records and self.step % opts.log_every == 0:
+                self._log_steps(seen[-opts.log_every :], plan, bar)
+            if opts.ckpt_every and self.step % opts.ckpt_every == 0:
+                self.save()
+        self.guard.flush()
+        seen += self.guard.drain()
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        epoch_done = self.batch >= self.steps_per_epoch
+        kinds = ["fp-max"] if self.fp_phase else plan_kinds(opts.subnets)
+        record = {
+            "event": "epoch", "epoch": epoch + 1, "step": self.step, "time_s": round(elapsed, 3),
+            "lr": self.scheduler.get_last_lr()[0], **self._loss_summary(seen, kinds),
+        }  # fmt: skip
+        self.info(self._epoch_line(record, len(seen)) + (" [full-precision max network]" if self.fp_phase else ""))
+        last_epoch = epoch + 1 >= self.total_epochs
+        if epoch_done and opts.val_every and ((epoch + 1) % opts.val_every == 0) and not last_epoch:
+            rows = self.validate()
+            record["val"] = rows
+            self.info(format_table(rows, TABLE_COLUMNS, title=f"epoch {epoch + 1}: recalibrated subnets"))
+        self.metrics.write(record)
+        self.history.append(record)
+        if epoch_done:
+            self.epoch, self.batch = epoch + 1, 0
+        self.save()
+
+    # ------------------------------------------------------------------ logging
+
+    def _progress(self, total: int, desc: str):
+        if not (self.ctx.is_main and self.opts.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, mininterval=1.0)
+
+    def _log_steps(self, records, plan, bar) -> None:
+        summary = self._loss_summary(records, [p.kind for p in plan])
+        lr = self.scheduler.get_last_lr()[0]
+        self.metrics.write({"event": "steps", "step": self.step, "lr": lr, **summary})
+        if bar is not None:
+            bar.set_postfix(loss=f"{summary['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+
+    @staticmethod
+    def _loss_summary(records, kinds: list[str]) -> dict[str, float]:
+        if not records:
+            return {"loss": math.nan}
+        per_subnet = list(zip(*(r[1] for r in records), strict=True))
+        out = {"loss": sum(sum(v) for v in per_subnet) / (len(records) * len(per_subnet))}
+        for kind in ("min", "max", "random"):
+            cols = [col for k, col in zip(kinds, per_subnet, strict=True) if k == kind]
+            if cols:
+                out[f"loss_{kind}"] = sum(sum(c) for c in cols) / (len(cols) * len(records))
+        out["grad_norm"] = sum(r[2] for r in records) / len(records)
+        return out
+
+    def _epoch_line(self, record: dict[str, Any], steps: int) -> str:
+        parts = ", ".join(f"{k[5:]} {record[k]:.3f}" for k in ("loss_min", "loss_max", "loss_random") if k in record)
+        per_step = record["time_s"] / max(1, steps)
+        return (
+            f"epoch {record['epoch']}/{self.total_epochs}: loss {record['loss']:.4f}{f' ({parts})' if parts else ''}, "
+            f"lr {record['lr']:.3g}, {steps} steps in {record['time_s']:.1f} s ({per_step:.2f} s/step)"
+        )
+
+    def _banner(self) -> str:
+        o = self.opts
+        params = sum(p.numel() for p in self.model.parameters())
+        teacher = "none" if self.teacher is None else o.teacher or "in-place (full-precision max subnet)"
+        return (
+            f"qfa train: data {o.data!r} ({len(self.train_loader.dataset)} train / {len(self.val_loader.dataset)} val "
+            f"images, {self.n_classes} classes), preset {getattr(o, 'preset', '?')}\n"
+            f"  supernet width {o.width_mult}, {params / 1e6:.2f} M parameters, bits {list(o.bits)}, "
+            f"resolutions {o.resolution_list[0]}..{o.resolution_list[-1]}\n"
+            f"  {self.ctx.world_size} process(es) on {self.device}, batch {o.batch_size}/process, "
+            f"{self.steps_per_epoch} steps/epoch, {o.warmup_epochs}+{o.epochs} epochs, lr {self.lr:g}, "
+            f"{o.subnets} subnets/step, teacher: {teacher}, amp {o.amp}\n"
+            f"  output: {self.out}"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT,
+            "format_version": ckpt.FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "model_config": dict(self.model.config_kwargs),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.capture_rng(),
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.ctx.world_size,
+            "options": self.opts.to_dict(),
+            "torch_version": str(torch.__version__),
+        }
+
+    def save(self) -> None:
+        """Atomically write ``OUT/last.pt`` (rank 0), after the non-finite check of every step so far."""
+        self.guard.flush()
+        if self.ctx.is_main:
+            ckpt.save_atomic(self.state_dict(), self.out / ckpt.LAST)
+        distributed.barrier(self.ctx)
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_training_state(path, map_location=self.device)
+        ckpt.check_model_config(path, state["model_config"], self.model.config_kwargs)
+        if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(path)!r} has {state['steps_per_epoch']} steps per epoch, this run "
+                f"{self.steps_per_epoch}: the data, batch size or number of processes changed"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} does not fit this supernet: {err}") from err
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng(state["rng"])
+        self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        self.info(f"resumed from {path} (epoch {self.epoch + 1}, batch {self.batch}, step {self.step})")
+
+    def _save_supernet(self, rows: list[dict[str, Any]]) -> None:
+        if not self.ctx.is_main:
+            return
+        from .weights import save_trained_supernet
+
+        path = save_trained_supernet(self.model, self.out / "supernet.pt", {"results": rows, "step": self.step})
+        self.info(f"saved the supernet to {path}")
+
+
+def plan_kinds(n: int) -> list[str]:
+    """Kinds of the ``n`` subnets of a step, in :func:`plan_subnets` order."""
+    return ["max"] if n == 1 else ["min", "max"] + ["random"] * (n - 2)

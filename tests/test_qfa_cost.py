@@ -137,7 +137,9 @@ def test_hundred_thousand_configs_in_seconds():
     out = cost.evaluate_batch(arrays)
     elapsed = time.perf_counter() - start
     assert out["lut_flops"].shape == (n,) and np.all(out["lut_flops"] > 0)
-    assert elapsed < 5.0, f"{n} configs took {elapsed:.2f} s"
+    # ~1.5 s on an idle 2-core machine; the bound only catches a fall back to per-config Python loops
+    # (minutes), with headroom for a loaded CI machine. Real timings belong in benchmarks.
+    assert elapsed < 30.0, f"{n} configs took {elapsed:.2f} s"
     # spot check against single evaluation
     i = 12345
     cfg = SubnetConfig(*(arrays[k][i].tolist() for k in ("ks", "e", "d", "w_bits", "a_bits")))

@@ -48,7 +48,7 @@ def _extensions():
         raise SystemExit(f"BQUANT_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
     with_cuda = why_not is None
 
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/ops.cpp", "csrc/bindings.cpp"]
     # -ffp-contract=off: no fused multiply-adds the source does not spell out, so every CPU kernel
     # (and each of its instruction-set variants) rounds exactly as the scalar spec code does.
     # -Wno-unknown-pragmas / -Wno-psabi: ATen's vector headers use `#pragma unroll` (not a GCC

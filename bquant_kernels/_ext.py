@@ -9,7 +9,7 @@ from types import ModuleType
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
 # Bumped whenever the C++/CUDA binding signatures change; a build with another value is stale.
-API_VERSION = 1
+API_VERSION = 3
 
 ext: ModuleType | None = None
 unavailable_reason: str = ""

@@ -1,8 +1,11 @@
 """Multi-tensor LSQ: fake-quantize many weights at once (spec 2), differentiable in weights and steps.
 
 On the ``cuda`` backend all tensors go through one kernel launch forward and one backward (per 128
-tensors), driven by a table of pointers, sizes and bit-widths passed as a kernel parameter; on every
-other backend :func:`lsq_multi` is a loop over :func:`bquant_kernels.lsq`, with the same numbers.
+tensors), driven by a table of pointers, sizes and bit-widths passed as a kernel parameter; on the
+``cpu`` backend it is a C++ loop over the single-tensor kernels. Both are the native op
+``torch.ops.bquant.native_lsq_multi`` (csrc/ops.cpp: checks, layout and autograd in C++, one Python
+crossing per call, however many tensors). On the other backends it is a loop over
+:func:`bquant_kernels.lsq`. The numbers are those of :func:`bquant_kernels.lsq` in every case.
 """
 
 from __future__ import annotations
@@ -14,73 +17,9 @@ from torch import Tensor
 
 from . import _ext
 from .backends import resolve as _resolve_backend
-from .ops import _check_bits, _check_param, _check_tensor, _like, lsq
+from .ops import _NATIVE, lsq
 
 __all__ = ["lsq_multi"]
-
-
-def _dense(t: Tensor) -> Tensor:
-    """``t`` itself when the kernels can walk its memory linearly, else a contiguous copy."""
-    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
-        return t
-    return t.contiguous()
-
-
-def _like_weight(out: Tensor, w: Tensor) -> Tensor:
-    """``out`` in the memory format the per-tensor op gives for ``w`` (a copy only for non-dense ``w``)."""
-    return out if out.stride() == w.stride() else _like(out, torch.empty_like(w))
-
-
-# numel_full only matters to the backward; it is an input so that autograd's setup_context sees it.
-@torch.library.custom_op("bquant::lsq_multi_fwd", mutates_args=())
-def _lsq_multi_fwd(
-    weights: list[Tensor], steps: list[Tensor], bits: list[int], signed: bool, numel_full: list[int]
-) -> list[Tensor]:
-    outs = _ext.ext.cuda_lsq_multi_forward([_dense(w) for w in weights], steps, bits, signed)
-    return [_like_weight(out, w) for out, w in zip(outs, weights, strict=True)]
-
-
-@_lsq_multi_fwd.register_fake
-def _(weights, steps, bits, signed, numel_full):
-    return [torch.empty_like(w) for w in weights]
-
-
-@torch.library.custom_op("bquant::lsq_multi_bwd", mutates_args=())
-def _lsq_multi_bwd(
-    grads: list[Tensor],
-    weights: list[Tensor],
-    steps: list[Tensor],
-    bits: list[int],
-    signed: bool,
-    numel_full: list[int],
-) -> tuple[list[Tensor], Tensor]:
-    dense = [_dense(w) for w in weights]
-    grads = [_like(g, w) for g, w in zip(grads, dense, strict=True)]  # the kernels want grad strides == w strides
-    grad_ws, grad_steps = _ext.ext.cuda_lsq_multi_backward(grads, dense, steps, bits, signed, numel_full)
-    return [_like_weight(gw, w) for gw, w in zip(grad_ws, weights, strict=True)], grad_steps
-
-
-@_lsq_multi_bwd.register_fake
-def _(grads, weights, steps, bits, signed, numel_full):
-    return [torch.empty_like(w) for w in weights], weights[0].new_empty(len(weights), dtype=torch.float32)
-
-
-def _lsq_multi_setup(ctx, inputs, output) -> None:
-    weights, steps, bits, signed, numel_full = inputs
-    ctx.save_for_backward(*weights, *steps)
-    ctx.args = (len(weights), bits, signed, numel_full)
-
-
-def _lsq_multi_backward(ctx, grads: list[Tensor]):
-    n, bits, signed, numel_full = ctx.args
-    saved = ctx.saved_tensors
-    weights, steps = list(saved[:n]), list(saved[n:])
-    grad_ws, grad_steps = torch.ops.bquant.lsq_multi_bwd(list(grads), weights, steps, bits, signed, numel_full)
-    grad_s = [grad_steps[i].reshape(s.shape).to(s.dtype) for i, s in enumerate(steps)]
-    return grad_ws, grad_s, None, None, None
-
-
-_lsq_multi_fwd.register_autograd(_lsq_multi_backward, setup_context=_lsq_multi_setup)
 
 
 def lsq_multi(
@@ -106,7 +45,7 @@ def lsq_multi(
 
     Returns:
         The fake-quantized weights, each with the shape, dtype and memory format of its input;
-        differentiable in the weights and the steps.
+        differentiable in the weights and the steps. Bad entries raise an error naming their index.
     """
     weights, steps = list(weights), list(steps)
     n = len(weights)
@@ -120,19 +59,21 @@ def lsq_multi(
         raise ValueError(f"numel_full must have one entry per weight ({n}), got {len(full)}")
     if n == 0:
         return []
-    for i, (w, s, b, nf) in enumerate(zip(weights, steps, bits, full, strict=True)):
-        _check_tensor(f"weights[{i}]", w)
-        _check_param(f"steps[{i}]", s, w)
-        _check_bits(f"bits[{i}]", b, 1, 8)
-        if isinstance(nf, bool) or not isinstance(nf, int) or nf < w.numel():
-            raise ValueError(f"numel_full[{i}] must be an int >= weights[{i}].numel() ({w.numel()}), got {nf!r}")
-        if w.device != weights[0].device or w.dtype != weights[0].dtype:
+    w0 = weights[0]
+    if not isinstance(w0, Tensor):
+        raise TypeError(f"weights[0] must be a torch.Tensor, got {type(w0).__name__}")
+    name = _resolve_backend(backend, w0.device, w0.dtype)
+    if name in _NATIVE and _ext.ext is not None:  # every entry is checked in C++, by index
+        return list(torch.ops.bquant.native_lsq_multi(weights, steps, bits, bool(signed), full))
+    for i, (w, nf) in enumerate(zip(weights, full, strict=True)):
+        if isinstance(w, Tensor) and (w.device != w0.device or w.dtype != w0.dtype):
             raise ValueError(
                 f"weights must share one device and dtype: weights[{i}] is {w.dtype} on {w.device}, "
-                f"weights[0] is {weights[0].dtype} on {weights[0].device}"
+                f"weights[0] is {w0.dtype} on {w0.device}"
             )
-    name = _resolve_backend(backend, weights[0].device, weights[0].dtype)
-    if name != "cuda":
-        per_tensor = zip(weights, steps, bits, full, strict=True)
-        return [lsq(w, s, b, signed=signed, numel_full=nf, backend=name) for w, s, b, nf in per_tensor]
-    return list(torch.ops.bquant.lsq_multi_fwd(weights, steps, bits, bool(signed), full))
+        if isinstance(w, Tensor) and (isinstance(nf, bool) or not isinstance(nf, int) or nf < w.numel()):
+            raise ValueError(f"numel_full[{i}] must be an int >= weights[{i}].numel() ({w.numel()}), got {nf!r}")
+        if isinstance(bits[i], bool) or not isinstance(bits[i], int) or not 1 <= bits[i] <= 8:
+            raise ValueError(f"bits[{i}] must be in [1, 8], got {bits[i]!r}")
+    per_tensor = zip(weights, steps, bits, full, strict=True)
+    return [lsq(w, s, b, signed=signed, numel_full=nf, backend=name) for w, s, b, nf in per_tensor]

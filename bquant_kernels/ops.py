@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _ext
 from .backends import get as _get_backend
 from .backends import resolve as _resolve_backend
 from .qparams import NUM_QPARAMS, lsq_grid
@@ -175,6 +176,52 @@ def _lsq_backward(ctx, grad: Tensor):
 _lsq_fwd.register_autograd(_lsq_backward, setup_context=_lsq_setup)
 
 
+# ----------------------------------------------------------------------------- native ops (csrc/ops.cpp)
+
+# The cpu and cuda backends are also registered with the dispatcher from C++, layout handling and
+# autograd included, so that a call crosses from Python into C++ once: torch.ops.bquant.native_*.
+# These are their shapes for torch.compile.
+_NATIVE = ("cpu", "cuda")
+
+if _ext.ext is not None:
+
+    def _fake_batchquant(x, theta, offset, lo_hi, bits, signed):
+        return torch.empty_like(x), x.new_empty(NUM_QPARAMS, dtype=_qparams_dtype(x))
+
+    torch.library.register_fake("bquant::native_batchquant", _fake_batchquant)
+    torch.library.register_fake("bquant::native_batchquant_fwd", _fake_batchquant)
+
+    @torch.library.register_fake("bquant::native_batchquant_bwd")
+    def _(grad_y, x, offset, qparams, bits, signed):
+        return torch.empty_like(x), qparams.new_empty(1), qparams.new_empty(1)
+
+    @torch.library.register_fake("bquant::native_batch_range")
+    def _(x):
+        return x.new_empty(2, dtype=torch.float32)
+
+    def _fake_lsq(w, step, bits, signed, numel_full):
+        return torch.empty_like(w)
+
+    torch.library.register_fake("bquant::native_lsq", _fake_lsq)
+    torch.library.register_fake("bquant::native_lsq_fwd", _fake_lsq)
+
+    @torch.library.register_fake("bquant::native_lsq_bwd")
+    def _(grad, w, step, bits, signed, numel_full):
+        return torch.empty_like(w), w.new_empty(1, dtype=_qparams_dtype(w))
+
+    def _fake_lsq_multi(weights, steps, bits, signed, numel_full=None):
+        return [torch.empty_like(w) for w in weights]
+
+    torch.library.register_fake("bquant::native_lsq_multi", _fake_lsq_multi)
+    torch.library.register_fake("bquant::native_lsq_multi_fwd", _fake_lsq_multi)
+
+    @torch.library.register_fake("bquant::native_lsq_multi_bwd")
+    def _(grads, weights, steps, bits, signed, numel_full):
+        dtype = _qparams_dtype(weights[0]) if weights else torch.float32
+        grad_steps = weights[0].new_empty(len(weights), dtype=dtype) if weights else torch.empty(0)
+        return [torch.empty_like(w) for w in weights], grad_steps
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -185,6 +232,8 @@ def batch_range(x: Tensor, *, backend: str | None = None) -> Tensor:
     """
     _check_tensor("x", x, min_dim=2)
     name = _resolve_backend(backend, x.device, x.dtype)
+    if name in _NATIVE:
+        return torch.ops.bquant.native_batch_range(x.detach())
     return torch.ops.bquant.batch_range(x.detach(), name)  # statistics are constants for autograd
 
 
@@ -227,7 +276,10 @@ def batchquant(
         _check_param("lo_hi", lo_hi, x, numel=2)
         lo_hi = lo_hi.reshape(2)
     name = _resolve_backend(backend, x.device, x.dtype)
-    y, qp = torch.ops.bquant.batchquant_fwd(x, theta, offset, lo_hi, bits, bool(signed), name)
+    if name in _NATIVE:
+        y, qp = torch.ops.bquant.native_batchquant(x, theta, offset, lo_hi, bits, bool(signed))
+    else:
+        y, qp = torch.ops.bquant.batchquant_fwd(x, theta, offset, lo_hi, bits, bool(signed), name)
     return (y, qp[:2].detach()) if return_range else y  # the range is a constant for autograd
 
 
@@ -253,6 +305,8 @@ def lsq(
     elif not isinstance(numel_full, int) or numel_full < w.numel():
         raise ValueError(f"numel_full must be an int >= w.numel() ({w.numel()}), got {numel_full!r}")
     name = _resolve_backend(backend, w.device, w.dtype)
+    if name in _NATIVE:
+        return torch.ops.bquant.native_lsq(w, step, bits, bool(signed), numel_full)
     return torch.ops.bquant.lsq_fwd(w, step, bits, bool(signed), numel_full, name)
 
 

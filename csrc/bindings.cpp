@@ -4,7 +4,7 @@
 #include "bquant.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("API_VERSION") = 1;  // bquant_kernels/_ext.py checks this
+  m.attr("API_VERSION") = 3;  // bquant_kernels/_ext.py checks this
 #ifdef BQUANT_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

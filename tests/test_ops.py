@@ -180,6 +180,71 @@ def test_opcheck_custom_ops(backend):
     )
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_opcheck_native_ops(device):
+    """The C++-registered ops of the cpu and cuda backends (csrc/ops.cpp): schema, fake, autograd."""
+    backend = device  # the native op of each device is its compiled backend
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine (GPU tests run via bench/gpu_check.sh)")
+    if not bk.backends()[backend][0]:
+        pytest.skip(f"backend {backend!r} unavailable: {bk.backends()[backend][1]}")
+    x = make_activation((2, 3, 4, 5)).float().to(device).requires_grad_(True)
+    t = torch.tensor([0.2], device=device, requires_grad=True)
+    o = torch.tensor([0.1], device=device, requires_grad=True)
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    xsl = x.detach()[:, ::2].requires_grad_(True)  # not dense: the op copies and restrides
+    lo_hi = torch.tensor([-1.0, 2.0], device=device)
+    for xi, r, signed in ((x, None, False), (x, lo_hi, True), (xcl, None, False), (xsl, None, True)):
+        torch.library.opcheck(torch.ops.bquant.native_batchquant, (xi, t, o, r, 3, signed))
+        torch.library.opcheck(
+            torch.ops.bquant.native_batchquant_fwd, (xi.detach(), t.detach(), o.detach(), r, 3, signed)
+        )
+    y, qp = torch.ops.bquant.native_batchquant_fwd(x.detach(), t.detach(), o.detach(), None, 3, False)
+    for g in (torch.randn_like(x), torch.randn_like(xcl)):
+        torch.library.opcheck(torch.ops.bquant.native_batchquant_bwd, (g, x.detach(), o.detach(), qp, 3, False))
+    torch.library.opcheck(torch.ops.bquant.native_batch_range, (xcl.detach(),))
+    w = torch.randn(8, 3, 3, 3, device=device, requires_grad=True)
+    s = torch.tensor([0.1], device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.bquant.native_lsq, (w, s, 4, True, 500))
+    torch.library.opcheck(torch.ops.bquant.native_lsq_fwd, (w.detach(), s.detach(), 4, True, 500))
+    torch.library.opcheck(torch.ops.bquant.native_lsq_bwd, (torch.randn_like(w), w.detach(), s.detach(), 2, False, 500))
+    ws = [w, torch.randn(5, 7, device=device, requires_grad=True), w.detach()[:3].requires_grad_(True)]
+    ss = [s, torch.tensor([-0.05], device=device, requires_grad=True), torch.tensor([0.2], device=device)]
+    full = [500, 35, w.numel()]
+    torch.library.opcheck(torch.ops.bquant.native_lsq_multi, (ws, ss, [4, 2, 8], True, full))
+    torch.library.opcheck(torch.ops.bquant.native_lsq_multi_fwd, ([t.detach() for t in ws], ss, [4, 2, 8], False))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_native_op_matches_the_python_custom_op(device):
+    """The public functions route the compiled backends through the native ops; same numbers as the
+    Python-registered custom ops of those backends, forward and every gradient."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine (GPU tests run via bench/gpu_check.sh)")
+    if not bk.backends()[device][0]:
+        pytest.skip(f"backend {device!r} unavailable: {bk.backends()[device][1]}")
+    for x0 in (make_activation((3, 5, 6, 7)).float(), make_activation((4, 9)).float()):
+        x0 = x0.to(device)
+        layouts = (
+            [x0, x0.contiguous(memory_format=torch.channels_last)] if x0.dim() == 4 else [x0, x0.t().contiguous().t()]
+        )
+        for xi in layouts:
+            grads = []
+            for native in (True, False):
+                x = xi.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+                t = torch.tensor([0.3], device=device, requires_grad=True)
+                o = torch.tensor([-0.2], device=device, requires_grad=True)
+                if native:
+                    y, _ = torch.ops.bquant.native_batchquant(x, t, o, None, 3, False)
+                else:
+                    y, _ = torch.ops.bquant.batchquant_fwd(x, t, o, None, 3, False, device)
+                assert y.stride() == x.stride()
+                g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
+                grads.append((y, *torch.autograd.grad(y, (x, t, o), g)))
+            for a, b in zip(*grads, strict=True):
+                assert torch.equal(a, b)
+
+
 class _TinyQuantNet(torch.nn.Module):
     def __init__(self, backend=None):
         super().__init__()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from bquant_kernels import BatchQuantizer
 
+from .io import atomic_save
 from .networks import QFAMobileNetV3
 from .nn import DynamicQConv2d, DynamicQDepthwiseConv2d, DynamicQLinear
 
@@ -268,8 +268,8 @@ def reset_quantizers(model: nn.Module) -> None:
 
 
 def save_supernet(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-    """Save ``model`` (its architecture arguments and state dict) and ``extra`` to ``path`` atomically:
-    written to a temporary file in the same directory, flushed to disk, then ``os.replace``-d.
+    """Save ``model`` (its architecture arguments and state dict) and ``extra`` to ``path`` atomically
+    (:func:`qfa.io.atomic_save`: a temporary file in the same directory, fsynced, ``os.replace``-d).
     ``extra`` should hold tensors, numbers, strings and containers of them (loadable with
     ``weights_only=True``), e.g. the epoch and optimizer state."""
     model = _unwrap_model(model)
@@ -282,20 +282,7 @@ def save_supernet(model: nn.Module, path: str | os.PathLike, extra: dict[str, An
         "state_dict": model.state_dict(),
         "extra": extra or {},
     }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save(payload, path)
 
 
 def load_supernet(

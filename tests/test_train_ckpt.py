@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from qfa import io as qfa_io
 from qfa.train import ckpt
 
 
@@ -55,21 +56,21 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-# Loads ckpt.py by path: the writer needs neither the qfa package nor its heavy imports.
+# Loads qfa/io.py by path: the writer needs neither the qfa package nor its heavy imports.
 _WRITER = textwrap.dedent(
-    """
+    f"""
     import importlib.util, sys, torch
-    spec = importlib.util.spec_from_file_location("ckpt", sys.argv[2])
-    ckpt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ckpt)
+    spec = importlib.util.spec_from_file_location("qfa_io", sys.argv[2])
+    qfa_io = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qfa_io)
     i = 0
     while True:
         i += 1
-        weights = {"w": torch.full((2_000_000,), float(i))}
-        state = {"format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "model": weights,
-                 "model_config": {}, "optimizer": {}, "scheduler": {}, "rng": ckpt.capture_rng(),
-                 "epoch": 0, "batch": 0, "step": i}
-        ckpt.save_atomic(state, sys.argv[1])
+        weights = {{"w": torch.full((2_000_000,), float(i))}}
+        state = {{"format": {ckpt.FORMAT!r}, "format_version": {ckpt.FORMAT_VERSION!r}, "model": weights,
+                 "model_config": {{}}, "optimizer": {{}}, "scheduler": {{}}, "rng": {{}},
+                 "epoch": 0, "batch": 0, "step": i}}
+        qfa_io.atomic_save(state, sys.argv[1])
         print(i, flush=True)
     """
 )
@@ -80,7 +81,7 @@ def test_killed_writer_never_leaves_a_corrupt_checkpoint(tmp_path):
     rng = random.Random(0)
     path = tmp_path / "last.pt"
     for _ in range(2):
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), ckpt.__file__], stdout=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), qfa_io.__file__], stdout=subprocess.PIPE)
         proc.stdout.readline()  # at least one complete checkpoint exists
         time.sleep(rng.uniform(0.0, 0.5))  # then kill it at a random point of a later write
         proc.send_signal(signal.SIGKILL)

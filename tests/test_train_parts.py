@@ -13,7 +13,13 @@ from torch import nn
 
 from qfa.train import distributed, options
 from qfa.train.losses import DistillationLoss, soft_cross_entropy
-from qfa.train.optim import build_optimizer, split_decay_groups, warmup_cosine_factor, warmup_cosine_schedule
+from qfa.train.optim import (
+    build_optimizer,
+    phased_warmup_cosine,
+    split_decay_groups,
+    warmup_cosine_factor,
+    warmup_cosine_schedule,
+)
 from qfa.train.step import NonFiniteGuard, NonFiniteLossError, PlannedSubnet, plan_subnets, step_rng
 
 
@@ -116,6 +122,23 @@ def test_warmup_cosine():
     assert lrs == pytest.approx([0.4 * v for v in f])
     with pytest.raises(ValueError):
         warmup_cosine_schedule(opt, 20, 10)
+
+
+def test_phased_schedule_restarts_the_warmup():
+    net = _Net()
+    opt = build_optimizer(net, 0.1)
+    sched = phased_warmup_cosine(opt, [(4, 2, 6.0), (10, 5, 1.0)])
+    lrs = []
+    for _ in range(16):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.6 * warmup_cosine_factor(s, 2, 4) for s in range(4)]
+    expected += [0.1 * warmup_cosine_factor(s, 5, 10) for s in range(10)] + [0.0, 0.0]
+    assert lrs == pytest.approx(expected)
+    assert lrs[4] == pytest.approx(0.1 / 5)  # the second phase starts from its own warmup
+    with pytest.raises(ValueError, match="each phase"):
+        phased_warmup_cosine(opt, [(4, 5, 1.0)])
 
 
 # ----------------------------------------------------------------------------- options

@@ -18,7 +18,7 @@ from qfa.train.trainer import Trainer
 # A supernet small enough for a CPU test: 2 blocks per stage, 3 subnets per step, 3 steps per epoch.
 TINY = dict(
     data="digits", width_mult=0.25, ks_list=(3, 5), expand_list=(2, 3), depth_list=(1, 2), bits=(2, 4, 32),
-    resolutions="16:24:8", batch_size=8, subnets=3, limit_batches=3, epochs=1, warmup_epochs=1, lr=0.05,
+    resolutions="16:24:8", batch_size=8, subnets=3, limit_batches=3, epochs=1, warmup_epochs=0, lr=0.05,
     calib_batches=1, val_subnets="max", val_bits=(4,), progress=False, deterministic=True, ckpt_every=2, fp_epochs=1,
 )  # fmt: skip
 
@@ -99,6 +99,18 @@ def test_interrupted_run_resumes_bit_identically(tmp_path):
     assert (tmp_path / "a" / "supernet.pt").is_file()
     again = make_trainer(tmp_path / "a")
     assert again.finished and again.step == 6
+
+
+def test_fp_epochs_have_their_own_warmup_and_lr(tmp_path):
+    """--fp-epochs 1 in front: a 1-epoch warmup to --fp-lr (auto: lr x subnets), then the QFA schedule
+    from its own start; one process trains the plain module (no DDP)."""
+    trainer = make_trainer(tmp_path / "a", fp_lr=0.2, epochs=2)
+    assert trainer.net is trainer.model
+    factor = trainer.scheduler.lr_lambdas[0]
+    assert [factor(s) for s in range(3)] == pytest.approx([4 / 3, 8 / 3, 4.0])  # 0.2 / lr 0.05 = 4
+    assert factor(3) == pytest.approx(1.0) and factor(8) < factor(3) and factor(9) == 0.0
+    auto = make_trainer(tmp_path / "b", fp_lr=None).scheduler.lr_lambdas[0]  # not the digits preset's
+    assert auto(2) == pytest.approx(3.0)  # subnets
 
 
 def test_non_finite_loss_stops_naming_step_and_subnet(tmp_path):

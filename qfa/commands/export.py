@@ -22,7 +22,7 @@ from qfa.calibrate import resize
 from qfa.config import SubnetConfig
 from qfa.export.onnx_export import export_onnx, run_onnx, save_deployment_npz
 from qfa.export.standalone import export_subnet, load_standalone
-from qfa.search.records import atomic_write_text
+from qfa.io import atomic_write_text
 from qfa.search.runtime import add_data_arguments, add_supernet_arguments, load_model, make_loaders, resolve_device
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qfa.io import atomic_write_text
 from qfa.search.encoding import SubnetEncoder
 from qfa.search.plots import plot_predictions
 from qfa.search.predictor import TrainSettings, regression_metrics, save_predictor, split_indices, train_predictor
-from qfa.search.records import atomic_write_text, check_consistent, read_records
+from qfa.search.records import check_consistent, read_records
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from qfa.cost import CostModel
+from qfa.io import atomic_write_text
 from qfa.search.encoding import SubnetEncoder
 from qfa.search.nsga import Constraints, NSGASettings, run_nsga2
 from qfa.search.objectives import predicted_accuracy, subnet_costs
 from qfa.search.plots import plot_pareto
 from qfa.search.predictor import load_predictor
-from qfa.search.records import atomic_write_text, read_records
+from qfa.search.records import read_records
 from qfa.search.reevaluate import EarlyStop, measured_front, reevaluate_front
 from qfa.search.runtime import add_data_arguments, add_supernet_arguments, load_model, make_loaders, resolve_device
 

@@ -34,9 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +46,7 @@ from torch import nn
 from bquant_kernels import BatchQuantizer, LSQQuantizer
 from bquant_kernels.qparams import LN2, MIN_SCALE, SOFTPLUS_THRESHOLD, batchquant_grid, lsq_grid
 from qfa.export.standalone import quantized_layers
+from qfa.io import atomic_path, atomic_write_bytes
 from qfa.networks.subnet import MobileNetV3Subnet
 from qfa.nn import QConv2d, QLinear
 
@@ -294,7 +293,7 @@ def export_onnx(
     net: MobileNetV3Subnet, path: str | os.PathLike, resolution: int, metadata: dict[str, Any] | None = None
 ) -> None:
     """Write :func:`to_onnx` to ``path`` atomically."""
-    _atomic_write_bytes(path, to_onnx(net, resolution, metadata).SerializeToString())
+    atomic_write_bytes(path, to_onnx(net, resolution, metadata).SerializeToString())
 
 
 # ----------------------------------------------------------------------------- integer side file
@@ -335,16 +334,8 @@ def deployment_arrays(net: nn.Module) -> dict[str, np.ndarray]:
 
 
 def save_deployment_npz(net: nn.Module, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to any other name
         np.savez(tmp, **deployment_arrays(net))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- running
@@ -356,16 +347,3 @@ def run_onnx(path: str | os.PathLike, images: np.ndarray) -> np.ndarray:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})[0]
-
-
-def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -15,7 +15,6 @@ File layout (``torch.save`` of plain types and tensors, loadable with ``weights_
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from bquant_kernels import lsq
 from qfa.config import SubnetConfig
+from qfa.io import atomic_save
 from qfa.networks.blocks import MBConv, ResidualBlock
 from qfa.networks.subnet import MobileNetV3Subnet
 from qfa.nn import QConv2d, QLinear
@@ -164,7 +164,7 @@ def export_subnet(
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         "metadata": dict(metadata),
     }
-    _atomic_torch_save(state, path)
+    atomic_save(state, path)
     return net
 
 
@@ -187,16 +187,3 @@ def load_standalone(
     net.load_state_dict(state["state_dict"], strict=True)
     net.metadata = state.get("metadata", {})
     return net.eval()
-
-
-def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from scipy.stats import kendalltau
 from torch import Tensor, nn
 
+from qfa.io import atomic_save
 from qfa.search.encoding import SubnetEncoder
 
 PREDICTOR_FORMAT = "qfa-accuracy-predictor"
@@ -176,7 +176,7 @@ def regression_metrics(measured: np.ndarray, predicted: np.ndarray, baseline: fl
 
 
 def save_predictor(path: str | os.PathLike, model: AccuracyPredictor, extra: dict[str, Any] | None = None) -> None:
-    """Write state dict + encoding metadata atomically (temporary file, then rename)."""
+    """Write state dict + encoding metadata atomically (:func:`qfa.io.atomic_save`)."""
     state = {
         "format": PREDICTOR_FORMAT,
         "format_version": PREDICTOR_FORMAT_VERSION,
@@ -186,16 +186,7 @@ def save_predictor(path: str | os.PathLike, model: AccuracyPredictor, extra: dic
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save(state, path)
 
 
 def load_predictor(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AccuracyPredictor:

@@ -11,12 +11,12 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from qfa.io import atomic_write_text as atomic_write_text  # re-exported (moved to qfa.io)
 from qfa.search.space import space_to_dict
 
 
@@ -91,22 +91,6 @@ def _end_of_last_line(fd: int, size: int, chunk: int = 1 << 16) -> int:
             return start + k + 1
         pos = start
     return 0
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_consistent(records: list[dict[str, Any]], path: str | os.PathLike) -> dict[str, Any]:

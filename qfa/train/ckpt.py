@@ -1,16 +1,15 @@
 """Training checkpoints: atomic writes, RNG capture, and loading with clear errors.
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain Python values, so it loads
-with ``weights_only=True`` (no code runs on load). Writes go to a temporary file in the same
-directory, are flushed and fsynced, then ``os.replace``-d over the target: a reader (or a resumed
-run after a crash) sees either the previous complete checkpoint or the new one, never a torn file.
+with ``weights_only=True`` (no code runs on load). Writes are atomic (:func:`qfa.io.atomic_save`:
+a temporary file in the same directory, fsynced, then ``os.replace``-d over the target): a reader
+(or a resumed run after a crash) sees either the previous complete checkpoint or the new one.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,57 +17,33 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io import TMP_PREFIX, atomic_save, remove_stale_temps
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LAST",
+    "TMP_PREFIX",
+    "CheckpointError",
+    "capture_rng",
+    "check_model_config",
+    "load_training_state",
+    "remove_stale_temps",
+    "resolve_resume",
+    "restore_rng",
+    "save_atomic",
+]
+
 FORMAT = "qfa-train"
 FORMAT_VERSION = 1
-TMP_PREFIX = ".tmp-"
 LAST = "last.pt"
+
+
+save_atomic = atomic_save  # the name this module has always exported
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: unreadable, corrupt, of another format, or for another model."""
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temp file in the same directory, fsync, ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Delete temporary files left by writers that were killed mid-write; returns what was removed."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stale = [p for p in directory.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 # ----------------------------------------------------------------------------- RNG

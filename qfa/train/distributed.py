@@ -1,22 +1,33 @@
-"""Data parallelism without DistributedDataParallel.
+"""Data parallelism: :class:`~torch.nn.parallel.DistributedDataParallel` with one gradient sync per step.
 
-Why not DDP: every step trains six different subnets on the same batch, each using a different
-subset of the supernet's parameters (and of its per-bit-width quantizers). DDP would need
-``find_unused_parameters=True`` (a full autograd-graph walk per backward) plus ``no_sync()`` for the
-first five subnets, and its reducer is built around one fixed set of used parameters. Here every
-rank trains the *same* subnets (sampled from a seeded ``random.Random``), so after the last backward
-all ranks hold gradients for exactly the same parameters, in the same order. One bucketed
-all-reduce of those gradients (:class:`GradientAllReduce`) is then all the synchronisation a step
-needs: no graph walk, no unused-parameter bookkeeping, no static-graph assumption. Only the overlap
-of the last subnet's backward with communication is given up (DDP could overlap only that one too,
-since the first five backwards run under ``no_sync``).
+Every step trains several different subnets on the same batch, each using a different subset of the
+supernet's parameters (and of its per-bit-width quantizers); their gradients are summed. All ranks
+train the *same* subnets (sampled from a seeded ``random.Random``), so all ranks use the same
+parameters. The trainer runs the forward and backward of every subnet but the last under
+:meth:`~torch.nn.parallel.DistributedDataParallel.no_sync` (gradients accumulate locally) and lets
+DDP all-reduce during the last backward (:func:`sync_unless`).
 
-The step's loss values ride in the same all-reduce, so every rank sees the global mean losses and
-all ranks stop together on a non-finite loss.
+``find_unused_parameters=True`` is required and sufficient: the last subnet uses only part of the
+supernet, so without it DDP waits for gradients that never come (an error at the next step). With
+it, DDP marks the parameters outside the last subnet's graph as ready; those that accumulated a
+gradient under ``no_sync`` (its reducer records them as locally used) are all-reduced with the
+rest, so the union of the step's parameters is synchronised; parameters no subnet used keep no
+gradient. ``tests/test_train_distributed.py`` checks this against one process on the concatenated
+batch. ``static_graph`` would be wrong (the graph changes every step). Only the synced forward walks
+the autograd graph, once per step.
+
+Buffers are not re-broadcast at every forward: :func:`broadcast_module` makes every rank start from
+rank 0's state, and a training forward writes no running statistics (only recalibration does); the
+only buffers it sets are the LSQ ``initialized`` flags, identically on every rank (each step is
+initialised from the weights, which are the same everywhere).
+
+The step's loss values are averaged separately (:func:`all_reduce_mean`, one small all-reduce),
+so every rank sees the global mean losses and all ranks stop together on a non-finite loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -115,17 +126,31 @@ def all_reduce_mean(tensors: list[Tensor], world_size: int, bucket_bytes: int = 
             t.copy_(chunk.view_as(t))
 
 
-class GradientAllReduce:
-    """Averages the gradients of ``module`` (those that exist, in parameter order) across ranks,
-    plus any extra tensors (e.g. the step's losses)."""
+def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
+    """``module`` in :class:`~torch.nn.parallel.DistributedDataParallel` when ``ctx`` is distributed
+    (``find_unused_parameters=True``, see the module doc), else ``module`` itself.
 
-    def __init__(self, module: nn.Module, ctx: DistContext, bucket_bytes: int = BUCKET_BYTES) -> None:
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.ctx, self.bucket_bytes = ctx, bucket_bytes
+    Call it after :func:`broadcast_module`; keep using ``module`` for everything but the training
+    forward (state dicts, validation, the in-place teacher).
+    """
+    if not ctx.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
 
-    def __call__(self, *extra: Tensor) -> None:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        all_reduce_mean([*extra, *grads], self.ctx.world_size, self.bucket_bytes)
+    kwargs: dict = {"find_unused_parameters": True, "broadcast_buffers": False}
+    if ctx.device.type == "cuda":
+        kwargs.update(device_ids=[ctx.device.index], output_device=ctx.device.index)
+    return DistributedDataParallel(module, **kwargs)
+
+
+def sync_unless(net: nn.Module, accumulate: bool) -> contextlib.AbstractContextManager:
+    """The context for one subnet's forward and backward: ``net.no_sync()`` when ``accumulate`` and
+    ``net`` is DDP (gradients stay local), else nothing (DDP all-reduces during the backward)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if accumulate and isinstance(net, DistributedDataParallel):
+        return net.no_sync()
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()

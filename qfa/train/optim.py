@@ -73,3 +73,24 @@ def warmup_cosine_schedule(
     if warmup_steps < 0 or total_steps <= 0 or warmup_steps > total_steps:
         raise ValueError(f"need 0 <= warmup_steps <= total_steps, total_steps > 0; got {warmup_steps}, {total_steps}")
     return LambdaLR(optimizer, lambda s: warmup_cosine_factor(s, warmup_steps, total_steps, final_factor))
+
+
+def phased_warmup_cosine(optimizer: torch.optim.Optimizer, phases: list[tuple[int, int, float]]) -> LambdaLR:
+    """Consecutive phases ``(steps, warmup_steps, scale)``, each its own linear warmup and cosine decay
+    (:func:`warmup_cosine_factor`) times ``scale``; a per-step :class:`LambdaLR` (factor 0 after the end).
+
+    One phase ``[(total, warmup, 1.0)]`` is the plain schedule; a warm-start phase in front restarts
+    the warmup when the main phase begins (as a new training run from a checkpoint would).
+    """
+    for steps, warmup, scale in phases:
+        if steps <= 0 or not 0 <= warmup <= steps or scale <= 0:
+            raise ValueError(f"each phase needs steps > 0, 0 <= warmup_steps <= steps, scale > 0; got {phases}")
+    starts = [sum(p[0] for p in phases[:i]) for i in range(len(phases))]
+
+    def factor(step: int) -> float:
+        for start, (steps, warmup, scale) in zip(starts, phases, strict=True):
+            if step < start + steps:
+                return scale * warmup_cosine_factor(step - start, warmup, steps)
+        return 0.0
+
+    return LambdaLR(optimizer, factor)

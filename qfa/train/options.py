@@ -255,9 +255,14 @@ class TrainOptions(OptionsBase):
     init: str | None = option(None, "initial weights: a Once-for-All FP or a QFA/qfa supernet checkpoint",
                               group="supernet")  # fmt: skip
     fp_epochs: int = option(
-        0, "first train only the full-precision max network for N epochs, without distillation (the first "
-        "stage of Once-for-All's progressive shrinking): a from-scratch stand-in for --init with an OFA "
-        "checkpoint", digits=3, group="supernet",
+        0, "before the QFA epochs, train only the full-precision max network for N epochs, without "
+        "distillation, with its own warmup and cosine (the first stage of Once-for-All's progressive "
+        "shrinking): a from-scratch stand-in for --init with an OFA checkpoint",
+        digits=5, group="supernet",
+    )  # fmt: skip
+    fp_lr: float | None = option(
+        None, "learning rate per process of the --fp-epochs (auto: lr x subnets, the same step per unit of "
+        "gradient as a step that sums `subnets` gradients)", digits=0.06, group="supernet",
     )  # fmt: skip
     # step and loss
     subnets: int = option(6, "subnets per step: min + max + random ones, gradients summed", group="step")
@@ -315,8 +320,8 @@ class TrainOptions(OptionsBase):
             (self.subnets >= 1, f"--subnets must be >= 1, got {self.subnets}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
-            (0 <= self.fp_epochs < self.warmup_epochs + self.epochs,
-             f"--fp-epochs must be in [0, warmup + epochs), got {self.fp_epochs}"),
+            (self.fp_epochs >= 0, f"--fp-epochs must be >= 0, got {self.fp_epochs}"),
+            (self.fp_lr is None or self.fp_lr > 0, f"--fp-lr must be positive, got {self.fp_lr}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.clip_grad_norm >= 0, f"--clip-grad-norm must be >= 0, got {self.clip_grad_norm}"),
             (self.calib_batches > 0, f"--calib-batches must be positive, got {self.calib_batches}"),

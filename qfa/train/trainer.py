@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import data as qdata
 from . import ckpt, distributed
 from .losses import DistillationLoss
-from .optim import build_optimizer, warmup_cosine_schedule
+from .optim import build_optimizer, phased_warmup_cosine
 from .options import TrainOptions
 from .report import JsonlLog, format_table
 from .step import (
@@ -131,18 +131,21 @@ class Trainer:
         self.criterion: nn.Module = DistillationLoss(opts.label_smoothing, opts.kd_ratio, opts.kd_temperature)
 
         self.steps_per_epoch = min(len(self.train_loader), opts.limit_batches or len(self.train_loader))
-        self.total_epochs = opts.warmup_epochs + opts.epochs
+        self.total_epochs = opts.fp_epochs + opts.warmup_epochs + opts.epochs
         self.total_steps = self.total_epochs * self.steps_per_epoch
         self.lr = opts.lr * self.ctx.world_size
         self.optimizer = build_optimizer(
             self.model, self.lr, momentum=opts.momentum, weight_decay=opts.weight_decay, nesterov=opts.nesterov
         )
-        self.scheduler = warmup_cosine_schedule(
-            self.optimizer, opts.warmup_epochs * self.steps_per_epoch, self.total_steps
-        )
+        spe = self.steps_per_epoch
+        phases = [((opts.warmup_epochs + opts.epochs) * spe, opts.warmup_epochs * spe, 1.0)]
+        if opts.fp_epochs:
+            # By default one network instead of a sum over `subnets`: the same step per unit of gradient.
+            fp_scale = opts.fp_lr / opts.lr if opts.fp_lr else float(opts.subnets)
+            phases.insert(0, (opts.fp_epochs * spe, min(spe, opts.fp_epochs * spe), fp_scale))
+        self.scheduler = phased_warmup_cosine(self.optimizer, phases)
         self.amp_dtype = AMP_DTYPES[opts.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=opts.amp == "fp16")
-        self.grad_sync = distributed.GradientAllReduce(self.model, self.ctx)
         self.guard = NonFiniteGuard(self.device)
         self.metrics = JsonlLog(self.out / "metrics.jsonl" if self.ctx.is_main else None)
 
@@ -152,6 +155,8 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from)
         distributed.broadcast_module(self.model, self.ctx)
+        # The training forward goes through DDP when distributed; everything else uses self.model.
+        self.net = distributed.wrap_ddp(self.model, self.ctx)
 
     # ------------------------------------------------------------------ helpers
 
@@ -209,19 +214,22 @@ class Trainer:
         fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
         teacher_logits: dict[int, Tensor] = {}  # the teacher does not change within a step: once per resolution
         losses = []
-        for sub in plan:
+        for i, sub in enumerate(plan):
             res = sub.config.resolution
             x = qdata.resize(images, res).contiguous(memory_format=fmt)
             with self._autocast():
                 if teacher is not None and res not in teacher_logits:
                     teacher_logits[res] = teacher(x)
-                model.set_active_config(sub.config)
-                logits = model(x)
-            loss = self.criterion(logits, labels, teacher_logits.get(res))
-            self.scaler.scale(loss).backward()  # gradients of the subnets add up
+            model.set_active_config(sub.config)
+            # DDP: gradients accumulate locally (no_sync) until the last subnet's backward all-reduces them.
+            with distributed.sync_unless(self.net, accumulate=i < len(plan) - 1):
+                with self._autocast():
+                    logits = self.net(x)
+                loss = self.criterion(logits, labels, teacher_logits.get(res))
+                self.scaler.scale(loss).backward()  # gradients of the subnets add up
             losses.append(loss.detach())
         loss_vec = torch.stack(losses)
-        self.grad_sync(loss_vec)  # one all-reduce: gradients and the losses (all ranks see the mean)
+        distributed.all_reduce_mean([loss_vec], self.ctx.world_size)  # all ranks see the mean losses
         grad_norm = None
         if opts.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
@@ -254,7 +262,7 @@ class Trainer:
         """
         from ..evaluate import evaluate_subnet
 
-        kinds = self.opts.val_subnets.split(",")
+        kinds = ["max"] if self.fp_phase and not final else self.opts.val_subnets.split(",")
         rows = []
         with torch.random.fork_rng(devices=self._rng_devices()):
             for row in val_configs(self.model, kinds, self.validation_bits(final), self.opts.resolution_list):
@@ -379,7 +387,8 @@ class Trainer:
             f"  supernet width {o.width_mult}, {params / 1e6:.2f} M parameters, bits {list(o.bits)}, "
             f"resolutions {o.resolution_list[0]}..{o.resolution_list[-1]}\n"
             f"  {self.ctx.world_size} process(es) on {self.device}, batch {o.batch_size}/process, "
-            f"{self.steps_per_epoch} steps/epoch, {o.warmup_epochs}+{o.epochs} epochs, lr {self.lr:g}, "
+            f"{self.steps_per_epoch} steps/epoch, epochs: {o.fp_epochs} full-precision + {o.warmup_epochs} warmup + "
+            f"{o.epochs}, lr {self.lr:g}, "
             f"{o.subnets} subnets/step, teacher: {teacher}, amp {o.amp}\n"
             f"  output: {self.out}"
         )

@@ -1,0 +1,83 @@
+"""Atomic file writes: every file qfa writes (checkpoints, predictors, exports, JSON, plots) goes to a
+temporary file in the target's directory, is fsynced, then ``os.replace``-d over the target, so a
+reader (or a run resumed after a crash) sees the previous complete file or the new one, never a torn
+one. On an error the temporary file is removed and the target is left as it was.
+
+Only the standard library and torch are imported here (a writer process can load this file alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_PREFIX = ".tmp-"  # temporary files: ``.tmp-<name>.<random><suffix>`` next to the target
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path next to ``path`` to write to; when the block ends normally it is fsynced and
+    renamed over ``path``; on an exception it is deleted and ``path`` is untouched.
+
+    ``suffix``: the temporary file's ending, for writers that insist on one (``np.savez``: ``.npz``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp, os.O_RDONLY)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # Makes the rename itself durable; not every platform can open (or fsync) a directory.
+    with contextlib.suppress(OSError):
+        _fsync(path.parent, os.O_RDONLY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically (see the module doc); returns ``path`` as a :class:`Path`."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporary files left in ``directory`` by writers killed mid-write; returns what was removed.
+    Only safe where no other process is writing into ``directory`` at the same time."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

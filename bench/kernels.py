@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 import bquant_kernels as bk  # noqa: E402
 from bench.autograd_reference import batchquant_autograd, lsq_autograd  # noqa: E402
 from bench.eager_published import batchquant_published, lsq_published  # noqa: E402
-from bench.timing import time_fn  # noqa: E402
+from bench.timing import time_cuda_graph, time_fn  # noqa: E402
 from bquant_kernels.backends import get as get_backend  # noqa: E402
 from bquant_kernels.qparams import LN2, batchquant_grid, lsq_grid  # noqa: E402
 
@@ -87,8 +87,10 @@ class Row:
     impl: str
     pass_: str
     median_s: float | None = None
+    graph_s: float | None = None  # CUDA only: replay of a captured CUDA graph (device time, no launch overhead)
     bytes: int = 0
     gbps: float | None = None
+    graph_gbps: float | None = None
     speedup_vs_eager: float | None = None
     speedup_vs_compiled: float | None = None
     mismatch_fraction: float | None = None  # fraction of y more than half a step from the reference's
@@ -285,6 +287,13 @@ def run_case(case: Case, device: torch.device, args: argparse.Namespace, fused: 
                     row.gbps = row.bytes / row.median_s / 1e9
                 except Exception as err:
                     row.error = f"{type(err).__name__}: {err}"
+            # The published formulation syncs with the host (.item()), so it cannot be captured.
+            if row.error is None and device.type == "cuda" and impl != "eager":
+                try:
+                    row.graph_s = time_cuda_graph(closures[pass_], device=device, **timing)
+                    row.graph_gbps = row.bytes / row.graph_s / 1e9
+                except Exception as err:
+                    row.error = f"CUDA graph: {type(err).__name__}: {err}"
             if row.error:
                 print(f"ERROR {case.label} {impl} {pass_}: {row.error}", file=sys.stderr)
             rows.append(row)
@@ -367,7 +376,15 @@ def _fmt_ratio(r: float | None) -> str:
 
 
 # (title, width) of the numeric columns of the table.
-COLUMNS = (("vs eager", 9), ("vs compiled", 12), ("median", 11), ("GB/s", 8), ("mismatch", 9))
+COLUMNS = (
+    ("vs eager", 9),
+    ("vs compiled", 12),
+    ("median", 11),
+    ("GB/s", 8),
+    ("graph", 11),
+    ("graph GB/s", 11),
+    ("mismatch", 9),
+)
 
 
 def _table_line(impl: str, pass_: str, cells: Sequence[str]) -> str:
@@ -391,6 +408,8 @@ def format_rows(rows: list[Row]) -> str:
             _fmt_ratio(r.speedup_vs_compiled),
             _fmt_time(r.median_s),
             "-" if r.gbps is None else f"{r.gbps:.1f}",
+            _fmt_time(r.graph_s),
+            "-" if r.graph_gbps is None else f"{r.graph_gbps:.1f}",
             "-" if r.mismatch_fraction is None else f"{r.mismatch_fraction:.1e}",
         )
         lines.append(_table_line(r.impl, r.pass_, cells))

@@ -340,8 +340,13 @@ class LSQMultiFunction : public torch::autograd::Function<LSQMultiFunction> {
     auto [grad_ws, grad_steps] =
         lsq_multi_bwd_op().call(grads, weights, steps, bits, ctx->saved_data["signed"].toBool(), numel_full);
     variable_list out(grad_ws.begin(), grad_ws.end());
+    // One split for all steps; a reshape or cast only for a step that is not a float32 [1] like the kernels'.
+    std::vector<at::Tensor> per_step = grad_steps.split(1);
     for (size_t i = 0; i < n; ++i) {
-      out.push_back(grad_steps.narrow(0, static_cast<int64_t>(i), 1).view(steps[i].sizes()).to(steps[i].scalar_type()));
+      at::Tensor g = std::move(per_step[i]);
+      if (steps[i].dim() != 1) g = g.view(steps[i].sizes());
+      if (steps[i].scalar_type() != g.scalar_type()) g = g.to(steps[i].scalar_type());
+      out.push_back(std::move(g));
     }
     out.resize(2 * n + 3);  // bits, signed, numel_full: no gradient
     return out;

@@ -546,6 +546,28 @@ def test_lsq_multi_is_the_per_tensor_loop_elsewhere(backend):
     _assert_lsq_runs_equal(got, want, weights, exact_step_grad=True)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_lsq_multi_step_grads_keep_the_step_shape_and_dtype(device):
+    """A 0-d step and a float64 step get gradients of their own shape and dtype, equal to the per-tensor op's."""
+    if device == "cuda" and _SKIP is not None:
+        pytest.skip(_SKIP)
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(5, 3, generator=gen).to(device), torch.randn(7, generator=gen).to(device)]
+    steps = [torch.tensor(0.1, device=device), torch.tensor([0.2], dtype=torch.float64, device=device)]
+    grads = []
+    for multi in (True, False):
+        ws = [w.clone().requires_grad_() for w in weights]
+        ss = [s.clone().requires_grad_() for s in steps]
+        outs = (
+            bk.lsq_multi(ws, ss, [3, 4]) if multi else [bk.lsq(w, s, b) for w, s, b in zip(ws, ss, [3, 4], strict=True)]
+        )
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        grads.append([s.grad for s in ss] + [w.grad for w in ws])
+    for got, want in zip(*grads, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_lsq_multi_rejects_mismatched_lists():
     w = [torch.randn(4), torch.randn(5)]
     s = [torch.ones(1), torch.ones(1)]

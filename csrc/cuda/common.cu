@@ -57,20 +57,27 @@ ScalarRef param_ref(const at::Tensor& t, const at::Tensor& ref, const char* name
               t.sizes());
   // A multi-value parameter (lo_hi) must be 1-d, so that one stride walks it.
   TORCH_CHECK(numel == 1 || t.dim() == 1, "bquant (cuda backend): ", name, " must be 1-d, got shape ", t.sizes());
+  const at::ScalarType dtype = t.scalar_type();
+  // Checked before the switch, which then returns on every path (no throw from inside a switch
+  // that would otherwise fall off the end of the function).
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "bquant (cuda backend): ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
   const int64_t stride = numel == 1 ? 0 : t.stride(0);
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return {t.data_ptr(), stride, ScalarKind::kFloat};
+  ScalarKind kind = ScalarKind::kFloat;
+  switch (dtype) {
     case at::kDouble:
-      return {t.data_ptr(), stride, ScalarKind::kDouble};
+      kind = ScalarKind::kDouble;
+      break;
     case at::kHalf:
-      return {t.data_ptr(), stride, ScalarKind::kHalf};
+      kind = ScalarKind::kHalf;
+      break;
     case at::kBFloat16:
-      return {t.data_ptr(), stride, ScalarKind::kBFloat16};
+      kind = ScalarKind::kBFloat16;
+      break;
     default:
-      TORCH_CHECK(false, "bquant (cuda backend): ", name, " must be float32, float64, float16 or bfloat16, got ",
-                  t.scalar_type());
+      break;
   }
+  return {t.data_ptr(), stride, kind};
 }
 
 void check_same_layout(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {

@@ -183,7 +183,7 @@ def test_help_documents_published_and_demo_defaults():
     parser = argparse.ArgumentParser()
     options.add_arguments(parser, options.TrainOptions)
     text = " ".join(parser.format_help().split())
-    assert "(default: 0.0025; digits preset: 0.02)" in text
+    assert "(default: 0.0025; digits preset: 0.08)" in text
     assert "(default: 128:224:4; digits preset: 24:32:4)" in text
     assert "(default: 2,3,4,32)" in text and "(default: 500.0)" in text
 

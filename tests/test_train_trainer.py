@@ -20,6 +20,7 @@ TINY = dict(
     data="digits", width_mult=0.25, ks_list=(3, 5), expand_list=(2, 3), depth_list=(1, 2), bits=(2, 4, 32),
     resolutions="16:24:8", batch_size=8, subnets=3, limit_batches=3, epochs=1, warmup_epochs=0, lr=0.05,
     calib_batches=1, val_subnets="max", val_bits=(4,), progress=False, deterministic=True, ckpt_every=2, fp_epochs=1,
+    val_every=1,
 )  # fmt: skip
 
 

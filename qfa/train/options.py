@@ -242,9 +242,9 @@ class TrainOptions(OptionsBase):
     )
     # supernet
     width_mult: float = option(1.2, "width multiplier of the supernet", digits=0.5, group="supernet")
-    ks_list: tuple[int, ...] = option((3, 5, 7), "depthwise kernel sizes", group="supernet")
-    expand_list: tuple[int, ...] = option((3, 4, 6), "expand ratios", group="supernet")
-    depth_list: tuple[int, ...] = option((2, 3, 4), "stage depths", group="supernet")
+    ks_list: tuple[int, ...] = option((3, 5, 7), "depthwise kernel sizes", digits=(3, 5), group="supernet")
+    expand_list: tuple[int, ...] = option((3, 4, 6), "expand ratios", digits=(2, 3, 4), group="supernet")
+    depth_list: tuple[int, ...] = option((2, 3, 4), "stage depths", digits=(1, 2), group="supernet")
     bits: tuple[int, ...] = option(
         (2, 3, 4, 32), "bit-width options: 2,3,4,32 for phase 0, 2,3,4 for phase 1 (32 = full precision)",
         group="supernet",
@@ -265,7 +265,7 @@ class TrainOptions(OptionsBase):
         "gradient as a step that sums `subnets` gradients)", digits=0.06, group="supernet",
     )  # fmt: skip
     # step and loss
-    subnets: int = option(6, "subnets per step: min + max + random ones, gradients summed", group="step")
+    subnets: int = option(6, "subnets per step: min + max + random ones, gradients summed", digits=4, group="step")
     teacher: str | None = option(
         None,
         "full-precision teacher checkpoint for distillation (auto: in-place distillation from the supernet's "
@@ -276,9 +276,9 @@ class TrainOptions(OptionsBase):
     kd_temperature: float = option(1.0, "distillation temperature", group="step")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", group="step")
     # optimisation
-    epochs: int = option(60, "epochs after the warmup (cosine decay)", digits=10, group="optimisation")
+    epochs: int = option(60, "epochs after the warmup (cosine decay)", digits=7, group="optimisation")
     warmup_epochs: int = option(5, "linear warmup epochs", digits=1, group="optimisation")
-    lr: float = option(2.5e-3, "learning rate per process; the run uses lr x world size", digits=0.02,
+    lr: float = option(2.5e-3, "learning rate per process; the run uses lr x world size", digits=0.08,
                        group="optimisation")  # fmt: skip
     momentum: float = option(0.9, "SGD momentum", group="optimisation")
     nesterov: bool = option(True, "Nesterov momentum", group="optimisation")
@@ -292,7 +292,7 @@ class TrainOptions(OptionsBase):
     # runtime
     device: str = option("auto", "cpu, cuda or cuda:N (auto: cuda:LOCAL_RANK when available)", group="runtime")
     amp: str = option("none", "autocast dtype", choices=("none", "bf16", "fp16"), group="runtime")
-    channels_last: bool = option(False, "channels_last memory format", group="runtime")
+    channels_last: bool = option(False, "channels_last memory format", digits=True, group="runtime")
     deterministic: bool = option(False, "deterministic algorithms (bit-identical resume)", group="runtime")
     seed: int = option(0, "seed of initialisation, data order, augmentation and subnet sampling", group="runtime")
     # validation
@@ -303,7 +303,7 @@ class TrainOptions(OptionsBase):
     )  # fmt: skip
     calib_batches: int = option(30, "recalibration batches per subnet before evaluating it", digits=8,
                                 group="validation")  # fmt: skip
-    val_every: int = option(1, "validate every N epochs (0: only at the end)", group="validation")
+    val_every: int = option(1, "validate every N epochs (0: only at the end)", digits=0, group="validation")
     # output
     out: str = option("runs/qfa-train", "output directory: checkpoints, metrics.jsonl, supernet.pt", group="output")
     resume: str = option("auto", "'auto' (OUT/last.pt when present), 'none', or a checkpoint path", group="output")

@@ -217,47 +217,25 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> lsq_multi_bwd_cuda(at::TensorLis
 
 // ----------------------------------------------------------------------------- autograd
 
-const auto& batchquant_fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bquant::native_batchquant_fwd", "")
-                             .typed<decltype(batchquant_fwd<cpu_batchquant_forward>)>();
-  return op;
+// The kernel ops, called from the Functions below through the dispatcher (so that the device, and
+// torch.compile's fake tensors, pick the implementation). Looked up once each.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-const auto& batchquant_bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bquant::native_batchquant_bwd", "")
-                             .typed<decltype(batchquant_bwd<cpu_batchquant_backward>)>();
-  return op;
-}
-
-const auto& lsq_fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bquant::native_lsq_fwd", "")
-                             .typed<decltype(lsq_fwd<cpu_lsq_forward>)>();
-  return op;
-}
-
-const auto& lsq_bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bquant::native_lsq_bwd", "")
-                             .typed<decltype(lsq_bwd<cpu_lsq_backward>)>();
-  return op;
-}
-
-const auto& lsq_multi_fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bquant::native_lsq_multi_fwd", "")
-                             .typed<decltype(lsq_multi_fwd_cpu)>();
-  return op;
-}
-
-const auto& lsq_multi_bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bquant::native_lsq_multi_bwd", "")
-                             .typed<decltype(lsq_multi_bwd_cpu)>();
-  return op;
-}
+#define BQ_OP(getter, name, signature)                                     \
+  const c10::TypedOperatorHandle<signature>& getter() {                    \
+    static const auto op = find_op<signature>("bquant::" name);            \
+    return op;                                                             \
+  }
+BQ_OP(batchquant_fwd_op, "native_batchquant_fwd", decltype(batchquant_fwd<cpu_batchquant_forward>))
+BQ_OP(batchquant_bwd_op, "native_batchquant_bwd", decltype(batchquant_bwd<cpu_batchquant_backward>))
+BQ_OP(lsq_fwd_op, "native_lsq_fwd", decltype(lsq_fwd<cpu_lsq_forward>))
+BQ_OP(lsq_bwd_op, "native_lsq_bwd", decltype(lsq_bwd<cpu_lsq_backward>))
+BQ_OP(lsq_multi_fwd_op, "native_lsq_multi_fwd", decltype(lsq_multi_fwd_cpu))
+BQ_OP(lsq_multi_bwd_op, "native_lsq_multi_bwd", decltype(lsq_multi_bwd_cpu))
+#undef BQ_OP
 
 // Saves x, offset and the device scalars (qparams) only; the backward recomputes the rest from x.
 class BatchQuantFunction : public torch::autograd::Function<BatchQuantFunction> {

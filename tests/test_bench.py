@@ -259,3 +259,21 @@ def test_kernels_quick_json(tmp_path):
         assert r["mismatch_fraction"] <= 1e-4, r  # every implementation computes the reference's function
         if r["impl"] == "eager":
             assert r["speedup_vs_eager"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- gpu_check.sh
+
+
+def test_gpu_check_script_runs_its_frame_without_a_gpu(tmp_path):
+    """bench/gpu_check.sh runs only on a lent GPU; its frame (stage selection, summary JSON, the
+    8-file limit of what comes back) is checked here with no stage selected."""
+    script = REPO / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "STAGES": "none", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    expected = {"build", "isolated", "native_bt", "pytest", "kernels", "lsq_multi", "train_step", "profile"}
+    assert set(summary["stages"]) == expected
+    assert all(stage["rc"] == "not-run" for stage in summary["stages"].values())
+    assert len(list(tmp_path.iterdir())) <= 8  # the device tool brings back at most 8 files

@@ -14,13 +14,7 @@ from qfa.export.standalone import export_subnet, load_standalone, quantized_laye
 RES = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and robust to a loaded machine (OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calibrated_supernet(seed: int, bits_list=(2, 3, 4, 32)):

@@ -17,14 +17,7 @@ from bquant_kernels import BatchQuantizer
 from qfa import QFAMobileNetV3
 from qfa.nn import DynamicBatchNorm2d
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and robust to a loaded machine (OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(dropout: float = 0.0) -> QFAMobileNetV3:

@@ -25,12 +25,7 @@ from qfa.checkpoint import (
 DATA = Path("/work/shared/data")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state_dict_from_tsv(name: str, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -15,13 +15,7 @@ from qfa import QFAMobileNetV3, SearchSpace, SubnetConfig
 from qfa.cost import CostModel
 from qfa.nn import DynamicSE, QConv2d, QLinear
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _DirectCount(TorchFunctionMode):

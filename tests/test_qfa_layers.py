@@ -15,13 +15,7 @@ from qfa.nn.utils import make_divisible
 BITS = (2, 3, 4, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and robust to a loaded machine (OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lsq_ref(w: torch.Tensor, s: float, bits: int, numel_full: int, g: torch.Tensor) -> tuple[torch.Tensor, float]:

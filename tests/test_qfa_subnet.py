@@ -13,14 +13,7 @@ from bquant_kernels import BatchQuantizer, LSQQuantizer
 from qfa import MobileNetV3Subnet, QFAMobileNetV3
 from qfa.nn import DynamicBatchNorm2d, QConv2d
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and robust to a loaded machine (OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**kw) -> QFAMobileNetV3:

@@ -12,13 +12,7 @@ from bquant_kernels import BatchQuantizer, LSQQuantizer
 from qfa import QFAMobileNetV3
 from qfa.nn import DynamicBatchNorm2d
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _no_host_sync(monkeypatch) -> None:

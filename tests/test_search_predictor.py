@@ -23,13 +23,7 @@ from qfa.search.sampling import sample_config, sample_rng
 SPACE = SearchSpace(depth_list=(1, 2), resolutions=(8, 12, 16))  # a small space: fast features
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and robust to a loaded machine (OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dataset(n: int, seed: int = 0):

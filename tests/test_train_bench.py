@@ -6,15 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_step_benchmark(tmp_path, monkeypatch):

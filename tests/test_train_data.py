@@ -9,13 +9,7 @@ import torch
 
 from qfa import data as qdata
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(loader, epoch=0, start=0, n=None):

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _ext
 from .backends import resolve as _resolve_backend
 from .ops import _NATIVE, lsq
 
@@ -63,7 +62,7 @@ def lsq_multi(
     if not isinstance(w0, Tensor):
         raise TypeError(f"weights[0] must be a torch.Tensor, got {type(w0).__name__}")
     name = _resolve_backend(backend, w0.device, w0.dtype)
-    if name in _NATIVE and _ext.ext is not None:  # every entry is checked in C++, by index
+    if name in _NATIVE:  # every entry is checked in C++, by index
         return list(torch.ops.bquant.native_lsq_multi(weights, steps, bits, bool(signed), full))
     for i, (w, nf) in enumerate(zip(weights, full, strict=True)):
         if isinstance(w, Tensor) and (w.device != w0.device or w.dtype != w0.dtype):

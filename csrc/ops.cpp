@@ -119,40 +119,48 @@ std::tuple<at::Tensor, at::Tensor> lsq_bwd(const at::Tensor& grad, const at::Ten
   return {restride_like(grad_w, w), grad_step};
 }
 
-// Multi-tensor LSQ: the arguments are checked here, once, with the index of the offending entry.
-void check_lsq_multi(at::TensorList weights, at::TensorList steps, at::IntArrayRef bits,
-                     std::optional<at::IntArrayRef> numel_full) {
+// Multi-tensor LSQ: the arguments are checked with the index of the offending entry, each once per
+// call: the kernel ops check the lists (check_lsq_multi); numel_full, which only the backward uses, is
+// checked by whoever receives it (check_numel_full), so that a bad one fails at the forward call.
+
+// Under torch.compile's dynamic shapes the sizes are symbols: size checks then run on the real call.
+bool concrete_sizes(const at::Tensor& t) { return !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides(); }
+
+void check_lsq_multi(at::TensorList weights, at::TensorList steps, at::IntArrayRef bits) {
   const size_t n = weights.size();
   TORCH_CHECK_VALUE(steps.size() == n, "steps must have one entry per weight (", n, "), got ", steps.size());
   TORCH_CHECK_VALUE(bits.size() == n, "bits must have one entry per weight (", n, "), got ", bits.size());
-  TORCH_CHECK_VALUE(!numel_full || numel_full->size() == n, "numel_full must have one entry per weight (", n,
-                    "), got ", numel_full ? numel_full->size() : 0);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& w = weights[i];
     TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), "weights[", i, "] must be a floating tensor, got ",
                      w.scalar_type());
-    // Under torch.compile's dynamic shapes the sizes are symbols: the checks below run on the real call.
-    const bool concrete = !w.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+    const bool concrete = concrete_sizes(w);
     TORCH_CHECK_VALUE(!concrete || w.numel() > 0, "weights[", i, "] must not be empty, got shape ", w.sym_sizes());
     TORCH_CHECK_VALUE(w.device() == weights[0].device() && w.scalar_type() == weights[0].scalar_type(),
                       "weights must share one device and dtype: weights[", i, "] is ", w.scalar_type(), " on ",
                       w.device(), ", weights[0] is ", weights[0].scalar_type(), " on ", weights[0].device());
-    TORCH_CHECK_VALUE(!concrete || steps[i].unsafeGetTensorImpl()->has_symbolic_sizes_strides() ||
-                          steps[i].numel() == 1,
-                      "steps[", i, "] must have exactly 1 element, got shape ", steps[i].sym_sizes());
+    TORCH_CHECK_VALUE(!concrete || !concrete_sizes(steps[i]) || steps[i].numel() == 1, "steps[", i,
+                      "] must have exactly 1 element, got shape ", steps[i].sym_sizes());
     TORCH_CHECK_VALUE(steps[i].device() == w.device(), "steps[", i, "] is on ", steps[i].device(),
                       " but weights[", i, "] is on ", w.device());
     TORCH_CHECK_VALUE(bits[i] >= 1 && bits[i] <= 8, "bits[", i, "] must be in [1, 8], got ", bits[i]);
-    TORCH_CHECK_VALUE(!concrete || !numel_full || (*numel_full)[i] >= w.numel(), "numel_full[", i,
-                      "] must be an int >= weights[", i, "].numel() (", w.sym_numel(), "), got ",
-                      numel_full ? (*numel_full)[i] : 0);
+  }
+}
+
+void check_numel_full(at::TensorList weights, at::IntArrayRef numel_full) {
+  TORCH_CHECK_VALUE(numel_full.size() == weights.size(), "numel_full must have one entry per weight (",
+                    weights.size(), "), got ", numel_full.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    TORCH_CHECK_VALUE(!concrete_sizes(weights[i]) || numel_full[i] >= weights[i].numel(), "numel_full[", i,
+                      "] must be an int >= weights[", i, "].numel() (", weights[i].sym_numel(), "), got ",
+                      numel_full[i]);
   }
 }
 
 // CPU: the single-tensor kernels in a C++ loop (same numbers as lsq, bit for bit).
 std::vector<at::Tensor> lsq_multi_fwd_cpu(at::TensorList weights, at::TensorList steps, at::IntArrayRef bits,
                                           bool is_signed) {
-  check_lsq_multi(weights, steps, bits, std::nullopt);
+  check_lsq_multi(weights, steps, bits);
   std::vector<at::Tensor> outs;
   outs.reserve(weights.size());
   for (size_t i = 0; i < weights.size(); ++i) {
@@ -164,7 +172,8 @@ std::vector<at::Tensor> lsq_multi_fwd_cpu(at::TensorList weights, at::TensorList
 std::tuple<std::vector<at::Tensor>, at::Tensor> lsq_multi_bwd_cpu(at::TensorList grads, at::TensorList weights,
                                                                   at::TensorList steps, at::IntArrayRef bits,
                                                                   bool is_signed, at::IntArrayRef numel_full) {
-  check_lsq_multi(weights, steps, bits, numel_full);
+  check_lsq_multi(weights, steps, bits);
+  check_numel_full(weights, numel_full);
   TORCH_CHECK_VALUE(grads.size() == weights.size(), "grads must have one entry per weight");
   std::vector<at::Tensor> grad_ws, grad_steps;
   for (size_t i = 0; i < weights.size(); ++i) {
@@ -192,7 +201,7 @@ std::vector<at::Tensor> dense_weights(at::TensorList weights) {
 
 std::vector<at::Tensor> lsq_multi_fwd_cuda(at::TensorList weights, at::TensorList steps, at::IntArrayRef bits,
                                            bool is_signed) {
-  check_lsq_multi(weights, steps, bits, std::nullopt);
+  check_lsq_multi(weights, steps, bits);
   if (weights.empty()) return {};
   std::vector<at::Tensor> outs = cuda_lsq_multi_forward(dense_weights(weights), steps.vec(), bits.vec(), is_signed);
   for (size_t i = 0; i < outs.size(); ++i) outs[i] = restride_like(outs[i], weights[i]);
@@ -202,7 +211,8 @@ std::vector<at::Tensor> lsq_multi_fwd_cuda(at::TensorList weights, at::TensorLis
 std::tuple<std::vector<at::Tensor>, at::Tensor> lsq_multi_bwd_cuda(at::TensorList grads, at::TensorList weights,
                                                                    at::TensorList steps, at::IntArrayRef bits,
                                                                    bool is_signed, at::IntArrayRef numel_full) {
-  check_lsq_multi(weights, steps, bits, numel_full);
+  check_lsq_multi(weights, steps, bits);
+  check_numel_full(weights, numel_full);
   TORCH_CHECK_VALUE(grads.size() == weights.size(), "grads must have one entry per weight");
   const std::vector<at::Tensor> dense = dense_weights(weights);
   std::vector<at::Tensor> dense_grads;
@@ -294,7 +304,7 @@ class LSQMultiFunction : public torch::autograd::Function<LSQMultiFunction> {
   static variable_list forward(AutogradContext* ctx, at::TensorList weights, at::TensorList steps,
                                at::IntArrayRef bits, bool is_signed, at::IntArrayRef numel_full) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    check_lsq_multi(weights, steps, bits, numel_full);  // before any launch: numel_full is used only later
+    check_numel_full(weights, numel_full);  // the forward op checks the rest
     std::vector<at::Tensor> outs = lsq_multi_fwd_op().call(weights, steps, bits, is_signed);
     std::vector<at::Tensor> saved(weights.begin(), weights.end());
     saved.insert(saved.end(), steps.begin(), steps.end());
@@ -338,7 +348,7 @@ std::vector<at::Tensor> lsq_multi_autograd(at::TensorList weights, at::TensorLis
 
 std::vector<at::Tensor> lsq_multi_no_grad(at::TensorList weights, at::TensorList steps, at::IntArrayRef bits,
                                           bool is_signed, at::IntArrayRef numel_full) {
-  check_lsq_multi(weights, steps, bits, numel_full);
+  check_numel_full(weights, numel_full);  // the forward op checks the rest
   return lsq_multi_fwd_op().call(weights, steps, bits, is_signed);
 }
 

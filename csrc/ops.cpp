@@ -256,6 +256,7 @@ class BatchQuantFunction : public torch::autograd::Function<BatchQuantFunction> 
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, qparams] = batchquant_fwd_op().call(x, theta, offset, lo_hi, bits, is_signed);
     ctx->save_for_backward({x, offset, qparams});
+    ctx->set_materialize_grads(false);  // no zeros for the qparams output, which never has a gradient
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["signed"] = is_signed;
     ctx->saved_data["theta_dtype"] = static_cast<int64_t>(theta.scalar_type());
@@ -309,6 +310,7 @@ class LSQMultiFunction : public torch::autograd::Function<LSQMultiFunction> {
     std::vector<at::Tensor> saved(weights.begin(), weights.end());
     saved.insert(saved.end(), steps.begin(), steps.end());
     ctx->save_for_backward(saved);
+    ctx->set_materialize_grads(false);  // an unused output's zeros are made below, not by the engine
     ctx->saved_data["bits"] = bits.vec();
     ctx->saved_data["signed"] = is_signed;
     ctx->saved_data["numel_full"] = numel_full.vec();

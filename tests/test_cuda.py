@@ -568,6 +568,30 @@ def test_lsq_multi_step_grads_keep_the_step_shape_and_dtype(device):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_lsq_multi_with_unused_outputs(device):
+    """Outputs that do not reach the loss get zero gradients for their weight and step, the others
+    the per-tensor op's; an unused BatchQuant range needs no gradient either."""
+    if device == "cuda" and _SKIP is not None:
+        pytest.skip(_SKIP)
+    gen = torch.Generator().manual_seed(5)
+    weights = [torch.randn(6, 4, generator=gen).to(device) for _ in range(3)]
+    ws = [w.clone().requires_grad_() for w in weights]
+    ss = [torch.tensor([0.3], device=device, requires_grad=True) for _ in weights]
+    outs = bk.lsq_multi(ws, ss, [2, 3, 4])
+    (outs[1] * torch.arange(24.0, device=device).view(6, 4)).sum().backward()
+    for i in (0, 2):
+        assert torch.equal(ws[i].grad, torch.zeros_like(weights[i])) and float(ss[i].grad) == 0.0
+    w1, s1 = weights[1].clone().requires_grad_(), torch.tensor([0.3], device=device, requires_grad=True)
+    (bk.lsq(w1, s1, 3) * torch.arange(24.0, device=device).view(6, 4)).sum().backward()
+    assert torch.equal(ws[1].grad, w1.grad) and torch.equal(ss[1].grad, s1.grad)
+    x = torch.randn(4, 3, 5, generator=gen).to(device).requires_grad_()
+    theta, offset = (torch.zeros(1, device=device, requires_grad=True) for _ in range(2))
+    y, lo_hi = bk.batchquant(x, theta, offset, 4, return_range=True)
+    (y.sum() + lo_hi.sum()).backward()
+    assert x.grad is not None and theta.grad is not None and offset.grad is not None
+
+
 def test_lsq_multi_rejects_mismatched_lists():
     w = [torch.randn(4), torch.randn(5)]
     s = [torch.ones(1), torch.ones(1)]

@@ -10,9 +10,12 @@ Times, per shape, dtype and memory format, the forward and the forward+backward 
   Triton interpreter).
 
 "fwd" is the training forward (inputs require grad, autograd records); "fwd+bwd" adds
-``torch.autograd.grad`` for every input. GB/s counts the minimum bytes moved: BatchQuant forward
-reads ``x`` twice (statistics, then quantization) and writes ``y``; LSQ forward reads ``w`` once and
-writes ``w_hat``; every backward reads the input and the upstream gradient and writes its gradient.
+``torch.autograd.grad`` for every input. On the CPU the implementations of a case are timed in
+turns (``bench.timing.time_cpu_interleaved``) so that ratios survive this shared machine's drifting
+speed; on a GPU one after the other with ``triton.testing.do_bench``. GB/s counts the minimum bytes
+moved: BatchQuant forward reads ``x`` twice (statistics, then quantization) and writes ``y``; LSQ
+forward reads ``w`` once and writes ``w_hat``; every backward reads the input and the upstream
+gradient and writes its gradient.
 
 Usage::
 
@@ -44,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 import bquant_kernels as bk  # noqa: E402
 from bench.autograd_reference import batchquant_autograd, lsq_autograd  # noqa: E402
 from bench.eager_published import batchquant_published, lsq_published  # noqa: E402
-from bench.timing import time_cuda_graph, time_fn  # noqa: E402
+from bench.timing import time_cpu_interleaved, time_cuda_graph, time_fn  # noqa: E402
 from bquant_kernels.backends import get as get_backend  # noqa: E402
 from bquant_kernels.qparams import LN2, batchquant_grid, lsq_grid  # noqa: E402
 
@@ -267,10 +270,6 @@ def run_case(case: Case, device: torch.device, args: argparse.Namespace, fused: 
         y_ref = impls["reference"](*inputs).float()
     rows = []
     for impl, fn in impls.items():
-        closures = {
-            "fwd": lambda fn=fn: fn(*inputs),
-            "fwd+bwd": lambda fn=fn: torch.autograd.grad(fn(*inputs), inputs, grad_out),
-        }
         mismatch, error = None, None
         try:
             y = fn(*inputs).detach().float()
@@ -281,24 +280,65 @@ def run_case(case: Case, device: torch.device, args: argparse.Namespace, fused: 
             row = Row(case.op, format_shape(case.shape), case.dtype, case.memory_format, impl, pass_)
             row.bytes = ELEMENT_TRAFFIC[case.op][pass_] * nbytes
             row.mismatch_fraction, row.error = mismatch, error
-            if error is None:
-                try:
-                    row.median_s = time_fn(closures[pass_], device=device, **timing)
-                    row.gbps = row.bytes / row.median_s / 1e9
-                except Exception as err:
-                    row.error = f"{type(err).__name__}: {err}"
+            rows.append(row)
+    for pass_ in PASSES:
+        timed = {r.impl: r for r in rows if r.pass_ == pass_ and r.error is None}
+        closures = {impl: _closure(impls[impl], pass_, inputs, grad_out) for impl in timed}
+        for impl, seconds in _time_all(closures, device, timing).items():
+            row = timed[impl]
+            if isinstance(seconds, Exception):
+                row.error = f"{type(seconds).__name__}: {seconds}"
+                continue
+            row.median_s = seconds
+            row.gbps = row.bytes / seconds / 1e9
             # The published formulation syncs with the host (.item()), so it cannot be captured.
-            if row.error is None and device.type == "cuda" and impl != "eager":
+            if device.type == "cuda" and impl != "eager":
                 try:
-                    row.graph_s = time_cuda_graph(closures[pass_], device=device, **timing)
+                    row.graph_s = time_cuda_graph(closures[impl], device=device, **timing)
                     row.graph_gbps = row.bytes / row.graph_s / 1e9
                 except Exception as err:
                     row.error = f"CUDA graph: {type(err).__name__}: {err}"
-            if row.error:
-                print(f"ERROR {case.label} {impl} {pass_}: {row.error}", file=sys.stderr)
-            rows.append(row)
+    for row in rows:
+        if row.error:
+            print(f"ERROR {case.label} {row.impl} {row.pass_}: {row.error}", file=sys.stderr)
     _fill_speedups(rows)
     return rows
+
+
+def _closure(
+    fn: Callable, pass_: str, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor
+) -> Callable[[], object]:
+    if pass_ == "fwd":
+        return lambda: fn(*inputs)
+    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
+
+
+def _time_all(
+    closures: dict[str, Callable[[], object]], device: torch.device, timing: dict[str, float | int]
+) -> dict[str, float | Exception]:
+    """Median seconds per call of each closure (or the exception it raised).
+
+    On the CPU the implementations are timed interleaved (``time_cpu_interleaved``), so that this
+    shared machine's drifting speed affects them alike and their ratios hold; on a GPU one after the
+    other with ``do_bench``.
+    """
+    out: dict[str, float | Exception] = {}
+    if device.type == "cpu":
+        working = {}
+        for impl, fn in closures.items():
+            try:
+                fn()
+                working[impl] = fn
+            except Exception as err:
+                out[impl] = err
+        out.update(time_cpu_interleaved(working, **timing))
+        return {impl: out[impl] for impl in closures}
+    for impl, fn in closures.items():
+        try:
+            out[impl] = time_fn(fn, device=device, **timing)
+        except Exception as err:
+            out[impl] = err
+    return out
 
 
 def _fill_speedups(rows: list[Row]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 import bquant_kernels as bk
 from bench.autograd_reference import batchquant_autograd, lsq_autograd  # bench/ is on pytest's pythonpath
 from bench.eager_published import batchquant_published, lsq_published, published_qparams
-from bench.timing import time_fn
+from bench.timing import SAMPLE_S, time_cpu_interleaved, time_fn
 from bquant_kernels.qparams import LN2, MIN_SCALE, batchquant_grid, lsq_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -218,6 +219,33 @@ def test_time_fn_cpu_median():
     assert 2e-3 <= t < 0.2
     with pytest.raises(ValueError, match="min_total_s"):
         time_fn(lambda: None, device="cpu", min_total_s=0.0)
+
+
+def test_time_cpu_interleaved_takes_turns():
+    order: list[str] = []
+
+    def sleeper(name: str, seconds: float):
+        def fn():
+            order.append(name)
+            time.sleep(seconds)
+
+        return fn
+
+    short, long = 1.2 * SAMPLE_S, 2.4 * SAMPLE_S
+    times = time_cpu_interleaved(
+        {"short": sleeper("short", short), "long": sleeper("long", long)}, min_total_s=0.03, warmup_s=0.0, min_reps=4
+    )
+    assert list(times) == ["short", "long"]
+    assert short <= times["short"] < long <= times["long"] < 0.2
+    # After two warm-up calls each, one call per sample (each call outlasts SAMPLE_S), taken in turns: a
+    # rotating order, so never more than two samples of one callable in a row.
+    assert order[:4] == ["short", "short", "long", "long"]
+    timed = order[4:]
+    assert timed.count("short") >= 4 and timed.count("long") >= 4
+    runs = [len(list(group)) for _, group in itertools.groupby(timed)]
+    assert max(runs) <= 2, order
+    with pytest.raises(ValueError, match="min_reps"):
+        time_cpu_interleaved({"f": lambda: None}, min_reps=0)
 
 
 @pytest.mark.parametrize("bad", [["--shapes", "64x"], ["--shapes", "64"], ["--dtypes", "int8"], ["--bits", "9"]])

@@ -84,8 +84,14 @@ def patch_eager() -> None:
     def lsq(w, step, bits, *, signed=True, numel_full=None, backend=None):
         return lsq_published(w, step, bits, signed=signed, numel_full=numel_full)
 
+    def lsq_multi(weights, steps, bits, *, signed=True, numel_full=None, backend=None):
+        fulls = numel_full or [w.numel() for w in weights]
+        per_weight = zip(weights, steps, bits, fulls, strict=True)
+        return [lsq(w, s, b, signed=signed, numel_full=n) for w, s, b, n in per_weight]
+
     modules.batchquant = batchquant
     modules.lsq = lsq
+    modules.lsq_multi = lsq_multi  # the supernet quantizes its weights through lsq_quantize_weights
 
 
 # ----------------------------------------------------------------------------- one variant

@@ -1,13 +1,14 @@
 """bquant_kernels: fused BatchQuant and LSQ fake-quantization kernels (CPU, CUDA, Triton).
 
 Functional ops: :func:`batchquant`, :func:`batch_range`, :func:`lsq`.
-Modules: :class:`BatchQuantizer`, :class:`LSQQuantizer`; :func:`recalibrate`.
+Modules: :class:`BatchQuantizer`, :class:`LSQQuantizer` (:func:`lsq_quantize_weights` for many at once);
+:func:`recalibrate`.
 Backends: :func:`backends` reports what is available here.
 """
 
 from . import _ext  # noqa: F401  (loads the compiled extension, warns once if it is missing)
 from .backends import backends
-from .modules import BatchQuantizer, LSQQuantizer
+from .modules import BatchQuantizer, LSQQuantizer, lsq_quantize_weights
 from .multi_tensor import lsq_multi
 from .ops import batch_range, batchquant, lsq, lsq_grad_scale
 from .recalibrate import recalibrate
@@ -23,5 +24,6 @@ __all__ = [
     "lsq",
     "lsq_grad_scale",
     "lsq_multi",
+    "lsq_quantize_weights",
     "recalibrate",
 ]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .multi_tensor import lsq_multi
 from .ops import _check_bits, batchquant, lsq
 from .qparams import lsq_grid
 
@@ -73,12 +75,51 @@ class LSQQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._initialized = True
 
+    def initialize_once(self, w_full: Tensor) -> None:
+        """:meth:`initialize` unless the step was initialised already (host flag: no sync)."""
+        if not self._initialized:
+            self.initialize(w_full)
+
     def forward(self, w: Tensor, w_full: Tensor | None = None) -> Tensor:
         """Quantize ``w``, a slice of ``w_full`` (default: ``w`` itself) that sets init and gradient scale."""
         full = w if w_full is None else w_full
-        if not self._initialized:
-            self.initialize(full)
+        self.initialize_once(full)
         return lsq(w, self.step, self.bits, signed=self.signed, numel_full=full.numel(), backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"
+
+
+def lsq_quantize_weights(
+    quantizers: Sequence[LSQQuantizer], weights: Sequence[Tensor], full_weights: Sequence[Tensor]
+) -> list[Tensor]:
+    """``[q(w, w_full=f) for q, w, f in zip(quantizers, weights, full_weights)]``, in one :func:`lsq_multi`
+    call per group of quantizers that share backend and signedness (and weights that share device and
+    dtype) instead of one op per weight: one kernel launch each way on the cuda backend.
+
+    Forward values and weight gradients are those of the per-quantizer calls, bit for bit; a step's
+    gradient is the same sum accumulated in another order (equal up to float32 rounding). Each step is
+    initialised on first use from its full weight, as :meth:`LSQQuantizer.forward` does.
+    """
+    if not len(quantizers) == len(weights) == len(full_weights):
+        raise ValueError(
+            f"quantizers, weights and full_weights must have one entry each, got "
+            f"{len(quantizers)}, {len(weights)} and {len(full_weights)}"
+        )
+    groups: dict[tuple, list[int]] = {}
+    for i, (q, w, full) in enumerate(zip(quantizers, weights, full_weights, strict=True)):
+        q.initialize_once(full)
+        groups.setdefault((q.backend, q.signed, w.device, w.dtype), []).append(i)
+    out: list[Tensor | None] = [None] * len(weights)
+    for (backend, signed, _, _), members in groups.items():
+        quantized = lsq_multi(
+            [weights[i] for i in members],
+            [quantizers[i].step for i in members],
+            [quantizers[i].bits for i in members],
+            signed=signed,
+            numel_full=[full_weights[i].numel() for i in members],
+            backend=backend,
+        )
+        for i, wq in zip(members, quantized, strict=True):
+            out[i] = wq
+    return out

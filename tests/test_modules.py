@@ -61,6 +61,43 @@ def test_lsq_gradient_of_slice_uses_full_numel():
     assert math.isclose(float(s.grad), ref.grad_step, rel_tol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_lsq_quantize_weights_is_the_per_quantizer_calls(backend):
+    """Grouped by (backend, signed): forward and weight gradients bit for bit, steps initialised on
+    first use from the full weight, step gradients up to float32 summation order."""
+    ok, why = bk.backends()[backend]
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable: {why}")
+    gen = torch.Generator().manual_seed(11)
+    fulls = [
+        torch.randn(8, 6, 3, 3, generator=gen) * 0.1,
+        torch.randn(40, 7, generator=gen),
+        torch.randn(33, generator=gen),
+    ]
+    slices = [fulls[0][:5], fulls[1], fulls[2][:20]]
+    specs = [(4, True), (2, False), (3, True)]  # two groups: signed and unsigned
+    upstream = [torch.randn(w.shape, generator=gen) for w in slices]
+    runs = []
+    for grouped in (True, False):
+        qs = [bk.LSQQuantizer(b, signed=sg, backend=backend) for b, sg in specs]
+        params = [f.clone().requires_grad_() for f in fulls]
+        ws = [params[0][:5], params[1], params[2][:20]]
+        if grouped:
+            outs = bk.lsq_quantize_weights(qs, ws, params)
+        else:
+            outs = [q(w, w_full=p) for q, w, p in zip(qs, ws, params, strict=True)]
+        assert all(bool(q.initialized) for q in qs)
+        torch.autograd.backward(outs, upstream)
+        runs.append((outs, [p.grad for p in params], [q.step.detach().clone() for q in qs], [q.step.grad for q in qs]))
+    (outs, gws, steps, gss), (outs_ref, gws_ref, steps_ref, gss_ref) = runs
+    for a, b in zip(outs + gws + steps, outs_ref + gws_ref + steps_ref, strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+    for a, b in zip(gss, gss_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="one entry each"):
+        bk.lsq_quantize_weights(qs, slices[:2], fulls)
+
+
 def test_state_dict_round_trip_never_reinitialises():
     q = bk.LSQQuantizer(3)
     q(torch.randn(4, 4))

@@ -107,3 +107,47 @@ def test_only_active_quantizers_get_gradients():
             assert has_grad == (used and not inactive_block), name
             n_with_grad += has_grad
     assert n_with_grad == 2 + 3 * 10 + 3  # block 0, 10 active blocks, head
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grouped_weight_quantization_is_the_per_layer_path(seed):
+    """The supernet quantizes its active weights in one multi-tensor op: the same logits and
+    gradients as one op per layer (LSQ steps up to float32 summation order), and nothing left set."""
+    import copy
+
+    torch.manual_seed(seed)
+    grouped = QFAMobileNetV3(n_classes=10, width_mult=0.25, bits_list=(2, 3, 4, 32))
+    per_layer = copy.deepcopy(grouped)
+    per_layer.group_weight_quantization = False
+    images = torch.randn(3, 3, 40, 40)
+    logits = []
+    for model in (grouped, per_layer):
+        model.train()
+        model.sample_active_subnet(random.Random(seed))
+        torch.manual_seed(100)  # the same dropout mask
+        logits.append(model(images))
+        logits[-1].square().sum().backward()
+    assert torch.equal(logits[0], logits[1])
+    steps = 0
+    for (name, p), (_, q) in zip(grouped.named_parameters(), per_layer.named_parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is None:
+            continue
+        if name.endswith(".step"):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=name)
+            steps += 1
+        else:
+            assert torch.equal(p.grad, q.grad), name
+    assert steps > 10
+    layers = [m for m in grouped.modules() if hasattr(m, "weight_for_quantization")]
+    assert all(m._w_quantized is None for m in layers)
+    def fail(_module, _inputs):
+        active = grouped._active_qlayers
+        assert all(m._w_quantized is not None for m in active if m.weight_for_quantization() is not None)
+        raise RuntimeError("a layer failed")
+
+    handle = grouped.classifier.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="a layer failed"):
+        grouped(images)
+    handle.remove()
+    assert all(m._w_quantized is None for m in layers), "released when a layer fails too"

@@ -19,6 +19,7 @@ from ..nn import (
     DynamicQDepthwiseConv2d,
     DynamicQLinear,
     bank_bits,
+    quantized_weights,
 )
 from ..space import DEFAULT_RESOLUTIONS, SearchSpace
 from .arch import BLOCK0_KERNEL, IN_CHANNELS, STEM_KERNEL, STEM_STRIDE, MobileNetV3Arch
@@ -121,6 +122,10 @@ class QFAMobileNetV3(nn.Module):
         assert len(qlayers) == space.n_qlayers
         self._qlayers = tuple(qlayers)
         self._active_blocks: tuple[nn.Module, ...] = ()
+        self._active_qlayers: tuple[nn.Module, ...] = ()
+        # Weights of the active layers quantized in one multi-tensor op per forward (False: one op per
+        # layer, as a layer used on its own does; same numbers).
+        self.group_weight_quantization = True
         self._config: SubnetConfig | None = None
         self._init_weights()
         self.set_full_precision()
@@ -151,13 +156,14 @@ class QFAMobileNetV3(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x)
-        x = self.first_conv(x)
-        x = self.blocks[0](x)
-        for block in self._active_blocks:
-            x = block(x)
-        x = self.final_expand_layer(x)
-        x = self.feature_mix_layer(x.mean((2, 3), keepdim=True))
-        return self.classifier(self.dropout(torch.flatten(x, 1)))
+        with quantized_weights(self._active_qlayers if self.group_weight_quantization else ()):
+            x = self.first_conv(x)
+            x = self.blocks[0](x)
+            for block in self._active_blocks:
+                x = block(x)
+            x = self.final_expand_layer(x)
+            x = self.feature_mix_layer(x.mean((2, 3), keepdim=True))
+            return self.classifier(self.dropout(torch.flatten(x, 1)))
 
     # ------------------------------------------------------------------ subnet control
 
@@ -169,6 +175,13 @@ class QFAMobileNetV3(nn.Module):
         for layer, w, a in zip(self._qlayers, cfg.w_bits, cfg.a_bits, strict=True):
             layer.set_active_bits(w, a)
         self._active_blocks = tuple(self.blocks[1 + b] for b in self.space.active_blocks(cfg.d))
+        self._active_qlayers = (
+            *self.blocks[0].conv.qlayers(),
+            *(layer for block in self._active_blocks for layer in block.conv.qlayers()),
+            self.final_expand_layer,
+            self.feature_mix_layer,
+            self.classifier,
+        )
         self._config = SubnetConfig(
             list(cfg.ks), list(cfg.e), list(cfg.d), list(cfg.w_bits), list(cfg.a_bits), resolution=None
         )

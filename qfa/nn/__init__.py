@@ -2,7 +2,7 @@
 
 from .batchnorm import BNStatsSink, DynamicBatchNorm2d
 from .dynamic import DynamicQConv2d, DynamicQDepthwiseConv2d, DynamicQLinear
-from .quantizers import FULL_PRECISION, HEAD_MIN_BITS, bank_bits
+from .quantizers import FULL_PRECISION, HEAD_MIN_BITS, bank_bits, quantized_weights
 from .se import DynamicSE, se_mid_channels
 from .static import QConv2d, QLinear
 from .utils import make_divisible
@@ -20,5 +20,6 @@ __all__ = [
     "QLinear",
     "bank_bits",
     "make_divisible",
+    "quantized_weights",
     "se_mid_channels",
 ]

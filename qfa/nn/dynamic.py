@@ -5,6 +5,10 @@ active bit-widths, convolves, then applies BN, activation (and SE) in full preci
 width, kernel size and bit-widths are plain attributes set from outside by the network
 (``set_active_*``); ``forward`` only reads them, so no module walk or host sync happens per step.
 Input channels follow the input tensor (the first ``C`` channels of the weight are used).
+
+A network quantizes the weights of all its active layers at once (``qfa.nn.quantized_weights``: one
+multi-tensor LSQ op instead of one per layer); each layer's ``weight_for_quantization`` says what to
+quantize, and its ``forward`` takes the result from ``_w_quantized`` when it is set.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from .batchnorm import DynamicBatchNorm2d
 from .quantizers import FULL_PRECISION, activation_bank, bank_key, weight_bank
 from .se import DynamicSE, se_mid_channels
 from .static import QConv2d, QLinear
-from .utils import build_activation, sub_kernel_slice
+from .utils import build_activation, leading, sub_kernel_slice
 
 # ----------------------------------------------------------------------------- copies into static layers
 
@@ -63,6 +67,8 @@ class _ActiveBits:
 
     w_quantizer: nn.ModuleDict
     a_quantizer: nn.ModuleDict
+    # This forward's quantized weight rows, set by qfa.nn.quantized_weights (None: quantize here).
+    _w_quantized: Tensor | None = None
 
     def _init_bits(self) -> None:
         self.w_bits = FULL_PRECISION
@@ -111,15 +117,24 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
         c_in = x.shape[1]
         if c_in > self.in_channels:
             raise ValueError(f"input has {c_in} channels, this conv takes at most {self.in_channels}")
-        w = self.weight[: self.active_out_channels, :c_in]
+        w = leading(self.weight, self.active_out_channels, c_in)
         if self._a_key is not None:
             x = self.a_quantizer[self._a_key](x)
-        if self._w_key is not None:
+        if self._w_quantized is not None:
+            w = leading(self._w_quantized, self.active_out_channels, c_in)
+        elif self._w_key is not None:
             w = self.w_quantizer[self._w_key](w, w_full=self.weight)
         y = F.conv2d(x, w, None, self.stride, self.padding)
         if self.bn is not None:
             y = self.bn(y)
         return self.act(y)
+
+    def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
+        """``(rows, quantizer, full weight)``: the active output rows of the weight (every input channel:
+        quantizing is elementwise, so the input slice can follow), or None in full precision."""
+        if self._w_key is None:
+            return None
+        return leading(self.weight, self.active_out_channels), self.w_quantizer[self._w_key], self.weight
 
     @torch.no_grad()
     def to_static(self, in_channels: int) -> QConv2d:
@@ -159,6 +174,8 @@ class DynamicQDepthwiseConv2d(nn.Module):
     (identity at init, shared across channels): 7 -> 5 -> 3. Each kernel size has its own weight and
     activation quantizer banks. The LSQ "full weight" is the transformed kernel of all channels.
     """
+
+    _w_quantized: Tensor | None = None  # as in _ActiveBits
 
     def __init__(
         self,
@@ -225,15 +242,25 @@ class DynamicQDepthwiseConv2d(nn.Module):
         if c > self.max_channels:
             raise ValueError(f"input has {c} channels, this depthwise conv holds {self.max_channels}")
         ks = self.active_kernel_size
-        w_full = self.kernel(ks)
-        w = w_full[:c]
         if self._a_key is not None:
             x = self.a_quantizers[str(ks)][self._a_key](x)
-        if self._w_key is not None:
-            w = self.w_quantizers[str(ks)][self._w_key](w, w_full=w_full)
+        if self._w_quantized is not None:
+            w = leading(self._w_quantized, c)
+        else:
+            w_full = self.kernel(ks)
+            w = leading(w_full, c)
+            if self._w_key is not None:
+                w = self.w_quantizers[str(ks)][self._w_key](w, w_full=w_full)
         y = F.conv2d(x, w, None, self.stride, ks // 2, 1, c)
         y = self.act(self.bn(y))
         return y if self.se is None else self.se(y)
+
+    def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
+        """``(kernel, quantizer, kernel)``: the active-size kernel of every channel, or None in full precision."""
+        if self._w_key is None:
+            return None
+        w_full = self.kernel()
+        return w_full, self.w_quantizers[str(self.active_kernel_size)][self._w_key], w_full
 
     @torch.no_grad()
     def to_static(self, channels: int) -> QConv2d:
@@ -287,12 +314,20 @@ class DynamicQLinear(_ActiveBits, nn.Module):
         c_in = x.shape[1]
         if c_in > self.in_features:
             raise ValueError(f"input has {c_in} features, this linear layer takes at most {self.in_features}")
-        w = self.weight[:, :c_in]
+        w = leading(self.weight, self.out_features, c_in)
         if self._a_key is not None:
             x = self.a_quantizer[self._a_key](x)
-        if self._w_key is not None:
+        if self._w_quantized is not None:
+            w = leading(self._w_quantized, self.out_features, c_in)
+        elif self._w_key is not None:
             w = self.w_quantizer[self._w_key](w, w_full=self.weight)
         return F.linear(x, w, self.bias)
+
+    def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
+        """``(weight, quantizer, weight)`` (every input feature), or None in full precision."""
+        if self._w_key is None:
+            return None
+        return self.weight, self.w_quantizer[self._w_key], self.weight
 
     @torch.no_grad()
     def to_static(self, in_features: int) -> QLinear:

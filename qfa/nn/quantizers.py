@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 from torch import nn
 
-from bquant_kernels import BatchQuantizer, LSQQuantizer
+from bquant_kernels import BatchQuantizer, LSQQuantizer, lsq_quantize_weights
 
 FULL_PRECISION = 32  # a bit-width of 32 means "not quantized" (identity; no quantizer is stored)
 HEAD_MIN_BITS = 8  # the classifier is quantized with at least this many bits (8 is always in a bank)
@@ -36,3 +37,28 @@ def bank_key(bank: nn.ModuleDict, bits: int, what: str) -> str | None:
         have = sorted(int(k) for k in bank.keys())
         raise ValueError(f"{what}={bits}: this layer has quantizers for {have} (and 32 = not quantized)")
     return key
+
+
+@contextlib.contextmanager
+def quantized_weights(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Quantize the weights of ``layers`` (dynamic layers with ``weight_for_quantization``) together,
+    in one multi-tensor LSQ op (:func:`bquant_kernels.lsq_quantize_weights`) instead of one per layer;
+    inside the block each layer's forward uses its result. The numbers are those of the per-layer
+    quantization (a step's gradient up to float32 summation order); what it saves is one op, and so
+    one kernel launch each way on the GPU, per layer and subnet.
+    """
+    picked, weights, quantizers, full_weights = [], [], [], []
+    for layer in layers:
+        item = layer.weight_for_quantization()
+        if item is not None:
+            picked.append(layer)
+            weights.append(item[0])
+            quantizers.append(item[1])
+            full_weights.append(item[2])
+    try:
+        for layer, wq in zip(picked, lsq_quantize_weights(quantizers, weights, full_weights), strict=True):
+            layer._w_quantized = wq
+        yield
+    finally:
+        for layer in picked:
+            layer._w_quantized = None

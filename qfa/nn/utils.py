@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 # Activation names used by the architecture tables; h_swish / h_sigmoid are PyTorch's hard variants
 # (x * relu6(x + 3) / 6 and relu6(x + 3) / 6, as in MobileNetV3).
@@ -33,3 +33,11 @@ def sub_kernel_slice(max_ks: int, ks: int) -> slice:
     """Centre ``ks`` x ``ks`` window of a ``max_ks`` x ``max_ks`` kernel, along one axis."""
     start = (max_ks - ks) // 2
     return slice(start, start + ks)
+
+
+def leading(t: Tensor, *sizes: int) -> Tensor:
+    """``t[:sizes[0], :sizes[1], ...]``, or ``t`` itself when that cuts nothing: a slice view costs an
+    autograd node whose backward zero-fills and copies a gradient of ``t``'s full size."""
+    if all(n == t.shape[d] for d, n in enumerate(sizes)):
+        return t
+    return t[tuple(slice(n) for n in sizes)]

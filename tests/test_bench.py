@@ -301,7 +301,17 @@ def test_gpu_check_script_runs_its_frame_without_a_gpu(tmp_path):
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
-    expected = {"build", "isolated", "native_bt", "pytest", "kernels", "lsq_multi", "train_step", "profile"}
+    expected = {
+        "build",
+        "isolated",
+        "isolated_nocuda",
+        "native_bt",
+        "pytest",
+        "kernels",
+        "lsq_multi",
+        "train_step",
+        "profile",
+    }
     assert set(summary["stages"]) == expected
     assert all(stage["rc"] == "not-run" for stage in summary["stages"].values())
     assert len(list(tmp_path.iterdir())) <= 8  # the device tool brings back at most 8 files

@@ -62,17 +62,20 @@ def lsq_multi(
     if not isinstance(w0, Tensor):
         raise TypeError(f"weights[0] must be a torch.Tensor, got {type(w0).__name__}")
     name = _resolve_backend(backend, w0.device, w0.dtype)
-    if name in _NATIVE:  # every entry is checked in C++, by index
+    # The integer arguments are checked here for every backend (the native op checks them again, with
+    # the tensors' properties, in C++; a C++ check that throws has crashed one GPU machine: README).
+    for i, (w, b, nf) in enumerate(zip(weights, bits, full, strict=True)):
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
+            raise ValueError(f"bits[{i}] must be in [1, 8], got {b!r}")
+        if isinstance(w, Tensor) and (isinstance(nf, bool) or not isinstance(nf, int) or nf < w.numel()):
+            raise ValueError(f"numel_full[{i}] must be an int >= weights[{i}].numel() ({w.numel()}), got {nf!r}")
+    if name in _NATIVE:
         return list(torch.ops.bquant.native_lsq_multi(weights, steps, bits, bool(signed), full))
-    for i, (w, nf) in enumerate(zip(weights, full, strict=True)):
+    for i, w in enumerate(weights):
         if isinstance(w, Tensor) and (w.device != w0.device or w.dtype != w0.dtype):
             raise ValueError(
                 f"weights must share one device and dtype: weights[{i}] is {w.dtype} on {w.device}, "
                 f"weights[0] is {w0.dtype} on {w0.device}"
             )
-        if isinstance(w, Tensor) and (isinstance(nf, bool) or not isinstance(nf, int) or nf < w.numel()):
-            raise ValueError(f"numel_full[{i}] must be an int >= weights[{i}].numel() ({w.numel()}), got {nf!r}")
-        if isinstance(bits[i], bool) or not isinstance(bits[i], int) or not 1 <= bits[i] <= 8:
-            raise ValueError(f"bits[{i}] must be in [1, 8], got {bits[i]!r}")
     per_tensor = zip(weights, steps, bits, full, strict=True)
     return [lsq(w, s, b, signed=signed, numel_full=nf, backend=name) for w, s, b, nf in per_tensor]

@@ -117,13 +117,14 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
         c_in = x.shape[1]
         if c_in > self.in_channels:
             raise ValueError(f"input has {c_in} channels, this conv takes at most {self.in_channels}")
-        w = leading(self.weight, self.active_out_channels, c_in)
         if self._a_key is not None:
             x = self.a_quantizer[self._a_key](x)
         if self._w_quantized is not None:
             w = leading(self._w_quantized, self.active_out_channels, c_in)
-        elif self._w_key is not None:
-            w = self.w_quantizer[self._w_key](w, w_full=self.weight)
+        else:
+            w = leading(self.weight, self.active_out_channels, c_in)
+            if self._w_key is not None:
+                w = self.w_quantizer[self._w_key](w, w_full=self.weight)
         y = F.conv2d(x, w, None, self.stride, self.padding)
         if self.bn is not None:
             y = self.bn(y)
@@ -314,13 +315,14 @@ class DynamicQLinear(_ActiveBits, nn.Module):
         c_in = x.shape[1]
         if c_in > self.in_features:
             raise ValueError(f"input has {c_in} features, this linear layer takes at most {self.in_features}")
-        w = leading(self.weight, self.out_features, c_in)
         if self._a_key is not None:
             x = self.a_quantizer[self._a_key](x)
         if self._w_quantized is not None:
             w = leading(self._w_quantized, self.out_features, c_in)
-        elif self._w_key is not None:
-            w = self.w_quantizer[self._w_key](w, w_full=self.weight)
+        else:
+            w = leading(self.weight, self.out_features, c_in)
+            if self._w_key is not None:
+                w = self.w_quantizer[self._w_key](w, w_full=self.weight)
         return F.linear(x, w, self.bias)
 
     def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:

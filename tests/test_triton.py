@@ -69,6 +69,11 @@ def _round_kernel(x_ptr, used_ptr, portable_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _finish_range_kernel(part_ptr, out_ptr, n_splits, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    tbq.finish_range(part_ptr, out_ptr, out_ptr, n_splits, C, 0.0, 0.0, False, BLOCK_S, BLOCK_C)
+
+
+@triton.jit
 def _cast_kernel(x_ptr, bf16_ptr, fp16_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -246,8 +251,8 @@ def test_lsq_multi_program_matches_reference(device, many_programs):
 
 
 def test_finish_folds_partials_in_order(device):
-    """The one-program range finish over synthetic partials: several split and channel iterations,
-    empty splits (+inf/-inf), against float64 torch."""
+    """The range finish (run by the last program of the range kernel) over synthetic partials:
+    several split and channel iterations, empty splits (+inf/-inf), against float64 torch."""
     gen = torch.Generator().manual_seed(3)
     n_splits, C = 70, 150
     a = torch.randn(n_splits, C, generator=gen)
@@ -256,7 +261,8 @@ def test_finish_folds_partials_in_order(device):
     empty[0] = False  # every channel has data somewhere
     part = torch.stack([a.masked_fill(empty, math.inf), b.masked_fill(empty, -math.inf)]).to(device)
     out = torch.empty(2, device=device)
-    tbq._finish_range(part, n_splits, C, out, out, (0.0, 0.0))
+    blocks = tbq._finish_blocks(n_splits, C)
+    _finish_range_kernel[(1,)](part, out, n_splits, C, BLOCK_S=blocks["FINISH_S"], BLOCK_C=blocks["FINISH_C"])
     lo = part[0].cpu().double().amin(0).mean()
     hi = part[1].cpu().double().amax(0).mean()
     torch.testing.assert_close(out.cpu(), torch.stack([lo, hi]).float(), rtol=0.0, atol=0.0)

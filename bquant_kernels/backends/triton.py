@@ -1,4 +1,4 @@
-"""Triton backend: the kernels of ``bquant_kernels/triton`` (three launches forward, two backward,
+"""Triton backend: the kernels of ``bquant_kernels/triton`` (two launches forward, one backward,
 no host sync). Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 triton was imported (Triton's NumPy interpreter: slow, for tests)."""
 

@@ -1,15 +1,15 @@
 """BatchQuant (spec 1) in Triton: batch range, observer, fake-quantization and its backward.
 
-Forward with batch statistics is three launches and no host sync:
+Forward with batch statistics is two launches and no host sync:
   1. per-channel min/max partials, read in place for both layouts (``_channel_minmax_planes`` for
      contiguous NCHW/NCL, ``_channel_minmax_rows`` for channels_last and 2-D), one partial per
-     (split, channel);
-  2. ``_range_finish``: one program folds the partials per channel, averages over channels in
-     float64 and computes ``qparams`` (lo, hi, S, z, l, dl/dtheta) on the device;
-  3. ``_quantize``: the element pass, reading those scalars.
+     (split, channel); the last program to finish (``last_program``: an atomic counter) folds the
+     partials per channel, averages over channels in float64 in a fixed order and computes
+     ``qparams`` (lo, hi, S, z, l, dl/dtheta) on the device (``finish_range``);
+  2. ``_quantize``: the element pass, reading those scalars.
 With a stored range only ``_quantize`` runs; it computes the qparams itself (program 0 stores them).
-The backward is one element pass writing grad_x and per-program float32 partials of the two
-scalar-gradient sums, then ``_grad_finish`` (one program) adds them in float64 in a fixed order.
+The backward is one launch: an element pass writing grad_x and per-program float32 partials of the
+two scalar-gradient sums, which its last program adds in float64 in a fixed order.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .quant_math import (
     observer_qparams,
     softplus_ln2,
 )
-from .reductions import fold_minmax, reduce_minmax, sum_partials
+from .reductions import fold_minmax, last_program, reduce_minmax, sum_partials
 from .rounding import cast_rne
 
 _QP_LO: tl.constexpr = tl.constexpr(LO)
@@ -44,6 +44,7 @@ _QP_SCALE: tl.constexpr = tl.constexpr(SCALE)
 _QP_ZERO: tl.constexpr = tl.constexpr(ZERO)
 _QP_L: tl.constexpr = tl.constexpr(L)
 _QP_DL_DTHETA: tl.constexpr = tl.constexpr(DL_DTHETA)
+_FINISH_BLOCK: tl.constexpr = tl.constexpr(FINISH_BLOCK)
 
 _TILE_CONFIGS = [
     triton.Config({"TILE": 2048}, num_warps=4),
@@ -53,7 +54,6 @@ _TILE_CONFIGS = [
 ]
 _ROWS_MAX_BLOCK_C = 128  # channels per program of the rows kernel (<= every TILE)
 _RANGE_FINISH_TILE = 4096  # (split, channel) partials per iteration of the one-program range finish
-_FINISH_WARPS = 4
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -64,6 +64,9 @@ _FINISH_WARPS = 4
 def _channel_minmax_planes(
     x_ptr,
     part_ptr,
+    out_ptr,
+    theta_ptr,
+    counter_ptr,
     C,
     inner,
     plane,
@@ -71,11 +74,17 @@ def _channel_minmax_planes(
     n_inner_blocks,
     n_splits,
     size_class,
+    qmin,
+    qmax,
     BLOCK_I: tl.constexpr,
+    WITH_QPARAMS: tl.constexpr,
+    FINISH_S: tl.constexpr,
+    FINISH_C: tl.constexpr,
     TILE: tl.constexpr,
 ):
     """Partial min/max of channel ``c`` of x viewed as ``(outer, C, inner)`` (``plane = C * inner``),
-    split ``s`` of ``n_splits`` (grid ``(C, n_splits)``), into part[0|1, s, c].
+    split ``s`` of ``n_splits`` (grid ``(C, n_splits)``), into part[0|1, s, c]; the last program
+    finishes the range into ``out`` (:func:`finish_range`).
 
     The channel is walked as ``n_rows = outer * n_inner_blocks`` rows of ``BLOCK_I`` contiguous
     elements (row q: batch index q // n_inner_blocks, inner block q % n_inner_blocks), BLOCK_Q rows
@@ -99,13 +108,33 @@ def _channel_minmax_planes(
     lo, hi = reduce_minmax(acc_min, acc_max, None)
     tl.store(part_ptr + split * C + c, lo)
     tl.store(part_ptr + (n_splits + split) * C + c, hi)
+    if last_program(counter_ptr):
+        finish_range(part_ptr, out_ptr, theta_ptr, n_splits, C, qmin, qmax, WITH_QPARAMS, FINISH_S, FINISH_C)
 
 
 @tuned(_TILE_CONFIGS, key=["size_class", "BLOCK_C"], interpret=triton.Config({"TILE": 1024}))
 @triton.jit
-def _channel_minmax_rows(x_ptr, part_ptr, rows, C, n_splits, size_class, BLOCK_C: tl.constexpr, TILE: tl.constexpr):
+def _channel_minmax_rows(
+    x_ptr,
+    part_ptr,
+    out_ptr,
+    theta_ptr,
+    counter_ptr,
+    rows,
+    C,
+    n_splits,
+    size_class,
+    qmin,
+    qmax,
+    BLOCK_C: tl.constexpr,
+    WITH_QPARAMS: tl.constexpr,
+    FINISH_S: tl.constexpr,
+    FINISH_C: tl.constexpr,
+    TILE: tl.constexpr,
+):
     """Partial min/max of x viewed as ``(rows, C)`` (channels_last, 2-D): program ``(cb, s)`` folds
-    channels ``[cb * BLOCK_C, ...)`` over rows of split ``s`` (grid ``(cdiv(C, BLOCK_C), n_splits)``)."""
+    channels ``[cb * BLOCK_C, ...)`` over rows of split ``s`` (grid ``(cdiv(C, BLOCK_C), n_splits)``);
+    the last program finishes the range into ``out`` (:func:`finish_range`)."""
     BLOCK_R: tl.constexpr = TILE // BLOCK_C
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
@@ -121,10 +150,12 @@ def _channel_minmax_rows(x_ptr, part_ptr, rows, C, n_splits, size_class, BLOCK_C
     lo, hi = reduce_minmax(acc_min, acc_max, 0)
     tl.store(part_ptr + split * C + cols, lo, mask=col_mask)
     tl.store(part_ptr + (n_splits + split) * C + cols, hi, mask=col_mask)
+    if last_program(counter_ptr):
+        finish_range(part_ptr, out_ptr, theta_ptr, n_splits, C, qmin, qmax, WITH_QPARAMS, FINISH_S, FINISH_C)
 
 
 @triton.jit
-def _range_finish(
+def finish_range(
     part_ptr,
     out_ptr,
     theta_ptr,
@@ -136,8 +167,8 @@ def _range_finish(
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """One program: per-channel min/max from the ``(2, n_splits, C)`` partials, their means over
-    channels in float64 (fixed order), then ``[lo, hi]`` or the full qparams into ``out``."""
+    """Run by one program: per-channel min/max from the ``(2, n_splits, C)`` partials, their means
+    over channels in float64 (fixed order), then ``[lo, hi]`` or the full qparams into ``out``."""
     sum_min = tl.zeros([BLOCK_C], dtype=tl.float64)
     sum_max = tl.zeros([BLOCK_C], dtype=tl.float64)
     for c0 in range(0, C, BLOCK_C):
@@ -149,8 +180,8 @@ def _range_finish(
             s = s0 + tl.arange(0, BLOCK_S)
             mask = (s < n_splits)[:, None] & col_mask[None, :]
             offs = s[:, None] * C + cols[None, :]
-            part_min = tl.load(part_ptr + offs, mask=mask, other=0.0)
-            part_max = tl.load(part_ptr + n_splits * C + offs, mask=mask, other=0.0)
+            part_min = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            part_max = tl.load(part_ptr + n_splits * C + offs, mask=mask, other=0.0, cache_modifier=".cg")
             ch_min, ch_max = fold_minmax(ch_min, ch_max, part_min, part_max, mask)
         m, M = reduce_minmax(ch_min, ch_max, 0)
         sum_min += tl.where(col_mask, m.to(tl.float64), 0.0)
@@ -220,6 +251,9 @@ def _quantize_backward(
     qp_ptr,
     offset_ptr,
     part_ptr,
+    grad_theta_ptr,
+    grad_offset_ptr,
+    counter_ptr,
     numel,
     n_programs,
     size_class,
@@ -228,7 +262,8 @@ def _quantize_backward(
     BLOCK: tl.constexpr,
 ):
     """grad_x, and per-program float32 partials part[0, pid] = sum(dl_term), part[1, pid] = sum(do_term)
-    (grid-stride loop over ``n_programs`` programs, so the partial count does not depend on BLOCK)."""
+    (grid-stride loop over ``n_programs`` programs, so the partial count does not depend on BLOCK),
+    which the last program adds into grad_theta and grad_offset (:func:`finish_grads`)."""
     pid = tl.program_id(0)
     scale = tl.load(qp_ptr + _QP_SCALE)
     zero = tl.load(qp_ptr + _QP_ZERO)
@@ -247,11 +282,13 @@ def _quantize_backward(
         acc_do += do_term
     tl.store(part_ptr + pid, tl.sum(acc_dl, axis=0))
     tl.store(part_ptr + n_programs + pid, tl.sum(acc_do, axis=0))
+    if last_program(counter_ptr):
+        finish_grads(part_ptr, qp_ptr, grad_theta_ptr, grad_offset_ptr, n_programs, _FINISH_BLOCK)
 
 
 @triton.jit
-def _grad_finish(part_ptr, qp_ptr, grad_theta_ptr, grad_offset_ptr, n_programs, BLOCK: tl.constexpr):
-    """grad_theta = sum_dl / l * dl/dtheta, grad_offset = -sum_do * S / l, in float64."""
+def finish_grads(part_ptr, qp_ptr, grad_theta_ptr, grad_offset_ptr, n_programs, BLOCK: tl.constexpr):
+    """Run by one program: grad_theta = sum_dl / l * dl/dtheta, grad_offset = -sum_do * S / l, in float64."""
     sum_dl = sum_partials(part_ptr, n_programs, BLOCK)
     sum_do = sum_partials(part_ptr + n_programs, n_programs, BLOCK)
     scale = tl.load(qp_ptr + _QP_SCALE).to(tl.float64)
@@ -272,56 +309,47 @@ def _inner_block(inner: int) -> int:
     return max(candidates, key=lambda b: (inner / (triton.cdiv(inner, b) * b), b))
 
 
-def _channel_partials(x: Tensor, C: int, inner: int) -> tuple[Tensor, int]:
-    """float32 ``(2, n_splits, C)`` per-channel min/max partials of ``x`` and ``n_splits``."""
+def _finish_blocks(n_splits: int, C: int) -> dict[str, int]:
+    """Tile of the range finish: (split, channel) partials per iteration, about _RANGE_FINISH_TILE."""
+    block_s = min(triton.next_power_of_2(n_splits), 64)
+    return {"FINISH_S": block_s, "FINISH_C": min(triton.next_power_of_2(C), max(16, _RANGE_FINISH_TILE // block_s))}
+
+
+def _range(x: Tensor, C: int, inner: int, out: Tensor, theta: Tensor, grid: tuple[float, float]) -> None:
+    """One launch: per-channel min/max partials of ``x``, folded by the last program into ``out``
+    (``[lo, hi]``, or the full qparams when ``out`` has NUM_QPARAMS elements)."""
     numel = x.numel()
+    counter = torch.zeros(1, dtype=torch.int32, device=x.device)
+    with_qparams = out.numel() == NUM_QPARAMS
     if inner == 1:
         rows = numel // C
         block_c = min(triton.next_power_of_2(C), _ROWS_MAX_BLOCK_C)
         n_splits = reduction_programs(rows * min(C, block_c), triton.cdiv(C, block_c), x.device)
         part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
         _channel_minmax_rows[lambda meta: (triton.cdiv(C, block_c), n_splits)](
-            x, part, rows, C, n_splits, size_class(numel), BLOCK_C=block_c
-        )
-    else:
-        outer = numel // (C * inner)
-        block_i = _inner_block(inner)
-        n_inner_blocks = triton.cdiv(inner, block_i)
-        n_rows = outer * n_inner_blocks
-        if n_rows >= 2**31:
-            raise ValueError(f"x has {outer * inner} elements per channel; the Triton kernels support fewer")
-        n_splits = reduction_programs(outer * inner, C, x.device)
-        part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
-        _channel_minmax_planes[(C, n_splits)](
-            x, part, C, inner, C * inner, n_rows, n_inner_blocks, n_splits, size_class(numel), BLOCK_I=block_i
-        )
-    return part, n_splits
-
-
-def _finish_range(part: Tensor, n_splits: int, C: int, out: Tensor, theta: Tensor, grid: tuple[float, float]) -> None:
-    block_s = min(triton.next_power_of_2(n_splits), 64)
-    block_c = min(triton.next_power_of_2(C), max(16, _RANGE_FINISH_TILE // block_s))
-    _range_finish[(1,)](
-        part,
-        out,
-        theta,
-        n_splits,
-        C,
-        grid[0],
-        grid[1],
-        WITH_QPARAMS=out.numel() == NUM_QPARAMS,
-        BLOCK_S=block_s,
-        BLOCK_C=block_c,
-        num_warps=_FINISH_WARPS,
-    )
+            x, part, out, theta, counter, rows, C, n_splits, size_class(numel), grid[0], grid[1],
+            BLOCK_C=block_c, WITH_QPARAMS=with_qparams, **_finish_blocks(n_splits, C),
+        )  # fmt: skip
+        return
+    outer = numel // (C * inner)
+    block_i = _inner_block(inner)
+    n_inner_blocks = triton.cdiv(inner, block_i)
+    n_rows = outer * n_inner_blocks
+    if n_rows >= 2**31:
+        raise ValueError(f"x has {outer * inner} elements per channel; the Triton kernels support fewer")
+    n_splits = reduction_programs(outer * inner, C, x.device)
+    part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
+    _channel_minmax_planes[(C, n_splits)](
+        x, part, out, theta, counter, C, inner, C * inner, n_rows, n_inner_blocks, n_splits, size_class(numel),
+        grid[0], grid[1], BLOCK_I=block_i, WITH_QPARAMS=with_qparams, **_finish_blocks(n_splits, C),
+    )  # fmt: skip
 
 
 def batch_range(x: Tensor, C: int, inner: int) -> Tensor:
     """float32 ``[lo, hi]``: channel means of the per-channel min and max (spec 1.1)."""
     out = torch.empty(2, dtype=torch.float32, device=x.device)
     with device_guard(x):
-        part, n_splits = _channel_partials(x, C, inner)
-        _finish_range(part, n_splits, C, out, out, (0.0, 0.0))  # theta unused without qparams
+        _range(x, C, inner, out, out, (0.0, 0.0))  # theta unused without qparams
     return out
 
 
@@ -338,8 +366,7 @@ def batchquant_forward(
         if from_range:
             lo_hi = lo_hi.contiguous()
         else:
-            part, n_splits = _channel_partials(x, C, inner)
-            _finish_range(part, n_splits, C, qp, theta, grid)
+            _range(x, C, inner, qp, theta, grid)
             lo_hi = qp  # not read
         _quantize[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
             x, y, qp, theta, offset, lo_hi, numel, size_class(numel), grid[0], grid[1], FROM_RANGE=from_range
@@ -360,9 +387,10 @@ def batchquant_backward(
     part = torch.empty(2 * n_programs, dtype=torch.float32, device=x.device)
     grad_theta = torch.empty(1, dtype=torch.float32, device=x.device)
     grad_offset = torch.empty(1, dtype=torch.float32, device=x.device)
+    counter = torch.zeros(1, dtype=torch.int32, device=x.device)
     with device_guard(x):
         _quantize_backward[(n_programs,)](
-            grad_y, x, grad_x, qparams, offset, part, numel, n_programs, size_class(numel), grid[0], grid[1]
-        )
-        _grad_finish[(1,)](part, qparams, grad_theta, grad_offset, n_programs, BLOCK=FINISH_BLOCK)
+            grad_y, x, grad_x, qparams, offset, part, grad_theta, grad_offset, counter, numel, n_programs,
+            size_class(numel), grid[0], grid[1],
+        )  # fmt: skip
     return grad_x, grad_theta, grad_offset

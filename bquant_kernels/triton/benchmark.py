@@ -40,11 +40,9 @@ def bench_case(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) 
     theta = torch.zeros(1, device="cuda")
     offset = torch.zeros(1, device="cuda")
     _, qp = backend.batchquant_forward(x, theta, offset, None, 4, False, C, inner)
-    part, n_splits = kernels._channel_partials(x, C, inner)
     qp_out = torch.empty_like(qp)
     stages = {
-        "stats": lambda: kernels._channel_partials(x, C, inner),
-        "finish": lambda: kernels._finish_range(part, n_splits, C, qp_out, theta, (0.0, 15.0)),
+        "range": lambda: kernels._range(x, C, inner, qp_out, theta, (0.0, 15.0)),
         "quant": lambda: backend.batchquant_forward(x, theta, offset, qp[:2], 4, False, C, inner),
         "fwd": lambda: backend.batchquant_forward(x, theta, offset, None, 4, False, C, inner),
         "bwd": lambda: backend.batchquant_backward(g, x, offset, qp, 4, False),
@@ -66,7 +64,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | times in us")
-    cols = ["stats", "finish", "quant", "fwd", "bwd", "op fwd", "fwd GB/s", "bwd GB/s"]
+    cols = ["range", "quant", "fwd", "bwd", "op fwd", "fwd GB/s", "bwd GB/s"]
     print(f"{'case':34}" + "".join(f"{c:>10}" for c in cols))
     for spec in args.shapes:
         shape = tuple(int(d) for d in spec.split("x"))

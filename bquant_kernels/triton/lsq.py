@@ -1,5 +1,5 @@
 """LSQ (spec 2) in Triton: one element pass forward; backward is one element pass writing grad_w
-and per-program float32 partials, then one program adding them in float64 for grad_step."""
+and per-program float32 partials, which its last program adds in float64 for grad_step."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from .launch import (
     tuned,
 )
 from .quant_math import lsq_elem, lsq_elem_backward
-from .reductions import sum_partials
+from .reductions import last_program, sum_partials
 from .rounding import cast_rne
+
+_FINISH_BLOCK: tl.constexpr = tl.constexpr(FINISH_BLOCK)
 
 
 @tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)
@@ -34,11 +36,25 @@ def _lsq_quantize(w_ptr, step_ptr, out_ptr, numel, size_class, qn, qp, BLOCK: tl
 
 
 @tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)
-@triton.jit
+@triton.jit(do_not_specialize=["numel_full"])  # a value of 1 would otherwise become a constexpr
 def _lsq_quantize_backward(
-    g_ptr, w_ptr, step_ptr, gw_ptr, part_ptr, numel, n_programs, size_class, qn, qp, BLOCK: tl.constexpr
+    g_ptr,
+    w_ptr,
+    step_ptr,
+    gw_ptr,
+    part_ptr,
+    grad_step_ptr,
+    counter_ptr,
+    numel,
+    n_programs,
+    numel_full,
+    size_class,
+    qn,
+    qp,
+    BLOCK: tl.constexpr,
 ):
-    """grad_w and part[pid] = sum(ds_term) over a grid-stride loop of ``n_programs`` programs."""
+    """grad_w and part[pid] = sum(ds_term) over a grid-stride loop of ``n_programs`` programs; the last
+    program adds the partials into grad_step (:func:`finish_grad_step`)."""
     pid = tl.program_id(0)
     abs_step = tl.abs(tl.load(step_ptr).to(tl.float32))
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -51,11 +67,13 @@ def _lsq_quantize_backward(
         tl.store(gw_ptr + offs, cast_rne(grad_w, gw_ptr.dtype.element_ty), mask=mask)
         acc += ds_term  # masked lanes have g = 0
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+    if last_program(counter_ptr):
+        finish_grad_step(part_ptr, step_ptr, grad_step_ptr, n_programs, numel_full, qp, _FINISH_BLOCK)
 
 
-@triton.jit(do_not_specialize=["numel_full"])  # a value of 1 would otherwise become a constexpr
-def _lsq_grad_finish(part_ptr, step_ptr, grad_step_ptr, n_programs, numel_full, qp, BLOCK: tl.constexpr):
-    """grad_step = sum(ds_term) * k * sign(s), k = 1 / sqrt(numel_full * Qp), in float64."""
+@triton.jit
+def finish_grad_step(part_ptr, step_ptr, grad_step_ptr, n_programs, numel_full, qp, BLOCK: tl.constexpr):
+    """Run by one program: grad_step = sum(ds_term) * k * sign(s), k = 1 / sqrt(numel_full * Qp), in float64."""
     total = sum_partials(part_ptr, n_programs, BLOCK)
     k = 1.0 / tl.sqrt(tl.cast(numel_full, tl.float64) * tl.cast(qp, tl.float64))
     step = tl.load(step_ptr).to(tl.float32).to(tl.float64)
@@ -83,7 +101,9 @@ def lsq_backward(
     grad_w = torch.empty_like(w)
     part = torch.empty(n_programs, dtype=torch.float32, device=w.device)
     grad_step = torch.empty(1, dtype=torch.float32, device=w.device)
+    counter = torch.zeros(1, dtype=torch.int32, device=w.device)
     with device_guard(w):
-        _lsq_quantize_backward[(n_programs,)](grad, w, step, grad_w, part, numel, n_programs, size_class(numel), qn, qp)
-        _lsq_grad_finish[(1,)](part, step, grad_step, n_programs, numel_full, qp, BLOCK=FINISH_BLOCK)
+        _lsq_quantize_backward[(n_programs,)](
+            grad, w, step, grad_w, part, grad_step, counter, numel, n_programs, numel_full, size_class(numel), qn, qp
+        )
     return grad_w, grad_step

@@ -1,4 +1,5 @@
-"""Reductions shared by the kernels: NaN-propagating running min/max and a float64 sum of partials.
+"""Reductions shared by the kernels: NaN-propagating running min/max, a float64 sum of partials, and
+the "last program finishes" step that lets one launch both write partials and fold them.
 
 Min and max always travel together (one jit call each way: under the interpreter every call costs
 milliseconds); both accumulators see the same elements, so they hold NaN in the same lanes.
@@ -35,5 +36,22 @@ def sum_partials(ptr, n, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        acc += tl.load(ptr + idx, mask=idx < n, other=0.0).to(tl.float64)
+        acc += tl.load(ptr + idx, mask=idx < n, other=0.0, cache_modifier=".cg").to(tl.float64)
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def last_program(counter_ptr):
+    """Whether this program is the last of its grid to get here; the last one then sees every store
+    the others made before calling this. ``counter_ptr``: an int32 that is zero at launch; the last
+    program sets it back to zero, so a re-launch on the same arguments (autotuning) works too.
+
+    Each program's threads finish their stores (barrier), then one atomic increment per program with
+    release semantics publishes them and with acquire semantics (for the last) makes the others'
+    visible; the caller reads them past L1 (``cache_modifier=".cg"``)."""
+    tl.debug_barrier()
+    n_programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    is_last = arrived == n_programs - 1
+    tl.store(counter_ptr, 0, mask=is_last)
+    return is_last

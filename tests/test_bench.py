@@ -292,6 +292,18 @@ def test_kernels_quick_json(tmp_path):
 # ----------------------------------------------------------------------------- gpu_check.sh
 
 
+def test_host_overhead_json(tmp_path):
+    from bench.host_overhead import main
+
+    out = tmp_path / "host.json"
+    assert main(["--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    routes = {(r["backend"], r["route"]) for r in rows}
+    assert ("reference", "eager fwd+bwd") in routes and ("reference", "custom op fwd+bwd") in routes
+    assert all(r["median_s"] > 0 for r in rows)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_gpu_check_script_runs_its_frame_without_a_gpu(tmp_path):
     """bench/gpu_check.sh runs only on a lent GPU; its frame (stage selection, summary JSON, the
     8-file limit of what comes back) is checked here with no stage selected."""

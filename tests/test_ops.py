@@ -180,6 +180,41 @@ def test_opcheck_custom_ops(backend):
     )
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eager_route_is_the_custom_op(backend):
+    """Eager calls of the Python-registered backends skip the custom op (an autograd.Function calls the
+    implementation); torch.compile traces the op. Both give the same bits, forward and gradients."""
+    ok, why = bk.backends()[backend]
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable: {why}")
+    gen = torch.Generator().manual_seed(7)
+    for x0 in (make_activation((3, 5, 4, 6)).float(), torch.randn(6, 7, generator=gen)):
+        for fmt in (torch.contiguous_format, torch.channels_last) if x0.dim() == 4 else (torch.contiguous_format,):
+            g = torch.randn(x0.shape, generator=gen)
+            runs = []
+            for eager in (True, False):
+                x = x0.clone(memory_format=fmt).requires_grad_(True)
+                t, o = torch.tensor([0.3], requires_grad=True), torch.tensor([0.2], requires_grad=True)
+                if eager:
+                    y = bk.batchquant(x, t, o, 3, backend=backend)
+                else:
+                    y = torch.ops.bquant.batchquant_fwd(x, t, o, None, 3, False, backend)[0]
+                y.backward(g)
+                runs.append((y.detach(), x.grad, t.grad, o.grad))
+            assert runs[0][0].stride() == runs[1][0].stride() == runs[0][1].stride()
+            for a, b in zip(*runs, strict=True):
+                assert torch.equal(a, b)
+    w0, gw = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    runs = []
+    for eager in (True, False):
+        w, s = w0.clone().requires_grad_(True), torch.tensor([0.4], requires_grad=True)
+        out = bk.lsq(w, s, 3, backend=backend) if eager else torch.ops.bquant.lsq_fwd(w, s, 3, True, 30, backend)
+        out.backward(gw)
+        runs.append((out.detach(), w.grad, s.grad))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_opcheck_native_ops(device):
     """The C++-registered ops of the cpu and cuda backends (csrc/ops.cpp): schema, fake, autograd."""

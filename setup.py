@@ -96,7 +96,7 @@ setup(
     packages=find_packages(include=["bquant_kernels", "bquant_kernels.*", "qfa", "qfa.*"]),
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
-    entry_points={"console_scripts": ["qfa = qfa.cli:main"]},
+    entry_points={"console_scripts": ["qfa = qfa.cli:entry"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={

@@ -1,5 +1,5 @@
 import sys
 
-from qfa.cli import main
+from qfa.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -296,7 +296,12 @@ def load_supernet(
     architecture arguments when ``None``). Returns the model, or ``(model, extra)`` with
     ``return_extra=True``. A bad file, a newer ``format_version`` or keys that do not match the
     model raise a clear error; the model is unchanged on error."""
-    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=weights_only)
+    try:
+        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=weights_only)
+    except OSError:
+        raise  # missing or unreadable file: its own message is clear
+    except Exception as err:  # zip/pickle errors of every kind; torch's text would suggest weights_only=False
+        raise ValueError(f"{str(path)!r} is corrupt or not a torch checkpoint ({type(err).__name__})") from err
     if not isinstance(payload, dict) or payload.get("kind") != FORMAT_KIND or "format_version" not in payload:
         raise ValueError(f"{path} is not a qfa supernet checkpoint (no kind={FORMAT_KIND!r} / format_version)")
     version = payload["format_version"]

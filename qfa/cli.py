@@ -37,9 +37,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; errors propagate (for tests and callers that want the exception)."""
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the input (bad flags, files, data): reported in one line, not as a traceback.
+    Other exceptions (bugs, KeyboardInterrupt) keep their traceback."""
+    import pickle
+
+    from .checkpoint import CheckpointKeyError
+    from .train.ckpt import CheckpointError
+    from .train.step import NonFiniteLossError
+
+    return (
+        CheckpointError,
+        CheckpointKeyError,
+        NonFiniteLossError,
+        ValueError,
+        TypeError,
+        OSError,
+        pickle.UnpicklingError,
+    )
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The console entry (``qfa``, ``python -m qfa``): like :func:`main`, but a user-facing error is one
+    line on stderr, ``qfa <command>: error: <message>``, with exit code 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except _user_errors() as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # KeyError's str() quotes
+        msg = " ".join(line.strip() for line in str(msg).splitlines() if line.strip()) or type(err).__name__
+        print(f"qfa {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

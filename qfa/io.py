@@ -28,7 +28,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=suffix)
-    os.close(fd)
+    try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (or the replaced file's), so
+        # checkpoints and exports in a shared directory stay readable as before.
+        os.fchmod(fd, _target_mode(path))
+    finally:
+        os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
@@ -40,6 +45,25 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     # Makes the rename itself durable; not every platform can open (or fsync) a directory.
     with contextlib.suppress(OSError):
         _fsync(path.parent, os.O_RDONLY)
+
+
+def _target_mode(path: Path) -> int:
+    """Permission bits for a new ``path``: the existing file's, else ``0o666`` less the umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # /proc gives it without changing it; os.umask has to set it to read it (racy with other threads).
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path, flags: int) -> None:

@@ -141,6 +141,7 @@ def test_grouped_weight_quantization_is_the_per_layer_path(seed):
     assert steps > 10
     layers = [m for m in grouped.modules() if hasattr(m, "weight_for_quantization")]
     assert all(m._w_quantized is None for m in layers)
+
     def fail(_module, _inputs):
         active = grouped._active_qlayers
         assert all(m._w_quantized is not None for m in active if m.weight_for_quantization() is not None)

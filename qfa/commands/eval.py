@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from ..io import atomic_write_text
 from ..train import options
 from ..train.ckpt import CheckpointError
 
@@ -59,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     rows = evaluate_configs(model, configs, calib, val, opts.calib_batches)
     print(format_table(rows, COLUMNS, title=f"{opts.ckpt}: recalibrated subnets on {opts.data!r} (held-out)"))
-    if opts.json:
-        with open(opts.json, "w", encoding="utf-8") as f:
-            json.dump({"ckpt": opts.ckpt, "data": opts.data, "results": rows}, f, indent=1)
+    if opts.json:  # atomic: a kill mid-write leaves the previous file, never a torn one
+        atomic_write_text(opts.json, json.dumps({"ckpt": opts.ckpt, "data": opts.data, "results": rows}, indent=1))
     return 0

@@ -66,9 +66,13 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_model(args, device)
     model.space.check_config(cfg)  # a config of another supernet fails here, naming the field
-    resolution = args.resolution or cfg.resolution
+    resolution = args.resolution if args.resolution is not None else cfg.resolution
     if resolution is None:
         raise ValueError("the config has no resolution: pass --resolution")
+    if resolution not in model.space.resolutions:
+        raise ValueError(
+            f"--resolution {resolution} is not one of the supernet's resolutions {list(model.space.resolutions)}"
+        )
     calib, val = make_loaders(args, model, device)
     model.set_active_config(cfg)
     qfa.calibrate(model, calib, num_batches=args.calib_batches, resolution=resolution)

@@ -17,6 +17,7 @@ from qfa.search.encoding import SubnetEncoder
 from qfa.search.plots import plot_predictions
 from qfa.search.predictor import TrainSettings, regression_metrics, save_predictor, split_indices, train_predictor
 from qfa.search.records import check_consistent, read_records
+from qfa.train.distributed import parse_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,16 +40,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def run(args: argparse.Namespace) -> int:
+    # Every flag is checked before training, so a typo does not cost the run (or overwrite an output).
+    out = Path(args.out)
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    report_path = Path(args.report) if args.report else out.with_suffix(".json")
+    if len({out.resolve(), plot.resolve(), report_path.resolve()}) != 3:
+        raise ValueError(f"--out {out}, --plot {plot} and --report {report_path} must be different files")
+    if any(h < 1 for h in args.hidden):
+        raise ValueError(f"--hidden widths must be >= 1, got {args.hidden}")
+    device = parse_device(args.device)
     samples = Path(args.samples)
     if not samples.is_file():
         raise FileNotFoundError(f"--samples: file not found: {samples}")
     records = read_records(samples)
     space = check_consistent(records, samples)
-    missing = [r.get("index") for r in records if args.target not in r]
+    missing = [r.get("index") for r in records if not _is_number(r.get(args.target))]
     if missing:
         raise ValueError(
-            f"--target {args.target!r}: missing in {len(missing)} record(s) of {samples} (e.g. index {missing[0]})"
+            f"--target {args.target!r}: missing or not a number in {len(missing)} record(s) of {samples} "
+            f"(e.g. index {missing[0]})"
         )
     encoder = SubnetEncoder(space)
     features = encoder.encode([r["config"] for r in records])
@@ -61,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         targets[train_idx],
         settings,
         hidden=args.hidden,
-        device=args.device,
+        device=device,
         group_scaling=not args.no_group_scaling,
     )
     baseline = float(targets[train_idx].mean())
@@ -77,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
         "settings": vars(settings)
         | {"hidden": list(args.hidden), "val_fraction": args.val_fraction, "group_scaling": not args.no_group_scaling},
     }
-    out = Path(args.out)
     save_predictor(out, model, extra=report)
-    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     plot_predictions(
         plot,
         targets[val_idx],
@@ -88,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
         kendall_tau=report["held_out"]["kendall_tau"],
         train=(targets[train_idx], pred[train_idx]),
     )
-    report_path = Path(args.report) if args.report else out.with_suffix(".json")
     atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
     h = report["held_out"]
     print(

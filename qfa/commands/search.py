@@ -79,6 +79,13 @@ def _entries(result, costs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     if args.max_reevaluate is not None and args.max_reevaluate < 1:
         raise ValueError(f"--max-reevaluate must be >= 1, got {args.max_reevaluate} (use --no-reevaluate to skip)")
+    # Checked before the search: a plot must not replace the result, a typo must not cost the run.
+    out = Path(args.out)
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    if out.resolve() == plot.resolve():
+        raise ValueError(f"--out {out} and --plot {plot} must be different files")
+    if args.samples and not Path(args.samples).is_file():
+        raise FileNotFoundError(f"--samples: file not found: {args.samples}")
     device = resolve_device(args.device)
     model = load_model(args, device)
     predictor = load_predictor(args.predictor, map_location=device)
@@ -134,7 +141,6 @@ def run(args: argparse.Namespace) -> int:
         "candidates": entries,
         "info": result.info,
     }
-    out = Path(args.out)
     atomic_write_text(out, json.dumps(output, indent=2) + "\n")
     samples = None
     if args.samples:
@@ -144,7 +150,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_reevaluate:
         done = [e for e in entries if e.get("status") == "measured"]
         measured_pts = ([e["lut_flops"] / 1e6 for e in done], [e["measured_top1"] for e in done])
-    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     plot_pareto(
         plot,
         [e["lut_flops"] / 1e6 for e in entries],

@@ -194,9 +194,15 @@ def load_predictor(path: str | os.PathLike, map_location: str | torch.device = "
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictor file not found: {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # zip/pickle errors of every kind; torch's text would suggest weights_only=False
+        raise ValueError(f"{str(path)!r} is corrupt or not a torch checkpoint ({type(err).__name__})") from err
     if not isinstance(state, dict) or state.get("format") != PREDICTOR_FORMAT:
-        raise ValueError(f"{path} is not a qfa accuracy predictor (format={state.get('format')!r})")
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a qfa accuracy predictor (format={found!r})")
     if state["format_version"] > PREDICTOR_FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {state['format_version']} is newer than this qfa understands")
     model = AccuracyPredictor(SubnetEncoder.from_metadata(state["encoding"]), state["hidden"], state["group_scaling"])

@@ -12,7 +12,8 @@ from torch import nn
 
 from bquant_kernels import BatchQuantizer, LSQQuantizer
 from qfa.checkpoint import load_supernet
-from qfa.data import build_loaders, calib_loader
+from qfa.data import build_loaders, calib_loader, num_classes
+from qfa.train.distributed import parse_device
 
 
 def add_supernet_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +50,7 @@ class Ranks:
 
 def resolve_device(name: str | None, ranks: Ranks = Ranks()) -> torch.device:
     if name is not None:
-        return torch.device(name)
+        return parse_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -61,6 +62,10 @@ def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: file not found: {path}")
     model = load_supernet(path)
+    data = getattr(args, "data", None)
+    if data is not None and model.n_classes != (n := num_classes(data)):
+        # Otherwise an IndexError deep in the loss, or (fewer ImageFolder classes) silently wrong accuracy.
+        raise ValueError(f"--checkpoint has {model.n_classes} classes but --data {data!r} has {n}")
     if args.backend is not None:
         for m in model.modules():
             if isinstance(m, (BatchQuantizer, LSQQuantizer)):

@@ -61,12 +61,26 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
     """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; or the named device."""
     if device == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
+    dev = parse_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def parse_device(name: str) -> torch.device:
+    """``torch.device(name)``, checked to be usable here: a ValueError naming ``--device`` instead of
+    torch's error from deep inside the first tensor move."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {name!r}: not a device name ({err})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={device!r} but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
+            raise ValueError(f"--device {name!r}: CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name!r}: MPS is not available")
     return dev
 
 

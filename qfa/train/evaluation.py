@@ -83,7 +83,11 @@ def _configs_from_file(path: str, space) -> list[SubnetConfig]:
 def with_resolution(name: str, cfg: SubnetConfig, resolution: int | None, resolutions: tuple[int, ...]) -> SubnetConfig:
     """``cfg`` with its resolution: ``resolution`` if given, else its own, else the smallest for min
     subnets and the largest otherwise."""
-    res = resolution or cfg.resolution or (min(resolutions) if name.startswith("min") else max(resolutions))
+    if resolution is not None and resolution not in resolutions:
+        raise ValueError(f"--resolution {resolution} is not one of the supernet's resolutions {list(resolutions)}")
+    res = resolution if resolution is not None else cfg.resolution
+    if res is None:
+        res = min(resolutions) if name.startswith("min") else max(resolutions)
     return dataclasses.replace(cfg, resolution=res)
 
 

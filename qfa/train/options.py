@@ -147,18 +147,22 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     ext = os.path.splitext(path)[1].lower()
     with open(path, "rb") as f:
         raw = f.read()
-    if ext == ".toml":
-        import tomllib
-
-        data = tomllib.loads(raw.decode())
-    elif ext in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(raw) or {}
-    elif ext == ".json":
-        data = json.loads(raw)
-    else:
+    if ext not in (".toml", ".yaml", ".yml", ".json"):
         raise ValueError(f"--config {path!r}: use a .yaml, .yml, .toml or .json file")
+    try:
+        if ext == ".toml":
+            import tomllib
+
+            data = tomllib.loads(raw.decode())
+        elif ext in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(raw) or {}
+        else:
+            data = json.loads(raw)
+    except Exception as err:  # TOMLDecodeError, yaml.YAMLError (not a ValueError), JSONDecodeError, UnicodeDecodeError
+        msg = " ".join(str(err).split())
+        raise ValueError(f"--config {path!r}: cannot parse the file ({type(err).__name__}: {msg})") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"--config {path!r}: the file must hold a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -392,6 +396,16 @@ class EvalOptions(OptionsBase):
             raise ValueError("--ckpt is required (e.g. runs/qfa-train/supernet.pt)")
         if self.batch_size <= 0 or self.calib_batches <= 0:
             raise ValueError("--batch-size and --calib-batches must be positive")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"--resolution must be >= 1, got {self.resolution}")
+        if self.json:  # checked now, not after the whole evaluation (a missing parent is created)
+            if os.path.isdir(self.json):
+                raise ValueError(f"--json {self.json!r} is a directory; give a file path")
+            parent = os.path.dirname(os.path.abspath(self.json))
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                raise ValueError(f"--json {self.json!r}: {parent!r} is not a directory")
 
 
 @dataclass

@@ -17,12 +17,30 @@ class JsonlLog:
         self.path = Path(path) if path is not None else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_partial_line(self.path)
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self.path is None:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=_jsonable, allow_nan=True) + "\n")
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line left unfinished by a killed run, so the next append starts a line of its own
+    (otherwise it glues onto the torn one and corrupts a line in the middle of the file)."""
+    from qfa.search.records import _end_of_last_line
+
+    if not path.is_file():
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        end = _end_of_last_line(fd, size) if size else 0
+        if end != size:
+            os.ftruncate(fd, end)
+    finally:
+        os.close(fd)
 
 
 def _jsonable(v: Any) -> Any:

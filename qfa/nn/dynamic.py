@@ -65,6 +65,7 @@ def _copy_quantizers(
 class _ActiveBits:
     """Active weight / activation bit-widths of a layer with one bank of each."""
 
+    weight: nn.Parameter
     w_quantizer: nn.ModuleDict
     a_quantizer: nn.ModuleDict
     # This forward's quantized weight rows, set by qfa.nn.quantized_weights (None: quantize here).
@@ -75,6 +76,14 @@ class _ActiveBits:
         self.a_bits = FULL_PRECISION
         self._w_key: str | None = None
         self._a_key: str | None = None
+
+    def _active_weight(self, rows: int, cols: int) -> Tensor:
+        """``weight[:rows, :cols]`` fake-quantized: this forward's rows from ``quantized_weights`` when
+        set, else quantized here (the full weight sets the LSQ init and gradient scale)."""
+        if self._w_quantized is not None:
+            return leading(self._w_quantized, rows, cols)
+        w = leading(self.weight, rows, cols)
+        return w if self._w_key is None else self.w_quantizer[self._w_key](w, w_full=self.weight)
 
     def set_active_bits(self, w_bits: int, a_bits: int) -> None:
         w_key = bank_key(self.w_quantizer, w_bits, "w_bits")
@@ -119,13 +128,7 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
             raise ValueError(f"input has {c_in} channels, this conv takes at most {self.in_channels}")
         if self._a_key is not None:
             x = self.a_quantizer[self._a_key](x)
-        if self._w_quantized is not None:
-            w = leading(self._w_quantized, self.active_out_channels, c_in)
-        else:
-            w = leading(self.weight, self.active_out_channels, c_in)
-            if self._w_key is not None:
-                w = self.w_quantizer[self._w_key](w, w_full=self.weight)
-        y = F.conv2d(x, w, None, self.stride, self.padding)
+        y = F.conv2d(x, self._active_weight(self.active_out_channels, c_in), None, self.stride, self.padding)
         if self.bn is not None:
             y = self.bn(y)
         return self.act(y)
@@ -317,13 +320,7 @@ class DynamicQLinear(_ActiveBits, nn.Module):
             raise ValueError(f"input has {c_in} features, this linear layer takes at most {self.in_features}")
         if self._a_key is not None:
             x = self.a_quantizer[self._a_key](x)
-        if self._w_quantized is not None:
-            w = leading(self._w_quantized, self.out_features, c_in)
-        else:
-            w = leading(self.weight, self.out_features, c_in)
-            if self._w_key is not None:
-                w = self.w_quantizer[self._w_key](w, w_full=self.weight)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self._active_weight(self.out_features, c_in), self.bias)
 
     def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
         """``(weight, quantizer, weight)`` (every input feature), or None in full precision."""

@@ -18,10 +18,12 @@ from qfa.checkpoint import load_supernet, save_supernet
 from qfa.cli import entry, main
 from qfa.search.predictor import load_predictor
 from qfa.search.runtime import resolve_device
+from qfa.train.ckpt import CheckpointError
 from qfa.train.distributed import parse_device, pick_device
 from qfa.train.evaluation import with_resolution
 from qfa.train.options import EvalOptions, load_config_file
 from qfa.train.report import JsonlLog
+from qfa.train.weights import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTIONS = (8, 12, 16)
@@ -80,6 +82,9 @@ def test_corrupt_checkpoint_or_predictor_names_the_file(files, name, capsys, tmp
         with pytest.raises(ValueError, match="is corrupt or not a torch checkpoint") as info:
             load(path)
         assert str(path) in str(info.value) and "weights_only" not in str(info.value)
+    with pytest.raises(CheckpointError, match="is corrupt or not a torch checkpoint") as info:
+        read_checkpoint(path)  # eval's and calibrate's loader
+    assert "weights_only" not in str(info.value)
     rc, err = _entry(
         capsys, ["collect", "--checkpoint", str(path), "--out", str(tmp_path / "c.jsonl"), "--num-samples", "1"]
     )

@@ -10,6 +10,7 @@ import pytest
 from qfa import SearchSpace
 from qfa.search.collect import CollectSettings, pending_indices
 from qfa.search.records import append_records, atomic_write_text, check_consistent, read_records, space_id
+from qfa.search.sampling import SamplingMix
 from qfa.search.space import space_to_dict
 
 
@@ -87,6 +88,14 @@ def test_pending_indices_resume_ranks_and_mismatches(tmp_path):
         pending_indices(path, settings, SearchSpace(depth_list=(1, 2)))
     with pytest.raises(ValueError, match="rank=2"):
         pending_indices(path, settings, space, rank=2, world_size=2)
+    # Records that store their sampling settings must be resumed with the same ones.
+    other = tmp_path / "t.jsonl"
+    append_records(other, [{**_record(space, 0), "sampling": settings.sampling()}])
+    assert pending_indices(other, settings, space) == list(range(1, 10))
+    changed = CollectSettings(num_samples=10, seed=0, mix=SamplingMix(p_full_depth=1.0), num_calib_batches=3)
+    expected = r"drawn with .*'p_full_depth': 0.3.*this run: .*'num_calib_batches': 3,.*'p_full_depth': 1.0"
+    with pytest.raises(ValueError, match=expected):
+        pending_indices(other, changed, space)
     assert check_consistent(read_records(path), path) == space_to_dict(space)
     append_records(path, [_record(SearchSpace(bits_list=(2, 4)), 11)])
     with pytest.raises(ValueError, match="2 different search spaces"):

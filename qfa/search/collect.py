@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
@@ -39,6 +39,10 @@ class CollectSettings:
         if self.num_calib_batches < 1:
             raise ValueError(f"num_calib_batches must be >= 1, got {self.num_calib_batches}")
 
+    def sampling(self) -> dict[str, Any]:
+        """What decides the samples besides the seed: stored in every record, checked on resume."""
+        return {**asdict(self.mix), "num_calib_batches": self.num_calib_batches}
+
 
 def pending_indices(
     path: str | os.PathLike, settings: CollectSettings, space: Any, rank: int = 0, world_size: int = 1
@@ -58,6 +62,15 @@ def pending_indices(
             raise ValueError(
                 f"{path} holds samples drawn with seed {rec.get('seed')}; resume with --seed {rec.get('seed')} "
                 "or write to another --out"
+            )
+        # Records written before the settings were stored have none: nothing to compare.
+        stored = rec.get("sampling", settings.sampling())
+        if stored != settings.sampling():
+            differ = {k: v for k, v in stored.items() if settings.sampling().get(k) != v}
+            raise ValueError(
+                f"{path} holds samples drawn with {differ} (this run: "
+                f"{ {k: settings.sampling().get(k) for k in differ} }); resume with the same settings or "
+                "write to another --out"
             )
         done.add(int(rec["index"]))
     return [i for i in range(rank, settings.num_samples, world_size) if i not in done]
@@ -79,6 +92,7 @@ def measure_sample(
     record: dict[str, Any] = {
         "index": index,
         "seed": settings.seed,
+        "sampling": settings.sampling(),
         "space_id": space_id(space),
         "space": space,
         "config": cfg.to_dict(),

@@ -27,9 +27,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(
-            f"{str(path)!r} is corrupt or not a torch checkpoint ({type(err).__name__}: {err})"
-        ) from err
+        # torch's own text would suggest weights_only=False, i.e. turning off the safe loader
+        raise CheckpointError(f"{str(path)!r} is corrupt or not a torch checkpoint ({type(err).__name__})") from err
     if isinstance(payload, Mapping) and payload.get("kind") == qckpt.FORMAT_KIND:
         return QFA_SUPERNET, payload
     if isinstance(payload, Mapping) and payload.get("format") == TRAIN_FORMAT:

@@ -1,7 +1,9 @@
-"""Atomic file writes: every file qfa writes (checkpoints, predictors, exports, JSON, plots) goes to a
-temporary file in the target's directory, is fsynced, then ``os.replace``-d over the target, so a
-reader (or a run resumed after a crash) sees the previous complete file or the new one, never a torn
-one. On an error the temporary file is removed and the target is left as it was.
+"""File writes that survive a crash. Atomic writes: every file qfa writes (checkpoints, predictors,
+exports, JSON, plots) goes to a temporary file in the target's directory, is fsynced, then
+``os.replace``-d over the target, so a reader (or a run resumed after a crash) sees the previous
+complete file or the new one, never a torn one. On an error the temporary file is removed and the
+target is left as it was. Appended JSON-lines files instead cut a torn last line before appending
+(:func:`drop_partial_last_line`).
 
 Only the standard library and torch are imported here (a writer process can load this file alone).
 """
@@ -93,6 +95,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode())
+
+
+def drop_partial_last_line(fd: int) -> None:
+    """Truncate the file open as ``fd`` (read-write) after its last newline: a line left unfinished by a
+    killed writer is cut off, so the next append starts a line of its own instead of gluing onto it."""
+    size = os.fstat(fd).st_size
+    end = _end_of_last_line(fd, size)
+    if end != size:
+        os.ftruncate(fd, end)
+
+
+def _end_of_last_line(fd: int, size: int, chunk: int = 1 << 16) -> int:
+    """Offset just past the last newline of the file (0 if there is none)."""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - chunk)
+        block = os.pread(fd, pos - start, start)
+        k = block.rfind(b"\n")
+        if k >= 0:
+            return start + k + 1
+        pos = start
+    return 0
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qfa.io import atomic_write_text as atomic_write_text  # re-exported (moved to qfa.io)
+from qfa.io import drop_partial_last_line
 from qfa.search.space import space_to_dict
 
 
@@ -69,28 +70,11 @@ def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        size = os.fstat(fd).st_size
-        if size:
-            end = _end_of_last_line(fd, size)
-            if end != size:
-                os.ftruncate(fd, end)
+        drop_partial_last_line(fd)
         os.write(fd, payload)
         os.fsync(fd)
     finally:
         os.close(fd)  # releases the lock
-
-
-def _end_of_last_line(fd: int, size: int, chunk: int = 1 << 16) -> int:
-    """Offset just past the last newline of the file (0 if there is none)."""
-    pos = size
-    while pos > 0:
-        start = max(0, pos - chunk)
-        block = os.pread(fd, pos - start, start)
-        k = block.rfind(b"\n")
-        if k >= 0:
-            return start + k + 1
-        pos = start
-    return 0
 
 
 def check_consistent(records: list[dict[str, Any]], path: str | os.PathLike) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qfa.io import drop_partial_last_line
+
 
 class JsonlLog:
     """Appends one JSON object per line to ``path`` (flushed each time, so a crash loses nothing)."""
@@ -27,18 +29,12 @@ class JsonlLog:
 
 
 def _drop_partial_line(path: Path) -> None:
-    """Cut a last line left unfinished by a killed run, so the next append starts a line of its own
-    (otherwise it glues onto the torn one and corrupts a line in the middle of the file)."""
-    from qfa.search.records import _end_of_last_line
-
+    """Cut a last line left unfinished by a killed run (``qfa.io.drop_partial_last_line``)."""
     if not path.is_file():
         return
     fd = os.open(path, os.O_RDWR)
     try:
-        size = os.fstat(fd).st_size
-        end = _end_of_last_line(fd, size) if size else 0
-        if end != size:
-            os.ftruncate(fd, end)
+        drop_partial_last_line(fd)
     finally:
         os.close(fd)
 

@@ -32,6 +32,7 @@ from bench.kernels import environment  # noqa: E402
 from bench.timing import time_cpu_interleaved  # noqa: E402
 from bquant_kernels.backends import get as get_backend  # noqa: E402
 from bquant_kernels.qparams import NUM_QPARAMS  # noqa: E402
+from qfa.io import atomic_write_text  # noqa: E402
 
 SHAPE = (4, 8, 3, 3)
 
@@ -96,10 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         print(f"  {r['backend']:<10} {r['route']:<18} {r['median_s'] * 1e6:8.1f} us")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({**env, "shape": list(SHAPE), "rows": rows}, indent=2) + "\n")
-        tmp.replace(args.json)  # never a half-written file
+        atomic_write_text(args.json, json.dumps({**env, "shape": list(SHAPE), "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -50,6 +50,7 @@ from bench.eager_published import batchquant_published, lsq_published  # noqa: E
 from bench.timing import time_cpu_interleaved, time_cuda_graph, time_fn  # noqa: E402
 from bquant_kernels.backends import get as get_backend  # noqa: E402
 from bquant_kernels.qparams import LN2, batchquant_grid, lsq_grid  # noqa: E402
+from qfa.io import atomic_write_text  # noqa: E402
 
 GPU_SHAPES = ("64x144x56x56", "64x96x28x28", "64x576x14x14", "64x24x14x14", "64x1536")
 CPU_SHAPES = ("64x24x14x14", "64x1536", "64x96x28x28")
@@ -474,8 +475,7 @@ def write_report(path: Path, env: dict, args: argparse.Namespace, device: torch.
     settings["lsq_shapes"] = [format_shape(s) for s in settings["lsq_shapes"]]
     settings["timing"] = timing_budget(device, args.quick)
     report = {**env, "settings": settings, "rows": [r.to_json() for r in rows], "summary": summarize(rows)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")  # rewritten after every case
 
 
 def main(argv: Sequence[str] | None = None) -> int:

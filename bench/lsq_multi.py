@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import bquant_kernels as bk  # noqa: E402
 from bench.kernels import DTYPES, environment  # noqa: E402
 from bench.timing import time_fn  # noqa: E402
+from qfa.io import atomic_write_text  # noqa: E402
 from qfa.networks import QFAMobileNetV3  # noqa: E402
 
 
@@ -94,8 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         report = {**env, "tensors": n, "elements": numel, "dtype": args.dtype, "bits": bits, "max_abs_diff": mismatch}
         report["rows"] = rows
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 import bquant_kernels as bk  # noqa: E402
 from bquant_kernels.backends import get as get_backend  # noqa: E402
+from qfa.io import atomic_write_text  # noqa: E402
 
 FUSED = ("cpu", "cuda", "triton")
 QUANT_BITS = (2, 3, 4)  # phase 1: every subnet is quantized
@@ -262,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
             "results": results,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2))
+        atomic_write_text(args.json, json.dumps(record, indent=2))
     return 0
 
 

@@ -304,6 +304,19 @@ def test_host_overhead_json(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_throw_probe_sees_every_cpu_throw_reach_python(capsys):
+    """bench/throw_probe.py (a gpu_check stage) must report a C++ check that throws as "raised"
+    here, where none crashes: else its verdicts on the GPU machine would mean nothing."""
+    from bench.throw_probe import PROBES, main
+
+    assert main() == 0
+    out = capsys.readouterr().out
+    for name, (needs, _code) in PROBES.items():
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name + " "))
+        assert "raised: " in line or (needs and f"skipped: needs a {needs}" in line), line
+    assert "numel_full must be >= w.numel()" in out  # the throw came from the C++ CPU kernel
+
+
 def test_gpu_check_script_runs_its_frame_without_a_gpu(tmp_path):
     """bench/gpu_check.sh runs only on a lent GPU; its frame (stage selection, summary JSON, the
     8-file limit of what comes back) is checked here with no stage selected."""
@@ -316,7 +329,7 @@ def test_gpu_check_script_runs_its_frame_without_a_gpu(tmp_path):
     expected = {
         "build",
         "isolated",
-        "isolated_nocuda",
+        "throw_probe",
         "native_bt",
         "pytest",
         "kernels",

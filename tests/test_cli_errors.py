@@ -263,3 +263,57 @@ def test_metrics_log_drops_a_torn_last_line(tmp_path):
     path.write_text('{"step": 1')  # only a torn line
     JsonlLog(path).write({"step": 2})
     assert path.read_text() == '{"step": 2}\n'
+
+
+# ----------------------------------------------------------------------------- export: one consistent set
+
+
+def _export(files, out_dir: Path, *extra: str) -> int:
+    argv = ["export", "--checkpoint", str(files["s"]), "--config", str(files["cfg"]), "--device", "cpu"]
+    argv += ["--out-dir", str(out_dir), "--resolution", "16", "--calib-batches", "1", "--batch-size", "32", *extra]
+    return main(argv)
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_failed_export_leaves_the_previous_export_as_it_was(files, tmp_path, monkeypatch):
+    from qfa.commands import export
+
+    out = tmp_path / "ex"
+    assert _export(files, out) == 0
+    before = _snapshot(out)
+    assert set(before) == {"subnet.pt", "subnet.onnx", "subnet.npz", "export.json"}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "save_deployment_npz", full_disk)  # after the new .pt and .onnx exist
+    with pytest.raises(OSError, match="No space left"):
+        _export(files, out, "--calib-batch-size", "16")
+    assert _snapshot(out) == before  # no new subnet.pt beside the old .onnx, no staging leftovers
+
+
+def test_onnx_beyond_tolerance_fails_on_stderr_and_says_so_in_the_report(files, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from qfa.commands import export
+
+    monkeypatch.setattr(export, "run_onnx", lambda path, images: np.zeros((len(images), 10), np.float32))
+    out = tmp_path / "ex"
+    assert _export(files, out) == 1
+    captured = capsys.readouterr()
+    assert "qfa export: error: the ONNX model differs from PyTorch by" in captured.err
+    assert "error" not in captured.out
+    report = json.loads((out / "export.json").read_text())
+    assert report["onnx"]["within_atol"] is False and report["onnx"]["max_abs_diff"] > 1e-3
+
+
+def test_export_without_onnx_removes_the_older_onnx_files(files, tmp_path):
+    out = tmp_path / "ex"
+    assert _export(files, out) == 0
+    assert json.loads((out / "export.json").read_text())["onnx"]["within_atol"] is True
+    assert _export(files, out, "--no-onnx") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "subnet.pt"]
+    assert "onnx" not in json.loads((out / "export.json").read_text())

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ from qfa.calibrate import resize
 from qfa.config import SubnetConfig
 from qfa.export.onnx_export import export_onnx, run_onnx, save_deployment_npz
 from qfa.export.standalone import export_subnet, load_standalone
-from qfa.io import atomic_write_text
+from qfa.io import TMP_PREFIX, atomic_write_text
 from qfa.search.runtime import add_data_arguments, add_supernet_arguments, load_model, make_loaders, resolve_device
 
 
@@ -34,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=None, help="input size; None: the config's resolution")
     p.add_argument("--out-dir", required=True, help="writes subnet.pt, subnet.onnx, subnet.npz, export.json")
     p.add_argument("--name", default="subnet", help="file name stem of the exported files")
-    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX and .npz exports")
+    p.add_argument(
+        "--no-onnx", action="store_true", help="skip the ONNX and .npz exports (an older NAME.onnx/.npz is removed)"
+    )
     p.add_argument("--onnx-atol", type=float, default=1e-3, help="max |ONNX - PyTorch| logit difference accepted")
 
 
@@ -77,22 +83,54 @@ def run(args: argparse.Namespace) -> int:
     model.set_active_config(cfg)
     qfa.calibrate(model, calib, num_batches=args.calib_batches, resolution=resolution)
     out_dir = Path(args.out_dir)
-    pt_path = out_dir / f"{args.name}.pt"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Every file is made and checked in a staging directory first, then moved into place, so that a
+    # failed export leaves the previous set in out_dir as it was, never a mix of old and new files.
+    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=f"{TMP_PREFIX}export-{args.name}."))
+    try:
+        report = _export_into(stage, args, model, cfg, resolution, val, device)
+        _install(stage, out_dir, args.name, report)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+    onnx_report = report.get("onnx")
+    if onnx_report is not None and not onnx_report["within_atol"]:
+        print(
+            f"qfa export: error: the ONNX model differs from PyTorch by {onnx_report['max_abs_diff']:.3g} > "
+            f"--onnx-atol {args.onnx_atol} (the files are written, see {out_dir / 'export.json'})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _export_into(
+    stage: Path,
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    cfg: SubnetConfig,
+    resolution: int,
+    val: Any,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Write the exports into ``stage`` and check them; the report names their final paths."""
+    out_dir = Path(args.out_dir)
+    pt_path = stage / f"{args.name}.pt"
     export_subnet(model, pt_path, resolution=resolution, checkpoint=str(args.checkpoint), data=str(args.data))
     images = resize(next(iter(val))[0], resolution)
     with torch.no_grad():
         reference = model(images)
         standalone = load_standalone(pt_path, backend=args.backend, map_location=device)(images)
-    report: dict[str, Any] = {
-        "config": cfg.to_dict() | {"resolution": resolution},
-        "standalone": {"path": str(pt_path), "exact": bool(torch.equal(standalone, reference))},
-        "costs": {k: float(v[0]) for k, v in qfa.cost.CostModel(model).evaluate_batch([cfg]).items()},
-    }
-    if not report["standalone"]["exact"]:
+    if not torch.equal(standalone, reference):
         diff = (standalone - reference).abs().max().item()
         raise RuntimeError(f"the standalone model does not reproduce the supernet (max |diff| {diff:.3g}): a bug")
+    report: dict[str, Any] = {
+        "config": cfg.to_dict() | {"resolution": resolution},
+        "standalone": {"path": str(out_dir / pt_path.name), "exact": True},
+        "costs": {k: float(v[0]) for k, v in qfa.cost.CostModel(model).evaluate_batch([cfg]).items()},
+    }
     if not args.no_onnx:
-        onnx_path, npz_path = out_dir / f"{args.name}.onnx", out_dir / f"{args.name}.npz"
+        onnx_path, npz_path = stage / f"{args.name}.onnx", stage / f"{args.name}.npz"
         net = load_standalone(pt_path, map_location="cpu")
         export_onnx(net, onnx_path, resolution, metadata={"checkpoint": str(args.checkpoint)})
         save_deployment_npz(net, npz_path)
@@ -100,19 +138,27 @@ def run(args: argparse.Namespace) -> int:
         got = run_onnx(onnx_path, images.float().cpu().numpy())
         diff = float(np.abs(got - ref).max())
         report["onnx"] = {
-            "path": str(onnx_path),
-            "npz": str(npz_path),
+            "path": str(out_dir / onnx_path.name),
+            "npz": str(out_dir / npz_path.name),
             "max_abs_diff": diff,
             "max_abs_logit": float(np.abs(ref).max()),
             "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
             "images": int(len(ref)),
             "atol": args.onnx_atol,
+            "within_atol": diff <= args.onnx_atol,
         }
+    return report
+
+
+def _install(stage: Path, out_dir: Path, name: str, report: dict[str, Any]) -> None:
+    """Move the staged files over the previous export of ``name``. export.json goes first and comes
+    back last, so a present export.json always describes the files beside it; an older
+    ``name.onnx``/``.npz`` that this export did not make (``--no-onnx``) is removed with it."""
+    (out_dir / "export.json").unlink(missing_ok=True)
+    for suffix in (".pt", ".onnx", ".npz"):
+        staged, target = stage / f"{name}{suffix}", out_dir / f"{name}{suffix}"
+        if staged.exists():
+            os.replace(staged, target)
+        else:
+            target.unlink(missing_ok=True)
     atomic_write_text(out_dir / "export.json", json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    if "onnx" in report and report["onnx"]["max_abs_diff"] > args.onnx_atol:
-        print(
-            f"export: ONNX differs from PyTorch by {report['onnx']['max_abs_diff']:.3g} > --onnx-atol {args.onnx_atol}"
-        )
-        return 1
-    return 0

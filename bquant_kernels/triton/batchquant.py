@@ -269,6 +269,7 @@ def _quantize_backward(
     zero = tl.load(qp_ptr + _QP_ZERO)
     l = tl.load(qp_ptr + _QP_L)
     offset = tl.load(offset_ptr).to(tl.float32)
+    step = tl.math.div_rn(scale, l)
     acc_dl = tl.zeros([BLOCK], dtype=tl.float32)
     acc_do = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(pid.to(tl.int64) * BLOCK, numel, n_programs * BLOCK):
@@ -276,7 +277,7 @@ def _quantize_backward(
         mask = offs < numel
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        grad_x, dl_term, do_term = batchquant_elem_backward(g, x, l, scale, zero, offset, qmin, qmax)
+        grad_x, dl_term, do_term = batchquant_elem_backward(g, x, l, scale, zero, offset, qmin, qmax, step)
         tl.store(gx_ptr + offs, cast_rne(grad_x, gx_ptr.dtype.element_ty), mask=mask)
         acc_dl += dl_term  # masked lanes have g = 0, so their terms are 0
         acc_do += do_term

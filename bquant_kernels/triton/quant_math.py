@@ -100,10 +100,16 @@ def batchquant_elem(x, l, scale, zero, offset, qmin, qmax):
 
 
 @triton.jit
-def batchquant_elem_backward(g, x, l, scale, zero, offset, qmin, qmax):
+def batchquant_elem_backward(g, x, l, scale, zero, offset, qmin, qmax, step):
     """Backward contributions of one element (spec 1.5) before the constant factors:
-    ``(grad_x, dl_term, do_term)`` with grad_l = sum(dl_term) / l and grad_o = -sum(do_term) * S / l."""
-    y, inside = batchquant_elem(x, l, scale, zero, offset, qmin, qmax)
+    ``(grad_x, dl_term, do_term)`` with grad_l = sum(dl_term) / l and grad_o = -sum(do_term) * S / l.
+
+    ``u`` (so q and the mask) is the forward's bit for bit; the y that only feeds the dl sum is
+    ``(q - z - o) * step`` with ``step = S / l``: a multiply where the forward divides, within about
+    one rounding of the forward's y (quant_math.h, batchquant_elem_backward)."""
+    u = tl.math.div_rn(x * l, scale) + zero + offset
+    inside = (u >= qmin) & (u <= qmax)
+    y = (round_half_even(clamp_nan(u, qmin, qmax)) - zero - offset) * step
     grad_x = tl.where(inside, g, 0.0)
     dl_term = tl.where(inside, g * (x - y), -g * y)
     do_term = tl.where(inside, 0.0, g)

@@ -132,7 +132,7 @@ std::pair<double, double> batch_range_of(const at::Tensor& x, int64_t C, int64_t
 // The element-pass scalars from a qparams array and the offset.
 template <typename A>
 BQScalarsT<A> element_scalars(const A* qp, double offset, Grid grid) {
-  return {qp[kL], qp[kScale], qp[kZero], static_cast<A>(offset), grid.qmin, grid.qmax};
+  return bq_scalars<A>(qp[kL], qp[kScale], qp[kZero], static_cast<A>(offset), grid.qmin, grid.qmax);
 }
 
 }  // namespace

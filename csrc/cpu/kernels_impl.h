@@ -63,10 +63,10 @@ inline V clamp_nan_vec(const V& v, const V& lo, const V& hi) {
 
 template <typename V>
 struct BQVecScalars {
-  V l, scale, zero, offset, qmin, qmax;
+  V l, scale, zero, offset, qmin, qmax, step;
   template <typename A>
   explicit BQVecScalars(const BQScalarsT<A>& p)
-      : l(p.l), scale(p.scale), zero(p.zero), offset(p.offset), qmin(p.qmin), qmax(p.qmax) {}
+      : l(p.l), scale(p.scale), zero(p.zero), offset(p.offset), qmin(p.qmin), qmax(p.qmax), step(p.step) {}
 };
 
 // batchquant_elem of quant_math.h on a vector; `in` gets the inclusive clamp mask.
@@ -248,9 +248,11 @@ BQChunkSums bq_backward(const T* g, const T* x, T* grad_x, int64_t n, const BQSc
     IO::load(g + i, vg);
     IO::load(x + i, vx);
     for (int k = 0; k < IO::kParts; ++k) {
-      // batchquant_elem_backward of quant_math.h: in ? {g, g * (x - y), 0} : {0, -g * y, g}.
-      V in;
-      const V y = batchquant_elem_vec(vx[k], vp, &in);
+      // batchquant_elem_backward of quant_math.h: in ? {g, g * (x - y), 0} : {0, -g * y, g}, with
+      // the forward's u and the sums' y = (q - z - o) * step.
+      const V u = vx[k] * vp.l / vp.scale + vp.zero + vp.offset;
+      const V in = (u >= vp.qmin) & (u <= vp.qmax);
+      const V y = (clamp_nan_vec(u, vp.qmin, vp.qmax).round() - vp.zero - vp.offset) * vp.step;
       gx[k] = V::blendv(zero, vg[k], in);
       // -g * y == g * -y bit for bit (a product's sign does not affect its rounding): one multiply.
       dl_acc = dl_acc + vg[k] * V::blendv(y.neg(), vx[k] - y, in);

@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kThreads)
     offset = static_cast<float>(load_scalar(a.offset));
   }
   __syncthreads();
-  const BQScalars p{qp[kL], qp[kScale], qp[kZero], offset, a.grid.qmin, a.grid.qmax};
+  const BQScalars p = bq_scalars(qp[kL], qp[kScale], qp[kZero], offset, a.grid.qmin, a.grid.qmax);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   map_unary<T, kVectorized>(x, y, a.numel, first, stride, [&](float v) { return batchquant_elem(v, p).y; });
@@ -341,12 +341,8 @@ template <typename T, bool kVectorized>
 __global__ void __launch_bounds__(kThreads) batchquant_backward_kernel(const T* __restrict__ grad_y,
                                                                        const T* __restrict__ x,
                                                                        T* __restrict__ grad_x, BackwardArgs a) {
-  const BQScalars p{a.qparams[kL],
-                    a.qparams[kScale],
-                    a.qparams[kZero],
-                    static_cast<float>(load_scalar(a.offset)),
-                    a.grid.qmin,
-                    a.grid.qmax};
+  const BQScalars p = bq_scalars(a.qparams[kL], a.qparams[kScale], a.qparams[kZero],
+                                 static_cast<float>(load_scalar(a.offset)), a.grid.qmin, a.grid.qmax);
   float sum_dl = 0.0f;
   float sum_do = 0.0f;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;

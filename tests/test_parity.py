@@ -23,6 +23,8 @@ from helpers import (
 )
 
 import bquant_kernels as bk
+from bquant_kernels.backends import get as get_backend
+from bquant_kernels.qparams import SCALE, ZERO, L
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SCALAR_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-3, torch.float16: 1e-3}
@@ -149,6 +151,26 @@ def test_bin_edges_and_ties_exact(backend, device, dtype, layout):
     np.testing.assert_array_equal(x.grad.double().cpu().numpy(), ref.grad_x)
     np.testing.assert_array_equal(used.double().cpu().numpy(), [-1.0, 2.75])
     assert ref.grad_x[0, 0, 0, 0] != 0 and ref.grad_x[0, 0, 1, 0] != 0, "bin edges must be inside (inclusive)"
+
+
+@backend_devices
+def test_16bit_output_is_the_step_multiple(backend, device):
+    """For float16/bfloat16 inputs y = (q - z - o) * (S / l), a multiply where the spec divides
+    (quant_math.h, batchquant_elem): every backend must give the same 16-bit values. These qparams
+    were searched for a level (q = 2) where the two forms round to different float16 values."""
+    require(backend, device, torch.float16)
+    theta = torch.tensor([1.7340123653411865], device=device)
+    offset = torch.zeros(1, device=device)
+    lo_hi = torch.tensor([-1.4730387926101685, 0.1711028516292572], device=device)
+    reference = get_backend("reference")
+    _, qp = reference.batchquant_forward(torch.zeros(1, 1), theta.cpu(), offset.cpu(), lo_hi.cpu(), 4, False, 1, 1)
+    S, z, l = qp[SCALE], qp[ZERO], qp[L]
+    t = torch.arange(0, 16, dtype=torch.float32) - z  # q - z - o for every level
+    by_step, by_division = (t * (S / l)).half(), (t * S / l).half()
+    assert not torch.equal(by_step, by_division), "the case must tell the two forms apart"
+    x = (t * S / l).half().reshape(1, 1, 16).to(device)  # one element on each level's centre
+    y = bk.batchquant(x, theta, offset, 4, lo_hi=lo_hi, backend=backend)
+    assert torch.equal(y.cpu().flatten(), by_step)
 
 
 @backend_devices

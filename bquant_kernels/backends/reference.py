@@ -59,7 +59,11 @@ def _qparams(lo: Tensor, hi: Tensor, theta: Tensor, bits: int, signed: bool, dty
 
 
 def _element_pass(x: Tensor, offset: Tensor, qp: Tensor, bits: int, signed: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """u and the spec 1.4 forward in the compute dtype: returns (xf, y, inside)."""
+    """u and the spec 1.4 forward in the compute dtype: returns (xf, y, inside).
+
+    For 16-bit ``x``, y = (q - z - o) * (S / l), as every backend computes it (a multiply where the
+    spec divides: the same 16-bit values but where the two float32 results straddle a rounding
+    midpoint; csrc/common/quant_math.h, batchquant_elem)."""
     qmin, qmax = batchquant_grid(bits, signed)
     dt = qp.dtype
     l, scale, zero = qp[L], qp[SCALE], qp[ZERO]
@@ -67,7 +71,7 @@ def _element_pass(x: Tensor, offset: Tensor, qp: Tensor, bits: int, signed: bool
     xf = x.to(dt)
     u = xf * l / scale + zero + o
     q = torch.round(torch.clamp(u, qmin, qmax))
-    y = (q - zero - o) * scale / l
+    y = (q - zero - o) * (scale / l) if x.element_size() == 2 else (q - zero - o) * scale / l
     inside = (u >= qmin) & (u <= qmax)  # inclusive at both ends (spec 1.5)
     return xf, y, inside
 

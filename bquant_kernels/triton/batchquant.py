@@ -238,8 +238,10 @@ def _quantize(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y, _ = batchquant_elem(x, l, scale, zero, offset, qmin, qmax)
-    tl.store(y_ptr + offs, cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
+    y_dtype = y_ptr.dtype.element_ty
+    by_step = (y_dtype == tl.float16) or (y_dtype == tl.bfloat16)
+    y = batchquant_elem(x, l, scale, zero, offset, qmin, qmax, tl.math.div_rn(scale, l), by_step)
+    tl.store(y_ptr + offs, cast_rne(y, y_dtype), mask=mask)
 
 
 @tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)

@@ -88,15 +88,19 @@ def softplus_ln2(theta):
 
 
 @triton.jit
-def batchquant_elem(x, l, scale, zero, offset, qmin, qmax):
-    """BatchQuant forward of float32 ``x`` (spec 1.4); returns ``(y, inside)``.
+def batchquant_elem(x, l, scale, zero, offset, qmin, qmax, step, BY_STEP: tl.constexpr):
+    """BatchQuant forward of float32 ``x`` (spec 1.4), returns ``y``.
 
     Operation order is part of the contract: u = x * l / S + z + o ; q = round(clamp(u)) ;
-    y = (q - z - o) * S / l. ``inside`` is the inclusive clamp mask qmin <= u <= qmax (spec 1.5)."""
+    y = (q - z - o) * S / l, or ``(q - z - o) * step`` (``step = S / l``) with ``BY_STEP``, for
+    16-bit outputs: the same 16-bit values but where the two straddle a rounding midpoint
+    (quant_math.h, batchquant_elem)."""
     u = tl.math.div_rn(x * l, scale) + zero + offset
     q = round_half_even(clamp_nan(u, qmin, qmax))
-    y = tl.math.div_rn((q - zero - offset) * scale, l)
-    return y, (u >= qmin) & (u <= qmax)
+    if BY_STEP:
+        return (q - zero - offset) * step
+    else:
+        return tl.math.div_rn((q - zero - offset) * scale, l)
 
 
 @triton.jit

@@ -146,22 +146,23 @@ BQ_HD BQScalarsT<T> bq_scalars(T l, T scale, T zero, T offset, T qmin, T qmax) {
   return {l, scale, zero, offset, qmin, qmax, scale / l};
 }
 
-// BatchQuant forward of one element (spec 1.4). Operation order is part of the contract:
+// BatchQuant forward of one element (spec 1.4) for inputs of `kBytes` bytes. Operation order is part
+// of the contract:
 //   u = x * l / S + z + o ; q = round(clamp(u, qmin, qmax)) ; y = (q - z - o) * S / l
-// (the CPU backend's vector form, csrc/cpu/kernels_impl.h, mirrors it op for op).
-template <typename T>
-struct BQElemT {
-  T y;
-  bool in;  // inclusive clamp mask qmin <= u <= qmax (spec 1.5)
-};
-using BQElem = BQElemT<float>;
-
-template <typename T>
-BQ_HD BQElemT<T> batchquant_elem(T x, const BQScalarsT<T>& p) {
+// (the CPU backend's vector form, csrc/cpu/kernels_impl.h, mirrors it op for op). For 16-bit inputs
+// the last step is y = (q - z - o) * step (step = S / l): a multiply where the spec divides. Its
+// float32 value is within about one float32 rounding of the spec's, so the stored 16-bit y is the
+// same except where the two straddle a 16-bit rounding midpoint (then one 16-bit ulp apart: spec 4
+// allows the dtype's rounding); every backend does the same, so they agree bit for bit per dtype.
+template <int kBytes, typename T>
+BQ_HD T batchquant_elem(T x, const BQScalarsT<T>& p) {
   const T u = x * p.l / p.scale + p.zero + p.offset;
   const T q = round_half_even(clamp_nan(u, p.qmin, p.qmax));
-  const T y = (q - p.zero - p.offset) * p.scale / p.l;
-  return {y, u >= p.qmin && u <= p.qmax};
+  if constexpr (kBytes == 2) {
+    return (q - p.zero - p.offset) * p.step;
+  } else {
+    return (q - p.zero - p.offset) * p.scale / p.l;
+  }
 }
 
 // Backward contributions of one element (spec 1.5), before the constant factors:

@@ -69,14 +69,16 @@ struct BQVecScalars {
       : l(p.l), scale(p.scale), zero(p.zero), offset(p.offset), qmin(p.qmin), qmax(p.qmax), step(p.step) {}
 };
 
-// batchquant_elem of quant_math.h on a vector; `in` gets the inclusive clamp mask.
-template <typename V>
-inline V batchquant_elem_vec(const V& x, const BQVecScalars<V>& p, V* in) {
+// batchquant_elem of quant_math.h on a vector.
+template <int kBytes, typename V>
+inline V batchquant_elem_vec(const V& x, const BQVecScalars<V>& p) {
   const V u = x * p.l / p.scale + p.zero + p.offset;
   const V q = clamp_nan_vec(u, p.qmin, p.qmax).round();
-  const V y = (q - p.zero - p.offset) * p.scale / p.l;
-  *in = (u >= p.qmin) & (u <= p.qmax);
-  return y;
+  if constexpr (kBytes == 2) {
+    return (q - p.zero - p.offset) * p.step;
+  } else {
+    return (q - p.zero - p.offset) * p.scale / p.l;
+  }
 }
 
 // Lanes of a vector folded in lane order with f.
@@ -226,12 +228,12 @@ void bq_forward(const T* x, T* y, int64_t n, const BQScalarsT<acc_t<T>>& p) {
   const BQVecScalars<V> vp(p);
   int64_t i = 0;
   for (; i + IO::kBlock <= n; i += IO::kBlock) {
-    V v[IO::kParts], in;
+    V v[IO::kParts];
     IO::load(x + i, v);
-    for (int k = 0; k < IO::kParts; ++k) v[k] = batchquant_elem_vec(v[k], vp, &in);
+    for (int k = 0; k < IO::kParts; ++k) v[k] = batchquant_elem_vec<sizeof(T)>(v[k], vp);
     IO::store(y + i, v);
   }
-  for (; i < n; ++i) y[i] = static_cast<T>(batchquant_elem(static_cast<acc_t<T>>(x[i]), p).y);
+  for (; i < n; ++i) y[i] = static_cast<T>(batchquant_elem<sizeof(T)>(static_cast<acc_t<T>>(x[i]), p));
 }
 
 template <typename T>

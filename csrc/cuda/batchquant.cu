@@ -308,7 +308,8 @@ __global__ void __launch_bounds__(kThreads)
   const BQScalars p = bq_scalars(qp[kL], qp[kScale], qp[kZero], offset, a.grid.qmin, a.grid.qmax);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  map_unary<T, kVectorized>(x, y, a.numel, first, stride, [&](float v) { return batchquant_elem(v, p).y; });
+  map_unary<T, kVectorized>(x, y, a.numel, first, stride,
+                            [&](float v) { return batchquant_elem<sizeof(T)>(v, p); });
 }
 
 void launch_forward(const at::Tensor& x, const at::Tensor& y, const ForwardArgs& args) {

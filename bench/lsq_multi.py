@@ -1,8 +1,9 @@
 """Benchmark of multi-tensor LSQ over every weight of the largest QFA subnet.
 
-Times the forward and forward+backward of ``bquant_kernels.lsq_multi`` (one launch each way on the
-``cuda`` backend) against the per-layer loop ``[bquant_kernels.lsq(w, s, b) for ...]`` that a model
-calling one quantizer per layer runs, for the weights of the max subnet (kernel 7, expand 6, depth 4)
+Times the forward, the backward op alone and forward+backward (``torch.autograd.grad``) of
+``bquant_kernels.lsq_multi`` (one launch each way on the ``cuda`` backend) against the per-layer loop
+``[bquant_kernels.lsq(w, s, b) for ...]`` that a model calling one quantizer per layer runs, for the
+weights of the max subnet (kernel 7, expand 6, depth 4)
 of the default QFA MobileNetV3 with mixed 2/3/4-bit weights.
 
 Usage::
@@ -73,12 +74,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bk.lsq_multi(weights, steps, bits, backend=backend)
 
     impls = {"per-layer loop": loop, "lsq_multi": multi}
+    # The backward ops alone, without the autograd engine: with 130 leaf inputs the engine's own
+    # per-input work (a graph task per input, same for both) outweighs the kernels on a slow host.
+    full = [w.numel() for w in weights]
+    plain = [w.detach() for w in weights], [s.detach() for s in steps]
+    backward_ops = {
+        "per-layer loop": lambda: [
+            torch.ops.bquant.native_lsq_bwd(g, w, s, b, True, nf)
+            for g, w, s, b, nf in zip(grads, *plain, bits, full, strict=True)
+        ],
+        "lsq_multi": lambda: torch.ops.bquant.native_lsq_multi_bwd(grads, *plain, bits, True, full),
+    }
     with torch.no_grad():
         mismatch = max(float((a - b).abs().max()) for a, b in zip(loop(), multi(), strict=True))
     rows = []
     for name, fn in impls.items():
         for pass_, closure in (
             ("fwd", fn),
+            ("bwd op", backward_ops[name]),
             ("fwd+bwd", lambda fn=fn: torch.autograd.grad(fn(), inputs, grads)),
         ):
             rows.append({"impl": name, "pass": pass_, "median_s": time_fn(closure, device=device)})

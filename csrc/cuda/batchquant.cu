@@ -61,7 +61,7 @@ struct RangeArgs {
   int64_t inner;
   int64_t rows_per_chunk;
   int64_t units;  // blocks per row chunk: one per channel (planes) or per channel tile (rows)
-  int lanes;      // threads per group (a power of two dividing kThreads)
+  int lanes;      // threads per group (planes: a power of two; rows: at most kThreads / 2)
   unsigned int* min_keys;  // [C], zeroed before the launch
   unsigned int* max_keys;  // [C], zeroed before the launch
   unsigned int* counter;
@@ -173,7 +173,8 @@ __global__ void __launch_bounds__(kThreads) range_rows_kernel(const T* __restric
   const int lane = threadIdx.x % lanes;
   const int groups = kThreads / lanes;
   const int64_t unit = tile * lanes + lane;  // channels [unit * kWidth, unit * kWidth + kWidth)
-  const bool active = unit < a.C / kWidth;
+  // lanes need not divide kThreads: the kThreads % lanes threads past the last whole group sit out.
+  const bool active = unit < a.C / kWidth && group < groups;
   const int64_t n_end = std::min(a.outer, (r + 1) * a.rows_per_chunk);
 
   float m[kWidth];
@@ -247,8 +248,13 @@ void launch_range(const at::Tensor& x, int64_t C, int64_t inner, float* out, Sca
       units = C;
       row_elems = inner;
     } else {
-      lanes = std::min<int64_t>(pow2_ceil(C / width), kWarpSize);
-      units = ceil_div(C / width, lanes);
+      // A whole row of channel units per group when at least two groups fit in a block (C = 144
+      // fp32 vectorized: 36 lanes, 7 groups, 4 threads idle), else tiles of a warp each. Rounding
+      // the lanes up to a power of two left up to half of them idle (36 units: a second tile with
+      // 4 of 32 lanes busy, and half of all blocks nearly empty).
+      const int64_t row_units = C / width;
+      lanes = row_units <= kThreads / 2 ? row_units : kWarpSize;
+      units = ceil_div(row_units, lanes);
       row_elems = lanes * width;
     }
     const int64_t resident = resident_blocks(reinterpret_cast<const void*>(kernel));

@@ -30,7 +30,17 @@ PROBES: dict[str, tuple[str, str]] = {
         "torch.cuda.init(); torch.ops.bquant.native_lsq_multi([w], [s], [4], True, [1])",
     ),
     "pybind_cuda": ("gpu", "_C.cuda_lsq_forward(w.cuda().double(), s.cuda(), 4, True)"),
+    # A minimal extension built here and now (pybind11 + c10 only, torch's default flags): whether any
+    # extension built on this machine crashes on a throw, or only ours.
+    "fresh_extension": ("ninja", "fresh_extension().throw_check(-1)"),
 }
+
+FRESH_SOURCE = r"""
+#include <c10/util/Exception.h>
+#include <pybind11/pybind11.h>
+void throw_check(int v) { TORCH_CHECK(v > 0, "probe: v must be positive, got ", v); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("throw_check", &throw_check); }
+"""
 
 PRELUDE = """
 import torch
@@ -39,6 +49,17 @@ from bquant_kernels import _ext
 _C = _ext.ext
 assert _C is not None, _ext.unavailable_reason
 w, s = torch.randn(4, 3), torch.ones(1)
+
+
+def fresh_extension():
+    import os, tempfile
+    from torch.utils import cpp_extension
+    build = tempfile.mkdtemp(prefix="bq-throw-probe-")
+    with open(os.path.join(build, "probe.cpp"), "w") as f:
+        f.write({fresh_source!r})
+    return cpp_extension.load("bq_throw_probe", [os.path.join(build, "probe.cpp")], build_directory=build)
+
+
 try:
     {code}
 except (RuntimeError, ValueError, TypeError) as err:
@@ -50,7 +71,7 @@ else:
 
 def start_probe(code: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-X", "faulthandler", "-c", PRELUDE.format(code=code)],
+        [sys.executable, "-X", "faulthandler", "-c", PRELUDE.format(code=code, fresh_source=FRESH_SOURCE)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -61,7 +82,7 @@ def verdict(proc: subprocess.Popen) -> tuple[str, str]:
     """(verdict, detail): 'raised' when the exception reached Python, else 'CRASH' or 'FAIL'."""
     out, _ = proc.communicate(timeout=120)
     if proc.returncode == 0:
-        return "raised", out.strip()
+        return "raised", out.strip().splitlines()[-1]  # the exception line (after any warnings)
     tail = " | ".join(out.strip().splitlines()[-3:])
     if proc.returncode < 0:
         return f"CRASH (signal {-proc.returncode})", tail
@@ -102,7 +123,12 @@ def main() -> int:
 
     from bquant_kernels import _ext
 
-    have = {"": True, "gpu": torch.cuda.is_available(), "cuda build": _ext.ext is not None and _ext.has_cuda()}
+    have = {
+        "": True,
+        "gpu": torch.cuda.is_available(),
+        "cuda build": _ext.ext is not None and _ext.has_cuda(),
+        "ninja": shutil.which("ninja") is not None,
+    }
     print("# toolchain")
     for line in toolchain():
         print("  " + line)

@@ -247,6 +247,10 @@ BQ_OP(lsq_multi_fwd_op, "native_lsq_multi_fwd", decltype(lsq_multi_fwd_cpu))
 BQ_OP(lsq_multi_bwd_op, "native_lsq_multi_bwd", decltype(lsq_multi_bwd_cpu))
 #undef BQ_OP
 
+// `t` in `dtype`: itself when it already is (Tensor::to would still be a dispatched op, and the
+// backward of every quantizer call returns two such scalars).
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 // Saves x, offset and the device scalars (qparams) only; the backward recomputes the rest from x.
 class BatchQuantFunction : public torch::autograd::Function<BatchQuantFunction> {
  public:
@@ -272,7 +276,7 @@ class BatchQuantFunction : public torch::autograd::Function<BatchQuantFunction> 
     auto [grad_x, grad_theta, grad_offset] = batchquant_bwd_op().call(
         grad_y, x, offset, saved[2], ctx->saved_data["bits"].toInt(), ctx->saved_data["signed"].toBool());
     const auto theta_dtype = static_cast<at::ScalarType>(ctx->saved_data["theta_dtype"].toInt());
-    return {grad_x, grad_theta.to(theta_dtype), grad_offset.to(offset.scalar_type()), {}, {}, {}};
+    return {grad_x, as_dtype(grad_theta, theta_dtype), as_dtype(grad_offset, offset.scalar_type()), {}, {}, {}};
   }
 };
 
@@ -295,7 +299,7 @@ class LSQFunction : public torch::autograd::Function<LSQFunction> {
     auto [grad_w, grad_step] =
         lsq_bwd_op().call(grads[0], saved[0], step, ctx->saved_data["bits"].toInt(),
                           ctx->saved_data["signed"].toBool(), ctx->saved_data["numel_full"].toInt());
-    return {grad_w, grad_step.to(step.scalar_type()), {}, {}, {}};
+    return {grad_w, as_dtype(grad_step, step.scalar_type()), {}, {}, {}};
   }
 };
 
@@ -335,7 +339,7 @@ class LSQMultiFunction : public torch::autograd::Function<LSQMultiFunction> {
     for (size_t i = 0; i < n; ++i) {
       at::Tensor g = std::move(per_step[i]);
       if (steps[i].dim() != 1) g = g.view(steps[i].sizes());
-      if (steps[i].scalar_type() != g.scalar_type()) g = g.to(steps[i].scalar_type());
+      g = as_dtype(g, steps[i].scalar_type());
       out.push_back(std::move(g));
     }
     out.resize(2 * n + 3);  // bits, signed, numel_full: no gradient

@@ -46,7 +46,8 @@ for arch in (80, 90):
             if fn.params[i].is_constexpr:
                 sig[name], consts[name] = "constexpr", CONSTEXPRS[name]
             elif name.endswith("_ptr"):
-                sig[name] = "*i32" if "counter" in name else "*bf16" if name == "x_ptr" else "*fp32"
+                # 16-bit data in and out (y: the forward's 16-bit branch), float32 qparams and partials
+                sig[name] = "*i32" if "counter" in name else "*bf16" if name in ("x_ptr", "y_ptr") else "*fp32"
             else:
                 sig[name] = "fp32" if name in FLOATS else "i64" if name == "numel" else "i32"
         ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),

@@ -33,6 +33,8 @@ struct VecIO {
   static constexpr int64_t kBlock = V::size();
   static void load(const T* p, V* v) { v[0] = V::loadu(p); }
   static void store(T* p, const V* v) { v[0].store(p); }
+  // Stores values that T holds exactly (loaded ones, masked, or zeros): no rounding needed.
+  static void store_exact(T* p, const V* v) { store(p, v); }
 };
 
 template <typename T>
@@ -48,12 +50,25 @@ struct VecIO16 {
     v[1] = b;
   }
   static void store(T* p, const V* v) { at::vec::convert_from_float<T>(v[0], v[1]).store(p); }
+  static void store_exact(T* p, const V* v) { store(p, v); }
 };
 
 template <>
 struct VecIO<c10::Half> : VecIO16<c10::Half> {};
 template <>
-struct VecIO<c10::BFloat16> : VecIO16<c10::BFloat16> {};
+struct VecIO<c10::BFloat16> : VecIO16<c10::BFloat16> {
+#ifdef CPU_CAPABILITY_AVX2
+  // A float that came from a bfloat16 has its low 16 bits zero, so dropping them is exact: a shift and
+  // a pack instead of convert_from_float's rounding and NaN handling (the backward's grad_x / grad_w
+  // are such values, or zeros).
+  static void store_exact(c10::BFloat16* p, const V* v) {
+    const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(v[0]), 16);
+    const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(v[1]), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);  // lane order back
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  }
+#endif
+};
 
 // clamp_nan of quant_math.h: v < lo ? lo : (v > hi ? hi : v); NaN fails both tests and stays NaN.
 template <typename V>
@@ -260,7 +275,7 @@ BQChunkSums bq_backward(const T* g, const T* x, T* grad_x, int64_t n, const BQSc
       dl_acc = dl_acc + vg[k] * V::blendv(y.neg(), vx[k] - y, in);
       do_acc = do_acc + V::blendv(vg[k], zero, in);
     }
-    IO::store(grad_x + i, gx);
+    IO::store_exact(grad_x + i, gx);  // g or 0
   }
   const auto add = [](double s, A v) { return s + static_cast<double>(v); };
   BQChunkSums sums{fold_lanes(dl_acc, 0.0, add), fold_lanes(do_acc, 0.0, add)};
@@ -311,7 +326,7 @@ double lsq_backward(const T* g, const T* w, T* grad_w, int64_t n, acc_t<T> abs_s
       gw[k] = V::blendv(zero, vg[k], inside);
       acc = acc + V::blendv(vg[k] * clamp_nan_vec(v, qn, qp), vg[k] * (v.round() - v), inside);
     }
-    IO::store(grad_w + i, gw);
+    IO::store_exact(grad_w + i, gw);  // g or 0
   }
   double sum = fold_lanes(acc, 0.0, [](double s_, A v) { return s_ + static_cast<double>(v); });
   for (; i < n; ++i) {

@@ -7,7 +7,7 @@ throws from one more place; which ones crash (and the toolchain facts printed wi
 the fault lies: torch itself, our extension as built there, only once CUDA is initialised, or only
 in the nvcc-compiled code.
 
-Usage: python bench/throw_probe.py            (exit status 1 if any probe crashed)
+Usage: python bench/throw_probe.py            (exit status 1 if any probe crashed or failed)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 
-# name -> (what it needs: "" | "cuda build" | "gpu", code that must raise an exception in Python)
+# name -> (what it needs: "" | "cuda build" | "gpu" | "ninja", code that must raise an exception in Python)
 PROBES: dict[str, tuple[str, str]] = {
     "torch_builtin": ("", "torch.ones(2) + torch.ones(3)"),
     "pybind_cpu": ("", "_C.cpu_lsq_backward(w, w, s, 4, True, 1)"),
@@ -52,9 +52,10 @@ w, s = torch.randn(4, 3), torch.ones(1)
 
 
 def fresh_extension():
-    import os, tempfile
+    import atexit, os, shutil, tempfile
     from torch.utils import cpp_extension
     build = tempfile.mkdtemp(prefix="bq-throw-probe-")
+    atexit.register(shutil.rmtree, build, True)
     with open(os.path.join(build, "probe.cpp"), "w") as f:
         f.write({fresh_source!r})
     return cpp_extension.load("bq_throw_probe", [os.path.join(build, "probe.cpp")], build_directory=build)

@@ -304,12 +304,14 @@ def test_host_overhead_json(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_throw_probe_sees_every_cpu_throw_reach_python(capsys):
+def test_throw_probe_sees_every_cpu_throw_reach_python(capsys, monkeypatch, tmp_path):
     """bench/throw_probe.py (a gpu_check stage) must report a C++ check that throws as "raised"
     here, where none crashes: else its verdicts on the GPU machine would mean nothing."""
     from bench.throw_probe import PROBES, main
 
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the probes build their extension
     assert main() == 0
+    assert list(tmp_path.iterdir()) == []  # and remove it again
     out = capsys.readouterr().out
     for name, (needs, _code) in PROBES.items():
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(name + " "))

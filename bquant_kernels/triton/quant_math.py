@@ -88,14 +88,16 @@ def softplus_ln2(theta):
 
 
 @triton.jit
-def batchquant_elem(x, l, scale, zero, offset, qmin, qmax, step, BY_STEP: tl.constexpr):
-    """BatchQuant forward of float32 ``x`` (spec 1.4), returns ``y``.
+def batchquant_u(x, l, scale, zero, offset):
+    """u = x * l / S + z + o (spec 1.4), the same in the forward and the backward."""
+    return tl.math.div_rn(x * l, scale) + zero + offset
 
-    Operation order is part of the contract: u = x * l / S + z + o ; q = round(clamp(u)) ;
-    y = (q - z - o) * S / l, or ``(q - z - o) * step`` (``step = S / l``) with ``BY_STEP``, for
-    16-bit outputs: the same 16-bit values but where the two straddle a rounding midpoint
-    (quant_math.h, batchquant_elem)."""
-    u = tl.math.div_rn(x * l, scale) + zero + offset
+
+@triton.jit
+def batchquant_y(u, l, scale, zero, offset, qmin, qmax, step, BY_STEP: tl.constexpr):
+    """y = (q - z - o) * S / l with q = round(clamp(u)), or ``(q - z - o) * step`` (``step = S / l``)
+    with ``BY_STEP``: a multiply where the spec divides, within about one float32 rounding
+    (quant_math.h, batchquant_y)."""
     q = round_half_even(clamp_nan(u, qmin, qmax))
     if BY_STEP:
         return (q - zero - offset) * step
@@ -104,16 +106,23 @@ def batchquant_elem(x, l, scale, zero, offset, qmin, qmax, step, BY_STEP: tl.con
 
 
 @triton.jit
+def batchquant_elem(x, l, scale, zero, offset, qmin, qmax, step, BY_STEP: tl.constexpr):
+    """BatchQuant forward of float32 ``x`` (spec 1.4), returns ``y``; ``BY_STEP`` for 16-bit outputs:
+    the same 16-bit values but where the two forms straddle a rounding midpoint (quant_math.h)."""
+    u = batchquant_u(x, l, scale, zero, offset)
+    return batchquant_y(u, l, scale, zero, offset, qmin, qmax, step, BY_STEP)
+
+
+@triton.jit
 def batchquant_elem_backward(g, x, l, scale, zero, offset, qmin, qmax, step):
     """Backward contributions of one element (spec 1.5) before the constant factors:
     ``(grad_x, dl_term, do_term)`` with grad_l = sum(dl_term) / l and grad_o = -sum(do_term) * S / l.
 
-    ``u`` (so q and the mask) is the forward's bit for bit; the y that only feeds the dl sum is
-    ``(q - z - o) * step`` with ``step = S / l``: a multiply where the forward divides, within about
-    one rounding of the forward's y (quant_math.h, batchquant_elem_backward)."""
-    u = tl.math.div_rn(x * l, scale) + zero + offset
+    ``u`` (so q and the mask) is the forward's bit for bit; the y that only feeds the dl sum is the
+    ``step`` form (quant_math.h, batchquant_elem_backward)."""
+    u = batchquant_u(x, l, scale, zero, offset)
     inside = (u >= qmin) & (u <= qmax)
-    y = (round_half_even(clamp_nan(u, qmin, qmax)) - zero - offset) * step
+    y = batchquant_y(u, l, scale, zero, offset, qmin, qmax, step, True)
     grad_x = tl.where(inside, g, 0.0)
     dl_term = tl.where(inside, g * (x - y), -g * y)
     do_term = tl.where(inside, 0.0, g)

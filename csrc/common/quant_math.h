@@ -146,23 +146,33 @@ BQ_HD BQScalarsT<T> bq_scalars(T l, T scale, T zero, T offset, T qmin, T qmax) {
   return {l, scale, zero, offset, qmin, qmax, scale / l};
 }
 
-// BatchQuant forward of one element (spec 1.4) for inputs of `kBytes` bytes. Operation order is part
-// of the contract:
+// BatchQuant forward of one element (spec 1.4). Operation order is part of the contract:
 //   u = x * l / S + z + o ; q = round(clamp(u, qmin, qmax)) ; y = (q - z - o) * S / l
-// (the CPU backend's vector form, csrc/cpu/kernels_impl.h, mirrors it op for op). For 16-bit inputs
-// the last step is y = (q - z - o) * step (step = S / l): a multiply where the spec divides. Its
-// float32 value is within about one float32 rounding of the spec's, so the stored 16-bit y is the
-// same except where the two straddle a 16-bit rounding midpoint (then one 16-bit ulp apart: spec 4
-// allows the dtype's rounding); every backend does the same, so they agree bit for bit per dtype.
-template <int kBytes, typename T>
-BQ_HD T batchquant_elem(T x, const BQScalarsT<T>& p) {
-  const T u = x * p.l / p.scale + p.zero + p.offset;
+// (the CPU backend's vector form, csrc/cpu/kernels_impl.h, mirrors it op for op). With kByStep the
+// last step is y = (q - z - o) * step (step = S / l): a multiply where the spec divides, within about
+// one float32 rounding of the spec's y. The forward takes it for 16-bit inputs (batchquant_elem): the
+// stored 16-bit y is the same except where the two straddle a 16-bit rounding midpoint (then one
+// 16-bit ulp apart: spec 4 allows the dtype's rounding); every backend does the same, so they agree
+// bit for bit per dtype. The backward takes it for every dtype (batchquant_elem_backward).
+template <typename T>
+BQ_HD T batchquant_u(T x, const BQScalarsT<T>& p) {
+  return x * p.l / p.scale + p.zero + p.offset;
+}
+
+template <bool kByStep, typename T>
+BQ_HD T batchquant_y(T u, const BQScalarsT<T>& p) {
   const T q = round_half_even(clamp_nan(u, p.qmin, p.qmax));
-  if constexpr (kBytes == 2) {
+  if constexpr (kByStep) {
     return (q - p.zero - p.offset) * p.step;
   } else {
     return (q - p.zero - p.offset) * p.scale / p.l;
   }
+}
+
+// y of one element for inputs of `kBytes` bytes.
+template <int kBytes, typename T>
+BQ_HD T batchquant_elem(T x, const BQScalarsT<T>& p) {
+  return batchquant_y<kBytes == 2>(batchquant_u(x, p), p);
 }
 
 // Backward contributions of one element (spec 1.5), before the constant factors:
@@ -183,9 +193,8 @@ using BQGrad = BQGradT<float>;
 
 template <typename T>
 BQ_HD BQGradT<T> batchquant_elem_backward(T g, T x, const BQScalarsT<T>& p) {
-  const T u = x * p.l / p.scale + p.zero + p.offset;
-  const T q = round_half_even(clamp_nan(u, p.qmin, p.qmax));
-  const T y = (q - p.zero - p.offset) * p.step;
+  const T u = batchquant_u(x, p);
+  const T y = batchquant_y<true>(u, p);
   if (u >= p.qmin && u <= p.qmax) return {g, g * (x - y), T(0)};
   return {T(0), -g * y, g};
 }

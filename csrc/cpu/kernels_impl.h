@@ -84,16 +84,25 @@ struct BQVecScalars {
       : l(p.l), scale(p.scale), zero(p.zero), offset(p.offset), qmin(p.qmin), qmax(p.qmax), step(p.step) {}
 };
 
-// batchquant_elem of quant_math.h on a vector.
-template <int kBytes, typename V>
-inline V batchquant_elem_vec(const V& x, const BQVecScalars<V>& p) {
-  const V u = x * p.l / p.scale + p.zero + p.offset;
+// batchquant_u, batchquant_y and batchquant_elem of quant_math.h on a vector.
+template <typename V>
+inline V batchquant_u_vec(const V& x, const BQVecScalars<V>& p) {
+  return x * p.l / p.scale + p.zero + p.offset;
+}
+
+template <bool kByStep, typename V>
+inline V batchquant_y_vec(const V& u, const BQVecScalars<V>& p) {
   const V q = clamp_nan_vec(u, p.qmin, p.qmax).round();
-  if constexpr (kBytes == 2) {
+  if constexpr (kByStep) {
     return (q - p.zero - p.offset) * p.step;
   } else {
     return (q - p.zero - p.offset) * p.scale / p.l;
   }
+}
+
+template <int kBytes, typename V>
+inline V batchquant_elem_vec(const V& x, const BQVecScalars<V>& p) {
+  return batchquant_y_vec<kBytes == 2>(batchquant_u_vec(x, p), p);
 }
 
 // Lanes of a vector folded in lane order with f.
@@ -265,11 +274,10 @@ BQChunkSums bq_backward(const T* g, const T* x, T* grad_x, int64_t n, const BQSc
     IO::load(g + i, vg);
     IO::load(x + i, vx);
     for (int k = 0; k < IO::kParts; ++k) {
-      // batchquant_elem_backward of quant_math.h: in ? {g, g * (x - y), 0} : {0, -g * y, g}, with
-      // the forward's u and the sums' y = (q - z - o) * step.
-      const V u = vx[k] * vp.l / vp.scale + vp.zero + vp.offset;
+      // batchquant_elem_backward of quant_math.h: in ? {g, g * (x - y), 0} : {0, -g * y, g}.
+      const V u = batchquant_u_vec(vx[k], vp);
       const V in = (u >= vp.qmin) & (u <= vp.qmax);
-      const V y = (clamp_nan_vec(u, vp.qmin, vp.qmax).round() - vp.zero - vp.offset) * vp.step;
+      const V y = batchquant_y_vec<true>(u, vp);
       gx[k] = V::blendv(zero, vg[k], in);
       // -g * y == g * -y bit for bit (a product's sign does not affect its rounding): one multiply.
       dl_acc = dl_acc + vg[k] * V::blendv(y.neg(), vx[k] - y, in);

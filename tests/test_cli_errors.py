@@ -33,6 +33,7 @@ RESOLUTIONS = (8, 12, 16)
 def files(tmp_path_factory) -> dict[str, Path]:
     """A tiny 10-class supernet, a garbage 'checkpoint', a truncated one and a subnet config."""
     d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
     model = qfa.QFAMobileNetV3(n_classes=10, width_mult=0.25, resolutions=RESOLUTIONS)
     save_supernet(model, d / "s.pt")
     (d / "garbage.pt").write_bytes(b"not a pt")
@@ -304,16 +305,46 @@ def test_onnx_beyond_tolerance_fails_on_stderr_and_says_so_in_the_report(files, 
     out = tmp_path / "ex"
     assert _export(files, out) == 1
     captured = capsys.readouterr()
-    assert "qfa export: error: the ONNX model differs from PyTorch by" in captured.err
+    expected = "qfa export: error: the ONNX model's logits are within --onnx-atol 0.001 of PyTorch's on 0.0%"
+    assert expected in captured.err
     assert "error" not in captured.out
-    report = json.loads((out / "export.json").read_text())
-    assert report["onnx"]["within_atol"] is False and report["onnx"]["max_abs_diff"] > 1e-3
+    report = json.loads((out / "export.json").read_text())["onnx"]
+    assert report["passed"] is False and report["images_within_atol"] == 0 and report["max_abs_diff"] > 1e-3
+
+
+def test_onnx_check_tolerates_a_bin_flip_in_a_few_images(files, tmp_path, monkeypatch):
+    """An activation at a bin edge may quantize one step away in onnxruntime (spec 4): that moves one
+    image's logits by up to a few tenths (seen on CI), which must not fail the export."""
+    from qfa.commands import export
+
+    run_onnx = export.run_onnx
+
+    def one_flipped_image(path, images):
+        logits = run_onnx(path, images)
+        logits[3, 1] += 0.4
+        return logits
+
+    monkeypatch.setattr(export, "run_onnx", one_flipped_image)
+    out = tmp_path / "ex"
+    assert _export(files, out) == 0
+    report = json.loads((out / "export.json").read_text())["onnx"]
+    assert report["passed"] is True and report["images"] == 32
+    assert report["images_within_atol"] == 31 / 32 and report["max_abs_diff"] > 0.39
+    assert _export(files, out, "--onnx-min-match", "1") == 1  # all images required: the flip fails it
+
+
+def test_onnx_check_arguments_are_validated(files, tmp_path):
+    with pytest.raises(ValueError, match=r"--onnx-min-match must be in \[0, 1\], got 1.5"):
+        _export(files, tmp_path / "ex", "--onnx-min-match", "1.5")
+    with pytest.raises(ValueError, match="--onnx-atol must be >= 0, got -1.0"):
+        _export(files, tmp_path / "ex", "--onnx-atol", "-1")
+    assert not (tmp_path / "ex").exists()
 
 
 def test_export_without_onnx_removes_the_older_onnx_files(files, tmp_path):
     out = tmp_path / "ex"
     assert _export(files, out) == 0
-    assert json.loads((out / "export.json").read_text())["onnx"]["within_atol"] is True
+    assert json.loads((out / "export.json").read_text())["onnx"]["passed"] is True
     assert _export(files, out, "--no-onnx") == 0
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "subnet.pt"]
     assert "onnx" not in json.loads((out / "export.json").read_text())

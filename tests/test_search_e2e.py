@@ -228,7 +228,7 @@ def test_export_reproduces_the_subnet(work, search_result):
     assert rc == 0
     assert report["standalone"]["exact"]
     assert report["config"] == result["front"][0]["config"]
-    assert report["onnx"]["max_abs_diff"] <= 1e-3
+    assert report["onnx"]["passed"] and report["onnx"]["images_within_atol"] >= 0.9
     assert report["onnx"]["argmax_agreement"] >= 0.99
     net = load_standalone(exp / "subnet.pt")  # no supernet needed
     assert net.config.resolution == report["config"]["resolution"]

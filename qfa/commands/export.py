@@ -3,8 +3,11 @@ QuantizeLinear/DequantizeLinear, and an .npz of integer weights and quantization
 
 The subnet is recalibrated on the supernet first (BN and BatchQuant statistics, spec 3). Both
 exports are checked on a held-out batch: the standalone model must reproduce the supernet's
-outputs bit for bit; the ONNX model (onnxruntime) within --onnx-atol (see qfa/export/onnx_export.py
-for why it is not bit-exact).
+outputs bit for bit; the ONNX model (onnxruntime) must give logits within --onnx-atol of PyTorch's on
+at least --onnx-min-match of the images. Not on all: onnxruntime rounds in another order than PyTorch,
+so an activation within float32 rounding of a bin edge can quantize one step away (spec 4 allows it
+between backends; see qfa/export/onnx_export.py), and that step changes that image's logits by up to
+a few tenths on a small network. A broken export moves every image; a bin flip, a few.
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-onnx", action="store_true", help="skip the ONNX and .npz exports (an older NAME.onnx/.npz is removed)"
     )
-    p.add_argument("--onnx-atol", type=float, default=1e-3, help="max |ONNX - PyTorch| logit difference accepted")
+    p.add_argument("--onnx-atol", type=float, default=1e-3, help="max |ONNX - PyTorch| logit difference of an image")
+    p.add_argument(
+        "--onnx-min-match",
+        type=float,
+        default=0.9,
+        help="fraction of the checked images whose logits must all lie within --onnx-atol (others: bin-edge flips)",
+    )
 
 
 def read_config(path: str | Path, index: int | None = None) -> SubnetConfig:
@@ -68,6 +77,10 @@ def read_config(path: str | Path, index: int | None = None) -> SubnetConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.onnx_atol >= 0:
+        raise ValueError(f"--onnx-atol must be >= 0, got {args.onnx_atol}")
+    if not 0 <= args.onnx_min_match <= 1:
+        raise ValueError(f"--onnx-min-match must be in [0, 1], got {args.onnx_min_match}")
     cfg = read_config(args.config, args.index)
     device = resolve_device(args.device)
     model = load_model(args, device)
@@ -94,10 +107,11 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(stage, ignore_errors=True)
     print(json.dumps(report, indent=2))
     onnx_report = report.get("onnx")
-    if onnx_report is not None and not onnx_report["within_atol"]:
+    if onnx_report is not None and not onnx_report["passed"]:
         print(
-            f"qfa export: error: the ONNX model differs from PyTorch by {onnx_report['max_abs_diff']:.3g} > "
-            f"--onnx-atol {args.onnx_atol} (the files are written, see {out_dir / 'export.json'})",
+            f"qfa export: error: the ONNX model's logits are within --onnx-atol {args.onnx_atol} of PyTorch's on "
+            f"{onnx_report['images_within_atol']:.1%} of the images < --onnx-min-match {args.onnx_min_match:.1%} "
+            f"(max |diff| {onnx_report['max_abs_diff']:.3g}; the files are written, see {out_dir / 'export.json'})",
             file=sys.stderr,
         )
         return 1
@@ -136,16 +150,20 @@ def _export_into(
         save_deployment_npz(net, npz_path)
         ref = reference.float().cpu().numpy()
         got = run_onnx(onnx_path, images.float().cpu().numpy())
-        diff = float(np.abs(got - ref).max())
+        image_diff = np.abs(got - ref).max(axis=1)
+        matched = float((image_diff <= args.onnx_atol).mean())
         report["onnx"] = {
             "path": str(out_dir / onnx_path.name),
             "npz": str(out_dir / npz_path.name),
-            "max_abs_diff": diff,
+            "max_abs_diff": float(image_diff.max()),
+            "median_image_max_abs_diff": float(np.median(image_diff)),
             "max_abs_logit": float(np.abs(ref).max()),
             "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
             "images": int(len(ref)),
             "atol": args.onnx_atol,
-            "within_atol": diff <= args.onnx_atol,
+            "images_within_atol": matched,
+            "min_match": args.onnx_min_match,
+            "passed": matched >= args.onnx_min_match,
         }
     return report
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,12 +121,16 @@ def _end_of_last_line(fd: int, size: int, chunk: int = 1 << 16) -> int:
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Delete temporary files left in ``directory`` by writers killed mid-write; returns what was removed.
-    Only safe where no other process is writing into ``directory`` at the same time."""
+    """Delete temporary files and staging directories left in ``directory`` by writers killed
+    mid-write; returns what was removed. Only safe where no other process is writing into
+    ``directory`` at the same time."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = [p for p in directory.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_file()]
+    stale = sorted(p for p in directory.iterdir() if p.name.startswith(TMP_PREFIX) and not p.is_symlink())
     for p in stale:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return stale

@@ -341,6 +341,16 @@ def test_onnx_check_arguments_are_validated(files, tmp_path):
     assert not (tmp_path / "ex").exists()
 
 
+def test_export_removes_what_a_killed_export_left(files, tmp_path):
+    out = tmp_path / "ex"
+    staging = out / f"{qfa_io.TMP_PREFIX}export-subnet.k1ll3d"
+    staging.mkdir(parents=True)
+    (staging / "subnet.pt").write_bytes(b"torn")
+    (out / f"{qfa_io.TMP_PREFIX}export.json.abc").write_text("{")
+    assert _export(files, out, "--no-onnx") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "subnet.pt"]
+
+
 def test_export_without_onnx_removes_the_older_onnx_files(files, tmp_path):
     out = tmp_path / "ex"
     assert _export(files, out) == 0

@@ -45,3 +45,8 @@ def test_atomic_path_suffix_text_and_stale_temps(tmp_path):
     stale = tmp_path / f"{qfa_io.TMP_PREFIX}last.pt.abc"  # what a killed writer leaves
     stale.write_bytes(b"torn")
     assert qfa_io.remove_stale_temps(tmp_path) == [stale] and not stale.exists()
+    staging = tmp_path / f"{qfa_io.TMP_PREFIX}export-subnet.xyz"  # a killed export's staging directory
+    (staging / "inner").mkdir(parents=True)
+    (staging / "inner" / "subnet.pt").write_bytes(b"torn")
+    assert qfa_io.remove_stale_temps(tmp_path) == [staging] and not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "r.json"]

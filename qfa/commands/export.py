@@ -29,7 +29,7 @@ from qfa.calibrate import resize
 from qfa.config import SubnetConfig
 from qfa.export.onnx_export import export_onnx, run_onnx, save_deployment_npz
 from qfa.export.standalone import export_subnet, load_standalone
-from qfa.io import TMP_PREFIX, atomic_write_text
+from qfa.io import TMP_PREFIX, atomic_write_text, remove_stale_temps
 from qfa.search.runtime import add_data_arguments, add_supernet_arguments, load_model, make_loaders, resolve_device
 
 
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     qfa.calibrate(model, calib, num_batches=args.calib_batches, resolution=resolution)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # of an export killed mid-way (one export per out_dir at a time: export.json)
     # Every file is made and checked in a staging directory first, then moved into place, so that a
     # failed export leaves the previous set in out_dir as it was, never a mix of old and new files.
     stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=f"{TMP_PREFIX}export-{args.name}."))

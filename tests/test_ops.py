@@ -247,7 +247,9 @@ def test_opcheck_native_ops(device):
     ss = [s, torch.tensor([-0.05], device=device, requires_grad=True), torch.tensor([0.2], device=device)]
     full = [500, 35, w.numel()]
     torch.library.opcheck(torch.ops.bquant.native_lsq_multi, (ws, ss, [4, 2, 8], True, full))
-    torch.library.opcheck(torch.ops.bquant.native_lsq_multi_fwd, ([t.detach() for t in ws], ss, [4, 2, 8], False))
+    torch.library.opcheck(
+        torch.ops.bquant.native_lsq_multi_fwd, ([t.detach() for t in ws], [t.detach() for t in ss], [4, 2, 8], False)
+    )
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -10,10 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from ..io import atomic_write_text
 from ..train import options
 from ..train.ckpt import CheckpointError
+
+if TYPE_CHECKING:  # imported inside prepare(): `qfa --help` stays light
+    from ..config import SubnetConfig
+    from ..data import DeviceLoader
+    from ..networks.mobilenetv3 import QFAMobileNetV3
 
 COLUMNS = ("subnet", "bits", "res", "top1", "top5", "loss", "n")
 
@@ -22,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_arguments(parser, options.EvalOptions)
 
 
-def prepare(opts: options.EvalOptions, single: bool = False):
+def prepare(
+    opts: options.EvalOptions, single: bool = False
+) -> tuple[QFAMobileNetV3, DeviceLoader, DeviceLoader, list[tuple[str, SubnetConfig]]]:
     """``(model, calib loader, val loader, configs)`` for ``opts`` (shared with ``qfa calibrate``;
     ``single``: one subnet, at the lowest bit-width unless ``--bits`` says otherwise)."""
     from .. import data as qdata

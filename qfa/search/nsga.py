@@ -142,7 +142,7 @@ class _Progress(Callback):
         super().__init__()
         self.bar = bar
 
-    def notify(self, algorithm) -> None:
+    def notify(self, algorithm: Any) -> None:
         self.bar.update(1)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from bquant_kernels import BatchQuantizer, LSQQuantizer
 from qfa.checkpoint import load_supernet
-from qfa.data import build_loaders, calib_loader, num_classes
+from qfa.data import DeviceLoader, build_loaders, calib_loader, num_classes
 from qfa.train.distributed import parse_device
 
 
@@ -73,7 +73,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
-def make_loaders(args: argparse.Namespace, model: nn.Module, device: torch.device):
+def make_loaders(args: argparse.Namespace, model: nn.Module, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
     """``(calib, val)`` loaders at the largest resolution of the space (subnets resize on the device)."""
     resolution = max(model.space.resolutions)
     common = {"workers": args.workers, "distributed": False, "seed": args.data_seed, "device": device}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,11 @@ def with_resolution(name: str, cfg: SubnetConfig, resolution: int | None, resolu
 
 
 def evaluate_configs(
-    model: nn.Module, configs: list[tuple[str, SubnetConfig]], calib_loader, val_loader, calib_batches: int
+    model: nn.Module,
+    configs: list[tuple[str, SubnetConfig]],
+    calib_loader: Iterable,
+    val_loader: Iterable,
+    calib_batches: int,
 ) -> list[dict[str, Any]]:
     """Recalibrate and evaluate each config; one row per subnet."""
     from ..evaluate import evaluate_subnet

@@ -51,6 +51,7 @@ def pending_indices(
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     sid = space_id(space)
+    sampling = settings.sampling()
     done = set()
     for rec in read_records(path):
         if rec.get("space_id") != sid:
@@ -64,12 +65,12 @@ def pending_indices(
                 "or write to another --out"
             )
         # Records written before the settings were stored have none: nothing to compare.
-        stored = rec.get("sampling", settings.sampling())
-        if stored != settings.sampling():
-            differ = {k: v for k, v in stored.items() if settings.sampling().get(k) != v}
+        stored = rec.get("sampling", sampling)
+        if stored != sampling:
+            differ = {k: v for k, v in stored.items() if sampling.get(k) != v}
             raise ValueError(
                 f"{path} holds samples drawn with {differ} (this run: "
-                f"{ {k: settings.sampling().get(k) for k in differ} }); resume with the same settings or "
+                f"{ {k: sampling.get(k) for k in differ} }); resume with the same settings or "
                 "write to another --out"
             )
         done.add(int(rec["index"]))

@@ -70,7 +70,7 @@ timeout 60 $PY -c "import bquant_kernels as bk; print(bk.backends())" 2>&1 | tee
 # The input-checking test alone first, without xdist and with faulthandler: a crash there (seen once)
 # then leaves its stack in the log instead of a lost worker.
 stage isolated 25 340 "$OUT/pytest.log" $PY -X faulthandler -m pytest -q -s -p no:cacheprovider -p no:xdist \
-  tests/test_cuda.py -k "bad_input"
+  tests/kernels/test_cuda.py -k "bad_input"
 # One C++ throw per path (torch itself, CPU code via pybind and via the dispatcher, nvcc-compiled
 # code, each before and after CUDA is initialised, and a minimal extension built on the spot), each in
 # its own process, with the compilers and C++ runtime: which throws crash, and so where the fault lies
@@ -81,11 +81,11 @@ if [[ "$STAGES" == *" isolated:0:"* ]]; then
   RUN="${RUN/native_bt/}"
 fi
 stage native_bt 40 300 "$OUT/pytest.log" /usr/local/cuda/bin/cuda-gdb -batch -ex run -ex bt -ex quit --args \
-  $PY -m pytest -q -s -p no:cacheprovider -p no:xdist tests/test_cuda.py -k "bad_input"
+  $PY -m pytest -q -s -p no:cacheprovider -p no:xdist tests/kernels/test_cuda.py -k "bad_input"
 # The GPU-relevant tests (every backend x device pair, the CUDA and Triton suites, ops, modules, the
 # quantized layers); the CPU-only rest runs in CI. pytest-xdist spreads them over 6 processes.
-GPU_TESTS="tests/test_cuda.py tests/test_parity.py tests/test_triton.py tests/test_ops.py tests/test_modules.py
-  tests/test_qfa_layers.py tests/test_qfa_train_step.py"
+GPU_TESTS="tests/kernels/test_cuda.py tests/kernels/test_parity.py tests/kernels/test_triton.py tests/kernels/test_ops.py tests/kernels/test_modules.py
+  tests/qfa/test_qfa_layers.py tests/qfa/test_qfa_train_step.py"
 stage pytest 90 210 "$OUT/pytest.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -n 6 \
   --durations=10 $GPU_TESTS
 

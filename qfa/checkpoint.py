@@ -1,7 +1,8 @@
 """Checkpoints: our own supernet format, and loaders for the published QFA and Once-for-All layouts.
 
-Layouts of the published checkpoints: ``/work/shared/data/README.md`` (``qfa-published-state-dict.tsv``
-for the released QFA supernet, ``ofa-mbv3-w1.2-state-dict.tsv`` for the full-precision OFA supernet).
+Layouts of the published checkpoints: ``tests/data/qfa-published-state-dict.tsv`` (the released QFA
+supernet) and ``tests/data/ofa-mbv3-w1.2-state-dict.tsv`` (the full-precision OFA supernet); see
+``tests/data/README.md``.
 """
 
 from __future__ import annotations

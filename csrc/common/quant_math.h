@@ -1,6 +1,6 @@
 // Per-element BatchQuant / LSQ math shared by the CPU and CUDA kernels.
 //
-// The numerical contract is ../shared/spec/batchquant.md (a copy lives in docs/spec-batchquant.md). Every backend
+// The numerical contract is docs/spec-batchquant.md. Every backend
 // must evaluate the same float32 expressions in the same order, so they live here once. The
 // observer (lo, hi -> S, z) and softplus are done in double: they run once per call.
 #pragma once

@@ -12,7 +12,7 @@ supernet, so without it DDP waits for gradients that never come (an error at the
 it, DDP marks the parameters outside the last subnet's graph as ready; those that accumulated a
 gradient under ``no_sync`` (its reducer records them as locally used) are all-reduced with the
 rest, so the union of the step's parameters is synchronised; parameters no subnet used keep no
-gradient. ``tests/test_train_distributed.py`` checks this against one process on the concatenated
+gradient. ``tests/qfa/test_train_distributed.py`` checks this against one process on the concatenated
 batch. ``static_graph`` would be wrong (the graph changes every step). Only the synced forward walks
 the autograd graph, once per step.
 

@@ -4,7 +4,7 @@ selection, and ``torch.compile(fullgraph=True)`` over the ops.
 
 On a CPU-only machine these run under Triton's interpreter (``TRITON_INTERPRET=1``, set by
 conftest.py before triton is imported); on a GPU they run compiled. Cross-backend parity against
-the float64 spec oracle is tests/test_parity.py.
+the float64 spec oracle is tests/kernels/test_parity.py.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import bquant_kernels as bk  # noqa: E402
 from bquant_kernels.backends import reference  # noqa: E402
 from bquant_kernels.backends import triton as triton_backend  # noqa: E402
 from bquant_kernels.qparams import DL_DTHETA, HI, LO, SCALE, ZERO, L  # noqa: E402
-from bquant_kernels.triton import batchquant as tbq  # noqa: E402
-from bquant_kernels.triton import launch  # noqa: E402
-from bquant_kernels.triton.rounding import cast_rne, round_half_even, round_half_even_portable  # noqa: E402
+from bquant_kernels.backends.triton import batchquant as tbq  # noqa: E402
+from bquant_kernels.backends.triton import launch  # noqa: E402
+from bquant_kernels.backends.triton.rounding import cast_rne, round_half_even, round_half_even_portable  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # The interpreter runs kernels in NumPy, which warns on the inf/NaN the tests feed in on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -348,9 +348,9 @@ def test_unavailable_without_gpu_or_interpreter_or_triton():
         "import importlib, sys\n"
         "from bquant_kernels.backends import triton as t\n"
         "print(t.DEVICES, t.available())\n"
-        "for name in [m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'bquant_kernels.triton'))]:\n"
+        "for name in [m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'bquant_kernels.backends.triton'))]:\n"
         "    del sys.modules[name]\n"
-        "del sys.modules['bquant_kernels.backends.triton'], sys.modules['bquant_kernels'].triton\n"
+        "del sys.modules['bquant_kernels.backends'].triton\n"
         "sys.modules['triton'] = None  # makes `import triton` raise ImportError\n"
         "t = importlib.import_module('bquant_kernels.backends.triton')\n"
         "print(t.available())\n"

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..qparams import DL_DTHETA, HI, LO, NUM_QPARAMS, SCALE, ZERO, L, batchquant_grid
+from ...qparams import DL_DTHETA, HI, LO, NUM_QPARAMS, SCALE, ZERO, L, batchquant_grid
 from .launch import (
     ELEMENTWISE_CONFIGS,
     ELEMENTWISE_INTERPRET,

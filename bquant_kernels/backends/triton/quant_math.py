@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..qparams import LN2, MIN_SCALE, SOFTPLUS_THRESHOLD
+from ...qparams import LN2, MIN_SCALE, SOFTPLUS_THRESHOLD
 from .launch import INTERPRET
 from .rounding import round_half_even
 

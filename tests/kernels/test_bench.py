@@ -21,7 +21,7 @@ from bench.eager_published import batchquant_published, lsq_published, published
 from bench.timing import SAMPLE_S, time_cpu_interleaved, time_fn
 from bquant_kernels.qparams import LN2, MIN_SCALE, batchquant_grid, lsq_grid
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------------------- inputs and tolerances
 

@@ -1,4 +1,4 @@
-"""The CUDA backend (csrc/cuda/) beyond numerical parity (tests/test_parity.py has the float64 oracle):
+"""The CUDA backend (csrc/cuda/) beyond numerical parity (tests/kernels/test_parity.py has the float64 oracle):
 every output element written, bitwise determinism, CUDA-graph capture and replay, concurrent
 streams, odd sizes and misaligned storage, 64-bit indexing, the launch counts, multi-tensor LSQ.
 

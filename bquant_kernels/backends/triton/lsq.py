@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..qparams import lsq_grid
+from ...qparams import lsq_grid
 from .launch import (
     ELEMENTWISE_CONFIGS,
     ELEMENTWISE_INTERPRET,

@@ -1,4 +1,4 @@
-"""Tests specific to the fused CPU backend (csrc/cpu); cross-backend parity is tests/test_parity.py.
+"""Tests specific to the fused CPU backend (csrc/cpu); cross-backend parity is tests/kernels/test_parity.py.
 
 Determinism across thread counts (bitwise), work-chunk and vector tails, NaN propagation, float64
 exactness against the reference, channels_last vs contiguous, the portable vs the AVX2 kernels, and

@@ -4,7 +4,7 @@ Each backend entry point is captured in a CUDA graph and replayed (``do_bench_cu
 also proves it makes no host sync (a sync inside a capture fails). The forward is split into its
 stages; "op" is the whole ``bquant_kernels.batchquant`` call with autograd, launches included.
 
-    python -m bquant_kernels.triton.benchmark [--shapes 64x144x56x56 ...] [--dtypes fp32 bf16]
+    python bench/triton_kernels.py [--shapes 64x144x56x56 ...] [--dtypes fp32 bf16]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import triton.testing
 
 import bquant_kernels as bk
 from bquant_kernels.backends import triton as backend
-from bquant_kernels.triton import batchquant as kernels
+from bquant_kernels.backends.triton import batchquant as kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Run without TRITON_INTERPRET (set for the rest of the suite by conftest): the interpreter replaces
 # the jit functions that triton.compile needs.
@@ -24,7 +24,7 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from bquant_kernels.triton import batchquant, lsq
+from bquant_kernels.backends.triton import batchquant, lsq
 
 CONSTEXPRS = {"BLOCK": 1024, "TILE": 2048, "BLOCK_I": 64, "BLOCK_C": 128, "WITH_QPARAMS": True,
               "FINISH_S": 4, "FINISH_C": 256, "FROM_RANGE": False}

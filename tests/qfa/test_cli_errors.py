@@ -25,7 +25,7 @@ from qfa.train.options import EvalOptions, load_config_file
 from qfa.train.report import JsonlLog
 from qfa.train.weights import read_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESOLUTIONS = (8, 12, 16)
 
 

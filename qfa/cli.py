@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "predictor": "train the accuracy predictor on collected samples",
     "search": "NSGA-II search over predicted accuracy and LUT-FLOPs",
     "export": "export a subnet: standalone quantized model and ONNX",
+    "cost": "MACs, params, BitOPs, LUT-FLOPs and published LUT-FLOPs of subnets (no data needed)",
 }
 
 

@@ -243,6 +243,11 @@ class FlopsLUT:
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         if table is not None:
             missing = [r for r in space.resolutions if r not in table]
+            if len(missing) == len(space.resolutions):
+                raise ValueError(
+                    f"{self.source}: no entries for any of the supernet's resolutions {_short(missing)} (the table "
+                    f"has {_short(sorted(table))}: a table of another supernet?)"
+                )
             if missing:
                 raise ValueError(
                     f"{self.source}: no entries for resolution(s) {_short(missing)} (the supernet uses "

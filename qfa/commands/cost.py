@@ -16,7 +16,7 @@ import sys
 from qfa.cost import CostModel
 from qfa.flops_lut import table_to_json
 from qfa.io import atomic_write_text
-from qfa.search.runtime import add_flops_lut_arguments, cost_model
+from qfa.search.runtime import add_flops_lut_arguments, make_cost_model
 
 COLUMNS = (  # (row key, header, scale)
     ("macs", "MACs (M)", 1e6),
@@ -58,10 +58,10 @@ def _cost_model(args: argparse.Namespace) -> CostModel:
     if args.checkpoint is None:
         from qfa.space import SearchSpace
 
-        return cost_model(args, SearchSpace(), n_classes=1000)
+        return make_cost_model(args, SearchSpace(), n_classes=1000)
     from qfa.checkpoint import load_supernet
 
-    return cost_model(args, load_supernet(args.checkpoint))
+    return make_cost_model(args, load_supernet(args.checkpoint))
 
 
 def run(args: argparse.Namespace) -> int:

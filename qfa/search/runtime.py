@@ -99,7 +99,7 @@ def add_flops_lut_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def cost_model(args: argparse.Namespace, space_or_model: object, n_classes: int = 1000) -> CostModel:
+def make_cost_model(args: argparse.Namespace, space_or_model: object, n_classes: int = 1000) -> CostModel:
     """The cost model of a supernet (or of a search space with ``n_classes``) with ``--flops-lut`` /
     ``--allow-pickle``."""
     if args.allow_pickle and args.flops_lut is None:

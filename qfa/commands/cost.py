@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.write_lut is not None:
         if cost.published is None:
             raise ValueError(cost.published_error)
-        atomic_write_text(args.write_lut, json.dumps(table_to_json(cost.published.table())) + "\n")
+        atomic_write_text(args.write_lut, json.dumps(table_to_json(cost.published.table()), separators=(",", ":")))
         print(f"wrote the FLOPs table ({cost.published.source}) to {args.write_lut}", file=sys.stderr)
     if args.subnets is None:
         return 0

@@ -91,7 +91,7 @@ def test_write_lut_is_the_published_table_and_converts_npy(tmp_path, capsys):
     published = json.loads(DATA.joinpath("qfa-published-lut-flops.json").read_text())
     formula = tmp_path / "formula.json"
     assert main(["cost", "--write-lut", str(formula)]) == 0
-    assert json.loads(formula.read_text()) == published
+    assert formula.read_bytes() == DATA.joinpath("qfa-published-lut-flops.json").read_bytes()
     # the published pickled .npy: refused without --allow-pickle, converted to the same JSON with it
     raw = {
         int(r): {

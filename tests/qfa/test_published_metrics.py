@@ -4,6 +4,7 @@ published Pareto set's scores, user tables in both layouts, and their errors."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -123,7 +124,7 @@ def test_formula_undefined_is_a_clear_error():
 
     class Other:
         space = model.space
-        arch = model.arch.__class__(**{**model.arch.__dict__, "stem_channels": model.arch.stem_channels + 8})
+        arch = dataclasses.replace(model.arch, stem_channels=model.arch.stem_channels + 8)
 
     other = CostModel(Other())
     with pytest.raises(ValueError, match="only for the MobileNetV3 template"):

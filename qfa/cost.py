@@ -26,13 +26,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .config import SubnetConfig
-from .flops_lut import FlopsLUT, normalise_table, read_table
+from .flops_lut import MIN_RESOLUTION, FlopsLUT, normalise_table, read_table
 from .networks.arch import BLOCK0_KERNEL, IN_CHANNELS, STEM_KERNEL, STEM_STRIDE, MobileNetV3Arch
 from .nn.se import se_mid_channels
 from .space import QLAYERS_PER_BLOCK, SearchSpace
 
 DEFAULT_RESOLUTION = 224
-MIN_FORMULA_RESOLUTION = 32  # the published formula's last feature map is r // 32
 FP_BITS = 8  # bit-width at which full-precision layers and 32-bit choices are counted
 METRICS = ("macs", "params", "bitops", "lut_flops", "published_lut_flops")
 METRIC_LABELS = {
@@ -95,10 +94,10 @@ class CostModel:
             return FlopsLUT(space, self.arch.n_classes, table, source), None
         if self.arch != MobileNetV3Arch.from_space(space, self.arch.n_classes):
             return None, "published_lut_flops is defined only for the MobileNetV3 template of the search space"
-        if min(space.resolutions) < MIN_FORMULA_RESOLUTION:
+        if min(space.resolutions) < MIN_RESOLUTION:
             return None, (
-                f"published_lut_flops needs resolutions >= {MIN_FORMULA_RESOLUTION} (the published table's "
-                f"feature maps r // 32 are empty below); this supernet has {min(space.resolutions)}"
+                f"published_lut_flops needs resolutions >= {MIN_RESOLUTION} (the published table's last "
+                f"feature map r // {MIN_RESOLUTION} is empty below); this supernet has {min(space.resolutions)}"
             )
         return FlopsLUT(space, self.arch.n_classes), None
 

@@ -36,6 +36,7 @@ BLOCK0_ENTRY = (BLOCK0_KERNEL, 1)  # block 0: kernel 3, expand 1 (no expand conv
 PARTS = ("total", "expand", "depthwise", "project")
 OTHER_NAMES = ("stem", "final expand", "feature mix", "classifier")
 MAX_BITS = 8  # every bit-width is capped at 8 (the published rule); 32 counts as 8
+MIN_RESOLUTION = 2 ** (1 + sum(s.stride == 2 for s in MBV3_STAGES))  # the last feature map r // 32 is >= 1
 # Canonical table: {resolution: {"mobile_inverted_blocks": [{(k, e): (total, expand, dw, project)}],
 # "other_blocks": {index: mflops}}}
 Table = dict[int, dict[str, Any]]
@@ -61,11 +62,10 @@ def formula_entries(space: SearchSpace, n_classes: int, resolution: int) -> dict
     ``round(C_in * e)``, SE (with biases) inside the depthwise entry, stage input sizes ``r // 2^k``, a
     strided depthwise output by conv arithmetic, and a block's total counting its project conv at that
     size while its project entry uses ``r // 2^k``."""
-    n_strides = 1 + sum(s.stride == 2 for s in MBV3_STAGES)
-    if resolution < 2**n_strides:
+    if resolution < MIN_RESOLUTION:
         raise ValueError(
-            f"published_lut_flops needs resolution >= {2**n_strides} (the published table's feature map "
-            f"r // {2**n_strides} is empty below), got {resolution}"
+            f"published_lut_flops needs resolution >= {MIN_RESOLUTION} (the published table's last feature map "
+            f"r // {MIN_RESOLUTION} is empty below), got {resolution}"
         )
 
     def width(c: int) -> int:

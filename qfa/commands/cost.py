@@ -36,7 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "fp (comma-separated), or published-pareto (the published Pareto front, shipped)",
     )
     p.add_argument(
-        "--resolution", type=int, default=None, help="None: each config's, else the smallest for min, largest else"
+        "--resolution",
+        type=int,
+        default=None,
+        help="score every config at this resolution; None: its own, else the smallest for min and the largest else",
     )
     p.add_argument(
         "--checkpoint",

@@ -94,6 +94,7 @@ setup(
     name="bquant",
     version="0.1.0",
     packages=find_packages(include=["bquant_kernels", "bquant_kernels.*", "qfa", "qfa.*"]),
+    package_data={"qfa.published": ["*.jsonl"]},  # the published Pareto front (qfa eval --subnets published-pareto)
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     entry_points={"console_scripts": ["qfa = qfa.cli:entry"]},

@@ -15,8 +15,9 @@ SUBCOMMANDS = {
     "eval": "recalibrate and evaluate subnets",
     "collect": "sample, recalibrate and evaluate subnets; append JSON lines",
     "predictor": "train the accuracy predictor on collected samples",
-    "search": "NSGA-II search over predicted accuracy and LUT-FLOPs",
+    "search": "NSGA-II search over predicted accuracy and a cost (LUT-FLOPs, published LUT-FLOPs, BitOPs, MACs)",
     "export": "export a subnet: standalone quantized model and ONNX",
+    "cost": "MACs, params, BitOPs, LUT-FLOPs and published LUT-FLOPs of subnets (no data needed)",
 }
 
 

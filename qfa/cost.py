@@ -8,7 +8,11 @@ Definitions (per conv / linear layer of the active subnet, from layer shapes):
   (what :meth:`QFAMobileNetV3.get_active_subnet` holds, quantizer parameters excluded).
 - ``bitops``: ``sum(macs * min(b_w, 8) * min(b_a, 8))``; 32 bits counts as 8 and the layers that stay
   in full precision (stem, SE) count as 8 x 8.
-- ``lut_flops``: ``bitops / 64`` (the paper's "MFLOPs" of quantized subnets).
+- ``lut_flops``: ``bitops / 64`` (spec 6's definition of the paper's "MFLOPs" of quantized subnets).
+- ``published_lut_flops``: the number the published search actually used: its FLOPs look-up table of
+  another network (``round(C * 1.2)`` widths, FLOPs with +2 per output, SE at the depthwise bits, ...)
+  combined by its rule (:mod:`qfa.flops_lut`, docs/metrics.md). From the closed formula of that table
+  (any resolution >= 32, any width multiplier), or from a user's table (``flops_lut``).
 
 ``CostModel.evaluate_batch`` scores many configs at once from per-block tables (10^5 configs in a
 fraction of a second); the single-config methods go through it.
@@ -16,18 +20,27 @@ fraction of a second); the single-config methods go through it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from .config import SubnetConfig
+from .flops_lut import MIN_RESOLUTION, FlopsLUT, normalise_table, read_table
 from .networks.arch import BLOCK0_KERNEL, IN_CHANNELS, STEM_KERNEL, STEM_STRIDE, MobileNetV3Arch
 from .nn.se import se_mid_channels
 from .space import QLAYERS_PER_BLOCK, SearchSpace
 
 DEFAULT_RESOLUTION = 224
 FP_BITS = 8  # bit-width at which full-precision layers and 32-bit choices are counted
-METRICS = ("macs", "params", "bitops", "lut_flops")
+METRICS = ("macs", "params", "bitops", "lut_flops", "published_lut_flops")
+METRIC_LABELS = {
+    "macs": "MACs",
+    "params": "parameters",
+    "bitops": "BitOPs",
+    "lut_flops": "LUT-FLOPs (BitOPs / 64)",
+    "published_lut_flops": "LUT-FLOPs (published table)",
+}
 
 
 def _conv_out(size: np.ndarray, stride: int) -> np.ndarray:
@@ -41,9 +54,23 @@ class CostModel:
     Args:
         space_or_model: the supernet, or its search space (then ``n_classes`` is needed).
         n_classes: classifier outputs when a space is given (ignored for a model).
+        flops_lut: a FLOPs table in the published layout (a path to its JSON or ``.npy`` form, or the
+            loaded mapping) to compute ``published_lut_flops`` with, instead of the closed formula;
+            checked against the space (resolutions, blocks, ``(k, e)`` entries).
+        allow_pickle: allow reading a ``.npy`` table (a pickle: loading it runs code from the file).
+
+    ``metrics`` lists what :meth:`evaluate_batch` returns: ``published_lut_flops`` is left out where the
+    closed formula is not defined (not the MobileNetV3 template, resolutions below 32);
+    :meth:`published_lut_flops` then raises a ``ValueError`` saying why.
     """
 
-    def __init__(self, space_or_model: object, n_classes: int = 1000) -> None:
+    def __init__(
+        self,
+        space_or_model: object,
+        n_classes: int = 1000,
+        flops_lut: str | os.PathLike | Mapping | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
         if isinstance(space_or_model, SearchSpace):
             self.space = space_or_model
             self.arch = MobileNetV3Arch.from_space(self.space, n_classes)
@@ -52,6 +79,27 @@ class CostModel:
         else:
             raise TypeError(f"space_or_model must be a SearchSpace or a QFAMobileNetV3, got {type(space_or_model)}")
         self._build_tables()
+        self.published, self.published_error = self._published_lut(flops_lut, allow_pickle)
+        self.metrics = METRICS if self.published is not None else METRICS[:-1]
+
+    def _published_lut(self, flops_lut: object, allow_pickle: bool) -> tuple[FlopsLUT | None, str | None]:
+        """The published-rule scorer, or ``(None, why not)`` where the closed formula is not defined."""
+        space = self.space
+        if flops_lut is not None:
+            if isinstance(flops_lut, Mapping):
+                table = normalise_table(flops_lut, "flops_lut")
+                source = "flops_lut"
+            else:
+                table, source = read_table(flops_lut, allow_pickle=allow_pickle), f"--flops-lut {flops_lut}"
+            return FlopsLUT(space, self.arch.n_classes, table, source), None
+        if self.arch != MobileNetV3Arch.from_space(space, self.arch.n_classes):
+            return None, "published_lut_flops is defined only for the MobileNetV3 template of the search space"
+        if min(space.resolutions) < MIN_RESOLUTION:
+            return None, (
+                f"published_lut_flops needs resolutions >= {MIN_RESOLUTION} (the published table's last "
+                f"feature map r // {MIN_RESOLUTION} is empty below); this supernet has {min(space.resolutions)}"
+            )
+        return FlopsLUT(space, self.arch.n_classes), None
 
     # ------------------------------------------------------------------ tables
 
@@ -140,8 +188,8 @@ class CostModel:
     def evaluate_batch(self, arrays: Mapping[str, object] | Sequence[SubnetConfig]) -> dict[str, np.ndarray]:
         """Costs of N configs: ``arrays`` maps ``ks``/``e`` (N, n_blocks), ``d`` (N, n_stages),
         ``w_bits``/``a_bits`` (N, n_qlayers) and optional ``resolution`` (N,) or scalar (default 224);
-        a sequence of :class:`SubnetConfig` is also accepted. Returns float64 arrays of
-        ``macs``, ``params``, ``bitops``, ``lut_flops`` (N,)."""
+        a sequence of :class:`SubnetConfig` is also accepted. Returns float64 arrays (N,) of each of
+        :attr:`metrics` (``macs``, ``params``, ``bitops``, ``lut_flops``, ``published_lut_flops``)."""
         if not isinstance(arrays, Mapping):
             arrays = self.to_arrays(list(arrays))
         a = self._check_arrays(arrays)
@@ -198,11 +246,16 @@ class CostModel:
             + 2 * self._c_out  # project + BN
         )
         params = (params_block * active).sum(axis=1) + self._fixed_params
-        return {"macs": macs, "params": params, "bitops": bitops, "lut_flops": bitops / FP_BITS**2}
+        out = {"macs": macs, "params": params, "bitops": bitops, "lut_flops": bitops / FP_BITS**2}
+        if self.published is not None:
+            out["published_lut_flops"] = self.published.score(a["ks"], a["e"], active, a["w_bits"], a["a_bits"], res)
+        return out
 
     def _one(self, cfg: SubnetConfig, metric: str) -> float:
         if not isinstance(cfg, SubnetConfig):
             raise TypeError(f"cfg must be a SubnetConfig, got {type(cfg).__name__}")
+        if metric not in self.metrics:
+            raise ValueError(self.published_error)
         return float(self.evaluate_batch([cfg])[metric][0])
 
     def macs(self, cfg: SubnetConfig) -> float:
@@ -220,3 +273,7 @@ class CostModel:
     def lut_flops(self, cfg: SubnetConfig) -> float:
         """LUT-FLOPs of ``cfg``: BitOPs / 64 (spec 6)."""
         return self._one(cfg, "lut_flops")
+
+    def published_lut_flops(self, cfg: SubnetConfig) -> float:
+        """LUT-FLOPs of ``cfg`` as the published search scored it (its table and rule; docs/metrics.md)."""
+        return self._one(cfg, "published_lut_flops")

@@ -2,8 +2,10 @@
 
 Published mix: a uniform draw, then full resolution with p=0.4, full depth with p=0.3 and one
 bit-width for all layers with p=0.3. Resumable (indices already in --out are skipped; a partial last
-line from a killed run is ignored). Under torchrun each rank collects its own share
-(``index % WORLD_SIZE == RANK``) on its own GPU and appends to the same file.
+line from a killed run is ignored). Each record carries MACs, params, BitOPs, LUT-FLOPs and, where
+defined, the published LUT-FLOPs (closed formula, or --flops-lut's table; docs/metrics.md). Under
+torchrun each rank collects its own share (``index % WORLD_SIZE == RANK``) on its own GPU and appends
+to the same file.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from qfa.search.collect import CollectSettings, collect_samples
 from qfa.search.runtime import (
     Ranks,
     add_data_arguments,
+    add_flops_lut_arguments,
     add_supernet_arguments,
     load_model,
+    make_cost_model,
     make_loaders,
     resolve_device,
 )
@@ -32,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-full-depth", type=float, default=0.3)
     p.add_argument("--p-uniform-bits", type=float, default=0.3)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flops_lut_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device, ranks)
     model = load_model(args, device)
+    cost_model = make_cost_model(args, model)  # before the data: a bad table must not wait for the loaders
     calib, val = make_loaders(args, model, device)
     added = collect_samples(
         model,
@@ -54,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         rank=ranks.rank,
         world_size=ranks.world_size,
         progress=not args.no_progress,
+        cost_model=cost_model,
     )
     where = f" (rank {ranks.rank}/{ranks.world_size})" if ranks.world_size > 1 else ""
     print(f"collect{where}: added {added} sample(s) to {args.out}")

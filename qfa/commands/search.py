@@ -1,10 +1,11 @@
-"""NSGA-II search over (predicted accuracy up, LUT-FLOPs down), then exact re-evaluation of the front.
+"""NSGA-II search over (predicted accuracy up, cost down), then exact re-evaluation of the front.
 
 Published defaults: population 500, 1000 generations, per-gene crossover 0.007, mutation 0.02.
-Hard limits: --max-mflops (LUT-FLOPs, millions), --max-bitops (raw BitOPs), --bits (allowed
-bit-widths). The predicted front is re-measured for real (recalibrate + evaluate on the held-out
-split), cheapest first, stopping a candidate early once it is clearly dominated by one already
-measured. Writes the front as JSON and a Pareto plot (PNG).
+Cost: --metric (lut_flops: BitOPs / 64; published_lut_flops: the published search's table and rule,
+or --flops-lut's table; bitops; macs; docs/metrics.md). Hard limits: --max-mflops (millions of the
+metric), --max-bitops (raw BitOPs), --bits (allowed bit-widths). The predicted front is re-measured
+for real (recalibrate + evaluate on the held-out split), cheapest first, stopping a candidate early
+once it is clearly dominated by one already measured. Writes the front as JSON and a Pareto plot (PNG).
 """
 
 from __future__ import annotations
@@ -16,16 +17,25 @@ from typing import Any
 
 import numpy as np
 
-from qfa.cost import CostModel
+from qfa.config import SubnetConfig
+from qfa.cost import METRIC_LABELS, CostModel
 from qfa.io import atomic_write_text
 from qfa.search.encoding import SubnetEncoder
-from qfa.search.nsga import Constraints, NSGASettings, run_nsga2
+from qfa.search.nsga import SEARCH_METRICS, Constraints, NSGASettings, run_nsga2
 from qfa.search.objectives import predicted_accuracy, subnet_costs
 from qfa.search.plots import plot_pareto
 from qfa.search.predictor import load_predictor
 from qfa.search.records import read_records
 from qfa.search.reevaluate import EarlyStop, measured_front, reevaluate_front
-from qfa.search.runtime import add_data_arguments, add_supernet_arguments, load_model, make_loaders, resolve_device
+from qfa.search.runtime import (
+    add_data_arguments,
+    add_flops_lut_arguments,
+    add_supernet_arguments,
+    load_model,
+    make_cost_model,
+    make_loaders,
+    resolve_device,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crossover", type=float, default=0.007, help="per-gene crossover (swap) probability")
     p.add_argument("--mutation", type=float, default=0.02, help="per-gene mutation probability")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-mflops", type=float, default=None, help="upper limit on LUT-FLOPs, in millions")
+    p.add_argument(
+        "--metric",
+        default=None,
+        help=f"cost objective, one of {', '.join(SEARCH_METRICS)}; None: published_lut_flops with --flops-lut, "
+        "else lut_flops",
+    )
+    add_flops_lut_arguments(p)
+    p.add_argument("--max-mflops", type=float, default=None, help="upper limit on the --metric, in millions")
     p.add_argument("--max-bitops", type=float, default=None, help="upper limit on BitOPs (raw count, e.g. 1.5e9)")
     p.add_argument("--bits", type=int, nargs="+", default=None, help="allowed bit-widths; None: all of the supernet's")
     p.add_argument("--no-reevaluate", action="store_true", help="skip the exact re-evaluation of the front")
@@ -56,21 +73,27 @@ def _check_feasible(encoder: SubnetEncoder, cost, constraints: Constraints) -> N
     cheapest = cost(np.zeros((1, encoder.n_genes), dtype=np.int64))
     if not constraints.feasible(cheapest)[0]:
         raise ValueError(
-            f"no subnet can meet the constraints: the cheapest one has {cheapest['lut_flops'][0] / 1e6:.4g} "
-            f"MLUT-FLOPs and {cheapest['bitops'][0]:.4g} BitOPs (limits: --max-mflops {constraints.max_mflops}, "
-            f"--max-bitops {constraints.max_bitops})"
+            f"no subnet can meet the constraints: the cheapest one has {cheapest[constraints.metric][0] / 1e6:.4g} "
+            f"M {constraints.metric} and {cheapest['bitops'][0]:.4g} BitOPs (limits: --max-mflops "
+            f"{constraints.max_mflops}, --max-bitops {constraints.max_bitops})"
         )
 
 
-def _entries(result, costs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+def _metric(args: argparse.Namespace, cost: CostModel) -> str:
+    metric = args.metric or ("published_lut_flops" if args.flops_lut else "lut_flops")
+    if metric not in SEARCH_METRICS:
+        raise ValueError(f"--metric: unknown metric {metric!r} (use one of {', '.join(SEARCH_METRICS)})")
+    if metric not in cost.metrics:
+        raise ValueError(f"--metric {metric}: {cost.published_error}")
+    return metric
+
+
+def _entries(result) -> list[dict[str, Any]]:
     return [
         {
             "config": cfg.to_dict(),
             "predicted": float(result.predicted[i]),
-            "lut_flops": float(result.lut_flops[i]),
-            "bitops": float(result.bitops[i]),
-            "macs": float(costs["macs"][i]),
-            "params": float(costs["params"][i]),
+            **{k: float(v[i]) for k, v in result.costs.items()},
         }
         for i, cfg in enumerate(result.configs)
     ]
@@ -91,32 +114,35 @@ def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(args.predictor, map_location=device)
     predictor.encoder.check_space(model.space, what="supernet")  # a predictor of another supernet
     encoder = SubnetEncoder(model.space, bits_options=args.bits)
-    constraints = Constraints(max_mflops=args.max_mflops, max_bitops=args.max_bitops)
+    cost_model = make_cost_model(args, model)
+    metric = _metric(args, cost_model)
+    constraints = Constraints(max_mflops=args.max_mflops, max_bitops=args.max_bitops, metric=metric)
     settings = NSGASettings(
         population=args.population,
         generations=args.generations,
         crossover_per_gene=args.crossover,
         mutation_per_gene=args.mutation,
         seed=args.seed,
+        metric=metric,
     )
-    cost = subnet_costs(CostModel(model), encoder)
+    cost = subnet_costs(cost_model, encoder)
     _check_feasible(encoder, cost, constraints)
     result = run_nsga2(
         encoder, predicted_accuracy(predictor, encoder), cost, constraints, settings, not args.no_progress
     )
-    entries = _entries(result, cost(result.genes))
+    entries = _entries(result)
     front = list(range(len(entries)))
     if not args.no_reevaluate:
         todo = front
         if args.max_reevaluate is not None and args.max_reevaluate < len(front):
-            # Evenly spread along the front (it is sorted by LUT-FLOPs), ends included.
+            # Evenly spread along the front (it is sorted by the metric), ends included.
             picks = np.linspace(0, len(front) - 1, max(args.max_reevaluate, 1)).round().astype(int)
             todo = [front[i] for i in np.unique(picks)]
         calib, val = make_loaders(args, model, device)
         measured = reevaluate_front(
             model,
             [result.configs[i] for i in todo],
-            [entries[i]["lut_flops"] for i in todo],
+            [entries[i][metric] for i in todo],
             calib,
             val,
             num_calib_batches=args.calib_batches,
@@ -125,14 +151,17 @@ def run(args: argparse.Namespace) -> int:
         )
         for i, m in zip(todo, measured, strict=True):
             entries[i].update(m)
-        front = measured_front(entries)
+        front = measured_front(entries, metric)
     output = {
         "checkpoint": str(args.checkpoint),
         "predictor": str(args.predictor),
         "target": predictor.extra.get("target", "top1"),
+        "metric": metric,
+        "flops_lut": cost_model.published.source if cost_model.published else None,
         "settings": vars(settings),
         "constraints": {
             "max_mflops": args.max_mflops,
+            "metric": metric,
             "max_bitops": args.max_bitops,
             "bits": list(encoder.bits_options),
         },
@@ -145,23 +174,25 @@ def run(args: argparse.Namespace) -> int:
     samples = None
     if args.samples:
         recs = read_records(args.samples)
-        samples = ([r["lut_flops"] / 1e6 for r in recs], [r["top1"] for r in recs])
+        sample_costs = cost_model.evaluate_batch([SubnetConfig.from_dict(r["config"]) for r in recs])[metric]
+        samples = (sample_costs / 1e6, [r["top1"] for r in recs])
     measured_pts = None
     if not args.no_reevaluate:
         done = [e for e in entries if e.get("status") == "measured"]
-        measured_pts = ([e["lut_flops"] / 1e6 for e in done], [e["measured_top1"] for e in done])
+        measured_pts = ([e[metric] / 1e6 for e in done], [e["measured_top1"] for e in done])
     plot_pareto(
         plot,
-        [e["lut_flops"] / 1e6 for e in entries],
+        [e[metric] / 1e6 for e in entries],
         [e["predicted"] for e in entries],
         measured=measured_pts,
         samples=samples,
         max_mflops=args.max_mflops,
+        xlabel=f"{METRIC_LABELS[metric]}, millions",
     )
     best = output["front"][-1] if output["front"] else None
     summary = f"search: {len(entries)} predicted-front subnets, {len(output['front'])} on the final front"
     if best is not None:
         acc = best.get("measured_top1", best["predicted"])
-        summary += f"; most accurate {acc:.2f} at {best['lut_flops'] / 1e6:.3f} MLUT-FLOPs"
+        summary += f"; most accurate {acc:.2f} at {best[metric] / 1e6:.3f} M {metric}"
     print(f"{summary}\nsaved {out}, plot {plot}")
     return 0

@@ -3,9 +3,10 @@
 The genome is the choice-index vector of a :class:`SubnetEncoder` (``ks``, ``e`` per block, ``d`` per
 stage, resolution, ``w``/``a`` bits per quantized layer but the classifier). Variation follows the
 published search: uniform crossover that swaps each gene with a small probability (0.007) and a
-mutation that resets each gene to a different option with probability 0.02. Hard limits on
-LUT-FLOPs and BitOPs are pymoo inequality constraints (constraint-domination), and ``--bits``
-narrows the genome's bit options.
+mutation that resets each gene to a different option with probability 0.02. The cost objective is
+one metric of :class:`qfa.cost.CostModel` (default ``lut_flops``; see :data:`SEARCH_METRICS`). Hard
+limits on that metric and on BitOPs are pymoo inequality constraints (constraint-domination), and
+``--bits`` narrows the genome's bit options.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 from qfa.search.encoding import SubnetEncoder
 
-# genes (n, n_genes) of the search encoder -> {"lut_flops": (n,), "bitops": (n,)} (raw counts)
+# Cost metrics the search can minimise (keys of CostModel.evaluate_batch).
+SEARCH_METRICS = ("lut_flops", "published_lut_flops", "bitops", "macs")
+# genes (n, n_genes) of the search encoder -> {"lut_flops": (n,), "bitops": (n,), ...} (raw counts)
 CostFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 # genes (n, n_genes) of the search encoder -> predicted accuracy (n,)
 AccuracyFn = Callable[[np.ndarray], np.ndarray]
@@ -41,8 +44,10 @@ class NSGASettings:
     crossover_per_gene: float = 0.007
     mutation_per_gene: float = 0.02
     seed: int = 0
+    metric: str = "lut_flops"  # the cost objective (one of SEARCH_METRICS)
 
     def __post_init__(self) -> None:
+        _check_metric(self.metric)
         if self.population < 2:
             raise ValueError(f"population must be >= 2, got {self.population}")
         if self.generations < 1:
@@ -53,14 +58,22 @@ class NSGASettings:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
 
 
+def _check_metric(metric: str) -> None:
+    if metric not in SEARCH_METRICS:
+        raise ValueError(f"unknown cost metric {metric!r} (use one of {', '.join(SEARCH_METRICS)})")
+
+
 @dataclass(frozen=True)
 class Constraints:
-    """Hard limits (``None``: no limit). ``max_mflops`` is in millions of LUT-FLOPs, ``max_bitops`` a raw count."""
+    """Hard limits (``None``: no limit). ``max_mflops`` is in millions of ``metric`` (default LUT-FLOPs),
+    ``max_bitops`` a raw count."""
 
     max_mflops: float | None = None
     max_bitops: float | None = None
+    metric: str = "lut_flops"
 
     def __post_init__(self) -> None:
+        _check_metric(self.metric)
         for name in ("max_mflops", "max_bitops"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -74,10 +87,10 @@ class Constraints:
         """``(n, k)`` pymoo inequality values (feasible where every column is <= 0)."""
         cols = []
         if self.max_mflops is not None:
-            cols.append(costs["lut_flops"] / 1e6 - self.max_mflops)
+            cols.append(costs[self.metric] / 1e6 - self.max_mflops)
         if self.max_bitops is not None:
             cols.append(costs["bitops"] - self.max_bitops)
-        return np.stack(cols, axis=1) if cols else np.zeros((len(costs["lut_flops"]), 0))
+        return np.stack(cols, axis=1) if cols else np.zeros((len(costs[self.metric]), 0))
 
     def feasible(self, costs: dict[str, np.ndarray]) -> np.ndarray:
         return np.all(self.violations(costs) <= 0, axis=1)
@@ -116,10 +129,19 @@ class GeneResetMutation(Mutation):
 
 
 class SubnetProblem(Problem):
-    """Objectives ``(-predicted accuracy, LUT-MFLOPs)``, both minimised; constraints from :class:`Constraints`."""
+    """Objectives ``(-predicted accuracy, millions of metric)``, both minimised; constraints from
+    :class:`Constraints`."""
 
-    def __init__(self, encoder: SubnetEncoder, accuracy: AccuracyFn, cost: CostFn, constraints: Constraints) -> None:
+    def __init__(
+        self,
+        encoder: SubnetEncoder,
+        accuracy: AccuracyFn,
+        cost: CostFn,
+        constraints: Constraints,
+        metric: str = "lut_flops",
+    ) -> None:
         self.encoder, self.accuracy, self.cost, self.constraints = encoder, accuracy, cost, constraints
+        self.metric = metric
         super().__init__(
             n_var=encoder.n_genes,
             n_obj=2,
@@ -132,7 +154,7 @@ class SubnetProblem(Problem):
     def _evaluate(self, X, out, *args, **kwargs):
         genes = np.asarray(X, dtype=np.int64)
         costs = self.cost(genes)
-        out["F"] = np.column_stack([-self.accuracy(genes), costs["lut_flops"] / 1e6])
+        out["F"] = np.column_stack([-self.accuracy(genes), costs[self.metric] / 1e6])
         if self.constraints.active:
             out["G"] = self.constraints.violations(costs)
 
@@ -148,14 +170,27 @@ class _Progress(Callback):
 
 @dataclass
 class SearchResult:
-    """The non-dominated feasible subnets found, sorted by LUT-FLOPs (ascending)."""
+    """The non-dominated feasible subnets found, sorted by the cost objective ``metric`` (ascending)."""
 
     genes: np.ndarray  # (k, n_genes) choice indices of the search encoder
     configs: list[Any]
     predicted: np.ndarray  # (k,)
-    lut_flops: np.ndarray  # (k,)
-    bitops: np.ndarray  # (k,)
+    costs: dict[str, np.ndarray]  # every metric of the cost function, (k,) each
+    metric: str = "lut_flops"
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def objective(self) -> np.ndarray:
+        """The cost objective of each subnet (raw count of ``metric``)."""
+        return self.costs[self.metric]
+
+    @property
+    def lut_flops(self) -> np.ndarray:
+        return self.costs["lut_flops"]
+
+    @property
+    def bitops(self) -> np.ndarray:
+        return self.costs["bitops"]
 
 
 def non_dominated(objectives: np.ndarray) -> np.ndarray:
@@ -176,7 +211,8 @@ def run_nsga2(
     """Search and return the feasible non-dominated set of the final population (deterministic per seed)."""
     constraints = constraints or Constraints()
     settings = settings or NSGASettings()
-    problem = SubnetProblem(encoder, accuracy, cost, constraints)
+    metric = settings.metric
+    problem = SubnetProblem(encoder, accuracy, cost, constraints, metric)
     algorithm = NSGA2(
         pop_size=settings.population,
         sampling=IntegerRandomSampling(),
@@ -203,22 +239,22 @@ def run_nsga2(
     costs = cost(genes)
     keep = constraints.feasible(costs)
     if not np.any(keep):
-        best = float(np.min(costs["lut_flops"])) / 1e6
+        best = float(np.min(costs[metric])) / 1e6
         raise RuntimeError(
             f"no subnet in the final population satisfies the constraints {constraints} "
-            f"(smallest LUT-FLOPs found: {best:.3f} M); relax them or search longer"
+            f"(smallest {metric} found: {best:.3f} M); relax them or search longer"
         )
     genes = genes[keep]
     costs = {k: v[keep] for k, v in costs.items()}
     predicted = np.asarray(accuracy(genes), dtype=np.float64)
-    front = non_dominated(np.column_stack([-predicted, costs["lut_flops"]]))
-    order = front[np.lexsort((-predicted[front], costs["lut_flops"][front]))]
+    front = non_dominated(np.column_stack([-predicted, costs[metric]]))
+    order = front[np.lexsort((-predicted[front], costs[metric][front]))]
     genes = genes[order]
     return SearchResult(
         genes=genes,
         configs=[encoder.from_indices(g) for g in genes],
         predicted=predicted[order],
-        lut_flops=costs["lut_flops"][order],
-        bitops=costs["bitops"][order],
+        costs={k: v[order] for k, v in costs.items()},
+        metric=metric,
         info={"evaluations": int(res.algorithm.evaluator.n_eval), "generations": settings.generations},
     )

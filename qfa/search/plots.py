@@ -60,8 +60,10 @@ def plot_pareto(
     measured: tuple[Sequence[float], Sequence[float]] | None = None,
     samples: tuple[Sequence[float], Sequence[float]] | None = None,
     max_mflops: float | None = None,
+    xlabel: str = "LUT-FLOPs (M)",
 ) -> None:
-    """Accuracy vs LUT-MFLOPs: the predicted front, its real measurements and the collected samples."""
+    """Accuracy vs cost (millions of the search's metric, named by ``xlabel``): the predicted front, its
+    real measurements and the collected samples."""
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     if samples is not None:
@@ -79,8 +81,8 @@ def plot_pareto(
     if measured is not None and len(measured[0]):
         ax.scatter(measured[0], measured[1], s=22, marker="*", color="tab:red", label="front (measured)", zorder=3)
     if max_mflops is not None:
-        ax.axvline(max_mflops, color="black", lw=0.8, ls=":", label=f"limit {max_mflops:g} MFLOPs")
-    ax.set_xlabel("LUT-FLOPs (M)")
+        ax.axvline(max_mflops, color="black", lw=0.8, ls=":", label=f"limit {max_mflops:g} M")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy")
     ax.set_title("NSGA-II search")
     ax.grid(alpha=0.3)

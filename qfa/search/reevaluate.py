@@ -73,7 +73,7 @@ def _streaming_top1(
 def reevaluate_front(
     model: nn.Module,
     configs: Sequence[Any],
-    lut_flops: Sequence[float],
+    costs: Sequence[float],
     calib_loader: Iterable,
     val_loader: Iterable,
     *,
@@ -82,17 +82,18 @@ def reevaluate_front(
     accuracy_scale: float = 100.0,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Measure each config for real; returns one entry per input config (same order).
+    """Measure each config for real; returns one entry per input config (same order). ``costs``: each
+    config's cost in the search's metric (e.g. LUT-FLOPs): the order of measurement and of dominance.
 
     Entry keys: ``measured_top1`` (in units of ``accuracy_scale``; the partial value when stopped),
     ``images``, ``status`` (``"measured"`` or ``"dominated"``: stopped early) and ``eval_seconds``.
     """
     rule = early_stop or EarlyStop()
-    if len(configs) != len(lut_flops):
-        raise ValueError(f"{len(configs)} configs but {len(lut_flops)} LUT-FLOPs values")
-    flops = np.asarray(lut_flops, dtype=np.float64)
+    if len(configs) != len(costs):
+        raise ValueError(f"{len(configs)} configs but {len(costs)} cost values")
+    flops = np.asarray(costs, dtype=np.float64)
     results: list[dict[str, Any] | None] = [None] * len(configs)
-    measured: list[tuple[float, float]] = []  # (lut_flops, top1 fraction) of fully measured candidates
+    measured: list[tuple[float, float]] = []  # (cost, top1 fraction) of fully measured candidates
     order = np.argsort(flops, kind="stable")
     bar = None
     if progress:
@@ -128,11 +129,11 @@ def reevaluate_front(
     return [r for r in results if r is not None]
 
 
-def measured_front(entries: Sequence[dict[str, Any]]) -> list[int]:
-    """Indices of fully measured entries that are non-dominated in (measured top-1 up, LUT-FLOPs down)."""
+def measured_front(entries: Sequence[dict[str, Any]], metric: str = "lut_flops") -> list[int]:
+    """Indices of fully measured entries that are non-dominated in (measured top-1 up, ``metric`` down)."""
     idx = [i for i, e in enumerate(entries) if e.get("status") == "measured"]
     if not idx:
         return []
-    obj = np.array([[-entries[i]["measured_top1"], entries[i]["lut_flops"]] for i in idx], dtype=np.float64)
+    obj = np.array([[-entries[i]["measured_top1"], entries[i][metric]] for i in idx], dtype=np.float64)
     keep = non_dominated(obj)
-    return sorted((idx[k] for k in keep), key=lambda i: entries[i]["lut_flops"])
+    return sorted((idx[k] for k in keep), key=lambda i: entries[i][metric])

@@ -12,6 +12,7 @@ from torch import nn
 
 from bquant_kernels import BatchQuantizer, LSQQuantizer
 from qfa.checkpoint import load_supernet
+from qfa.cost import CostModel
 from qfa.data import DeviceLoader, build_loaders, calib_loader, num_classes
 from qfa.train.distributed import parse_device
 
@@ -82,3 +83,25 @@ def make_loaders(args: argparse.Namespace, model: nn.Module, device: torch.devic
     )
     _, val = build_loaders(args.data, batch_size=args.batch_size, resolution=resolution, **common)
     return calib, val
+
+
+def add_flops_lut_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--flops-lut",
+        default=None,
+        help="FLOPs table in the published layout (JSON, or the published pickled .npy with --allow-pickle) to "
+        "compute published_lut_flops with; None: the closed formula of the published table (docs/metrics.md)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow reading a .npy --flops-lut (a pickle: loading it runs code from the file; prefer JSON)",
+    )
+
+
+def make_cost_model(args: argparse.Namespace, space_or_model: object, n_classes: int = 1000) -> CostModel:
+    """The cost model of a supernet (or of a search space with ``n_classes``) with ``--flops-lut`` /
+    ``--allow-pickle``."""
+    if args.allow_pickle and args.flops_lut is None:
+        raise ValueError("--allow-pickle is only meaningful with --flops-lut")
+    return CostModel(space_or_model, n_classes, flops_lut=args.flops_lut, allow_pickle=args.allow_pickle)

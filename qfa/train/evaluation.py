@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..config import SubnetConfig
+from ..published import subnets_file
+from ..space import SearchSpace
 from .weights import OFA_FP, QFA_PUBLISHED, QFA_SUPERNET, QFA_TRAIN, load_into, read_checkpoint
 
 
@@ -34,11 +36,15 @@ def load_any_supernet(path: str | os.PathLike, n_classes: int, backend: str | No
     return model, layout if layout != OFA_FP else OFA_FP
 
 
-def named_configs(model: nn.Module, spec: str, bits: tuple[int, ...] | None) -> list[tuple[str, SubnetConfig]]:
+def named_configs(
+    model: nn.Module | SearchSpace, spec: str, bits: tuple[int, ...] | None
+) -> list[tuple[str, SubnetConfig]]:
     """``(name, config)`` pairs from ``spec``: comma-separated ``min``/``max``/``fp`` (each at every
-    bit-width of ``bits``, default all options of the supernet), or a ``.json``/``.jsonl`` file of
-    SubnetConfig dicts (a list, one per line, or ``{"config": {...}}`` records)."""
-    space = model.space
+    bit-width of ``bits``, default all options of the supernet), a ``.json``/``.jsonl`` file of
+    SubnetConfig dicts (a list, one per line, or ``{"config": {...}}`` records), or ``published-pareto``
+    (the shipped published Pareto front). ``model``: the supernet, or its :class:`qfa.SearchSpace`."""
+    space = getattr(model, "space", model)
+    spec = subnets_file(spec)
     if spec.endswith((".json", ".jsonl")):
         return [(f"#{i}", cfg) for i, cfg in enumerate(_configs_from_file(spec, space))]
     out = []
@@ -47,7 +53,9 @@ def named_configs(model: nn.Module, spec: str, bits: tuple[int, ...] | None) -> 
             out.append(("fp", space.full_precision()))
             continue
         if kind not in ("min", "max"):
-            raise ValueError(f"--subnets: unknown subnet {kind!r} (use min, max, fp or a .json/.jsonl file)")
+            raise ValueError(
+                f"--subnets: unknown subnet {kind!r} (use min, max, fp, published-pareto or a .json/.jsonl file)"
+            )
         pick = min if kind == "min" else max
         for b in bits or space.bits_list:
             cfg = space.make_config(

@@ -373,7 +373,8 @@ class EvalOptions(OptionsBase):
     )
     subnets: str = option(
         "min,max",
-        "subnets: any of min, max, fp (comma-separated), or a .json/.jsonl file of SubnetConfig dicts",
+        "subnets: any of min, max, fp (comma-separated), a .json/.jsonl file of SubnetConfig dicts, or "
+        "published-pareto (the published Pareto front, shipped)",
         group="model",
     )
     bits: tuple[int, ...] | None = option(

@@ -27,10 +27,10 @@ import triton.language as tl  # noqa: E402
 import bquant_kernels as bk  # noqa: E402
 from bquant_kernels.backends import reference  # noqa: E402
 from bquant_kernels.backends import triton as triton_backend  # noqa: E402
-from bquant_kernels.qparams import DL_DTHETA, HI, LO, SCALE, ZERO, L  # noqa: E402
 from bquant_kernels.backends.triton import batchquant as tbq  # noqa: E402
 from bquant_kernels.backends.triton import launch  # noqa: E402
 from bquant_kernels.backends.triton.rounding import cast_rne, round_half_even, round_half_even_portable  # noqa: E402
+from bquant_kernels.qparams import DL_DTHETA, HI, LO, SCALE, ZERO, L  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 # The interpreter runs kernels in NumPy, which warns on the inf/NaN the tests feed in on purpose.
@@ -348,7 +348,8 @@ def test_unavailable_without_gpu_or_interpreter_or_triton():
         "import importlib, sys\n"
         "from bquant_kernels.backends import triton as t\n"
         "print(t.DEVICES, t.available())\n"
-        "for name in [m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'bquant_kernels.backends.triton'))]:\n"
+        "prefixes = ('triton.', 'bquant_kernels.backends.triton')\n"
+        "for name in [m for m in sys.modules if m == 'triton' or m.startswith(prefixes)]:\n"
         "    del sys.modules[name]\n"
         "del sys.modules['bquant_kernels.backends'].triton\n"
         "sys.modules['triton'] = None  # makes `import triton` raise ImportError\n"

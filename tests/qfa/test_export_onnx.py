@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
+from tests.test_export_standalone import RES, calibrated_supernet
 
 from bquant_kernels import BatchQuantizer, LSQQuantizer, lsq
 from bquant_kernels.backends.reference import _qparams as reference_qparams
@@ -25,7 +26,6 @@ from qfa.export.onnx_export import (
     run_onnx,
 )
 from qfa.export.standalone import export_subnet, load_standalone, quantized_layers
-from tests.test_export_standalone import RES, calibrated_supernet
 
 # (bits, lo, hi, theta, offset): ranges crossing zero, all positive (post-ReLU), a degenerate one,
 # learned scale multipliers and offsets of both signs.

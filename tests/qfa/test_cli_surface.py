@@ -12,7 +12,7 @@ import torch
 
 import qfa
 from qfa.checkpoint import save_supernet
-from qfa.cli import build_parser, entry, main
+from qfa.cli import entry
 
 RESOLUTIONS = (8, 12, 16)
 

@@ -277,7 +277,7 @@ def weights_id(model: nn.Module) -> str:
     digest = hashlib.sha1()
     for name, p in _unwrap_model(model).named_parameters():
         digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(p.detach().float().cpu().numpy().tobytes())  # C order, whatever the strides
     return digest.hexdigest()[:12]
 
 

@@ -51,6 +51,7 @@ def prepare(
 
     from .. import data as qdata
     from ..train.evaluation import device_of, named_configs, with_resolution
+    from ..train.trainer import VAL_BATCH
 
     device = device_of(opts.device)
     model = loaded.model
@@ -63,7 +64,10 @@ def prepare(
     ]
     crop = max(resolutions)  # as in training: crops at the largest resolution, resized on the device
     common = {"device": device, "channels_last": opts.channels_last}
-    _, val = qdata.build_loaders(opts.data, opts.batch_size, crop, opts.workers, None, opts.seed, **common)
+    # Held-out batches as in training's validation (the same sums, to the last bit)
+    val_batch = max(opts.batch_size, VAL_BATCH)
+    _, val = qdata.build_loaders(opts.data, opts.batch_size, crop, opts.workers, None, opts.seed,
+                                 val_batch_size=val_batch, **common)  # fmt: skip
     calib = qdata.calib_loader(opts.data, opts.batch_size, crop, opts.calib_batches, opts.workers, None, opts.seed,
                                **common)  # fmt: skip
     return calib, val, configs

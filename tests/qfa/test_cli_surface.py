@@ -12,9 +12,10 @@ import torch
 
 import qfa
 from qfa.checkpoint import save_supernet
-from qfa.cli import entry
+from qfa.cli import build_parser, entry, main
 
 RESOLUTIONS = (8, 12, 16)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +63,129 @@ def test_val_classes_must_match_train_by_name(tmp_path, capsys):
     assert rc == 1 and err.startswith("qfa train: error: ") and "lacks ['b']" in err and err.count("\n") == 1
     train, val = build_loaders(str(_image_tree(tmp_path / "ok", ["a", "b"], ["a", "b"])), 2, 8, workers=0)
     assert train.num_classes == val.num_classes == 2
+
+
+# ----------------------------------------------------------------------------- a tiny training run
+
+TRAIN = ["--data", "digits", "--width-mult", "0.25", "--ks-list", "3,5", "--expand-list", "2,3", "--depth-list", "1,2",
+         "--bits", "2,4", "--resolutions", "16:24:8", "--batch-size", "8", "--subnets", "3", "--limit-batches", "3",
+         "--epochs", "1", "--warmup-epochs", "0", "--fp-epochs", "0", "--calib-batches", "2", "--val-every", "0",
+         "--no-progress", "--channels-last", "--device", "cpu", "--lr", "0.05"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """``qfa train`` of a tiny supernet (channels_last like the digits preset, 2 recalibration batches)."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", *TRAIN, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def _final_rows(out: Path) -> list[dict]:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in events if e["event"] == "final"][-1]["results"]
+
+
+def test_eval_reproduces_the_final_table_of_train(run_dir, tmp_path, capsys):
+    """No flag but the checkpoint: eval takes the run's data, batch size, recalibration settings and
+    memory format from it, and measures what train's final table says, to the last digit."""
+    report = tmp_path / "r.json"
+    assert main(["eval", "--checkpoint", str(run_dir / "supernet.pt"), "--device", "cpu", "--json", str(report)]) == 0
+    got = {(r["res"], r["bits"]): (r["top1"], r["loss"]) for r in json.loads(report.read_text())["results"]}
+    want = {(r["res"], str(r["bits"])): (r["top1"], r["loss"]) for r in _final_rows(run_dir)}
+    assert got == want
+    supernet = qfa.checkpoint.load_any(run_dir / "supernet.pt")
+    assert supernet.run == {"data": "digits", "batch_size": 8, "calib_batches": 2, "seed": 0, "channels_last": True}
+
+
+def test_every_command_loads_every_checkpoint_kind(run_dir, tmp_path):
+    """One loader: collect / search / export take train's last.pt (they refused it), with the run's
+    data settings (not 256 / 30) as defaults."""
+    from qfa.search.runtime import load_model
+
+    for name in ("supernet.pt", "last.pt"):
+        loaded = qfa.checkpoint.load_any(run_dir / name)
+        assert loaded.layout in ("qfa supernet", "qfa training") and loaded.run["batch_size"] == 8
+        for command in ("collect", "search", "export"):
+            extra = {"collect": ["--out", "c.jsonl", "--num-samples", "1"], "search": ["--predictor", "p.pt", "--out",
+                     "f.json"], "export": ["--out-dir", "ex"]}[command]  # fmt: skip
+            args = build_parser().parse_args([command, "--checkpoint", str(run_dir / name), *extra])
+            model = load_model(args, torch.device("cpu"))
+            assert model.space.resolutions == (16, 24)
+            assert (args.data, args.batch_size, args.calib_batches, args.calib_batch_size) == ("digits", 8, 2, 8)
+            assert args.channels_last is True
+    out = tmp_path / "c.jsonl"
+    argv = ["collect", "--checkpoint", str(run_dir / "last.pt"), "--out", str(out), "--num-samples", "1"]
+    assert main([*argv, "--device", "cpu", "--no-progress"]) == 0
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_calibrate_output_plugs_into_export(run_dir, tmp_path, capsys):
+    calibrated, report = tmp_path / "max4.pt", tmp_path / "cal.json"
+    argv = ["calibrate", "--checkpoint", str(run_dir / "supernet.pt"), "--subnets", "max", "--bits", "4"]
+    assert main([*argv, "--device", "cpu", "--out", str(calibrated), "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["results"]  # bug 3: --json was never written
+    assert [r["subnet"] for r in rows] == ["max w4a4"]
+    assert f"qfa export --checkpoint {calibrated}" in capsys.readouterr().out
+    ex = tmp_path / "ex"
+    assert main(["export", "--checkpoint", str(calibrated), "--out-dir", str(ex), "--no-onnx", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads((ex / "export.json").read_text())["config"] == rows[0]["config"]
+    # friction: one summary line, not the report's JSON
+    assert out.count("\n") == 1 and out.startswith("exported subnet.pt to ") and "{" not in out
+    rc, _, err = _entry(capsys, ["export", "--checkpoint", str(run_dir / "supernet.pt"), "--out-dir", str(ex)])
+    assert rc == 1 and "--subnets is required" in err
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and resume
+
+
+def _tiny_trainer(out: Path, **changes):
+    from qfa.train import distributed, options
+    from qfa.train.trainer import Trainer
+
+    args = build_parser().parse_args(["train", *TRAIN, "--out", str(out), "--ckpt-every", "1", "--deterministic"])
+    values = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"} | changes
+    return Trainer(options.resolve(options.TrainOptions, values), distributed.DistContext(), log=lambda s: None)
+
+
+def _epoch_records(out: Path) -> list[dict]:
+    return [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == "epoch"]
+
+
+def test_ctrl_c_saves_and_exits_130_and_the_resumed_run_logs_the_same_epoch(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from qfa.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    whole = _tiny_trainer(tmp_path / "whole")
+    whole.fit()
+    real_step = Trainer.train_step
+
+    def step_then_ctrl_c(self, images, labels):
+        plan = real_step(self, images, labels)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the step in flight completes
+        return plan
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    out = tmp_path / "cut"
+    rc, _, err = _entry(capsys, ["train", *TRAIN, "--out", str(out), "--ckpt-every", "1", "--deterministic"])
+    assert rc == 130
+    assert err.startswith("qfa train: interrupted at step 2") and "resume" in err and err.count("\n") == 1
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert (state["step"], state["batch"]) == (2, 2)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed = _tiny_trainer(out)
+    resumed.fit()
+    cut, full = _epoch_records(out)[-1], _epoch_records(tmp_path / "whole")[-1]
+    assert cut["step"] == full["step"] == 3
+    for key in ("loss", "loss_min", "loss_max", "loss_random", "grad_norm"):
+        assert cut[key] == pytest.approx(full[key], rel=1e-12), key  # not the mean of the last step alone

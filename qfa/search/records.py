@@ -44,12 +44,14 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not raw.strip():
             continue
         try:
-            records.append(json.loads(raw))
+            records.append(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from exc
     if tail.strip():
         try:
-            records.append(json.loads(tail))
+            records.append(json.loads(tail.decode("utf-8", errors="replace")))
         except json.JSONDecodeError:
             warnings.warn(
                 f"{path}: ignoring a partial last line ({len(tail)} bytes, from an interrupted run)", stacklevel=2

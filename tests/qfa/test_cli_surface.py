@@ -189,3 +189,157 @@ def test_ctrl_c_saves_and_exits_130_and_the_resumed_run_logs_the_same_epoch(tmp_
     assert cut["step"] == full["step"] == 3
     for key in ("loss", "loss_min", "loss_max", "loss_random", "grad_norm"):
         assert cut[key] == pytest.approx(full[key], rel=1e-12), key  # not the mean of the last step alone
+
+
+# ----------------------------------------------------------------------------- one flag dialect
+
+
+def _subparsers():
+    import argparse
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_one_flag_dialect_and_every_option_has_help():
+    import argparse
+
+    for name, sub in _subparsers().items():
+        flags = {s: a for a in sub._actions for s in a.option_strings}
+        if name in ("calibrate", "eval", "collect", "search", "export"):
+            assert flags["--checkpoint"].dest == "checkpoint", name
+            assert flags["--ckpt"].dest == "checkpoint" and flags["--ckpt"].help == argparse.SUPPRESS, name
+            assert "--ckpt" not in sub.format_help(), name
+        assert "--ckpt" not in {s for a in sub._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+        if "--config" in flags and flags["--config"].help != argparse.SUPPRESS:
+            assert "YAML" in flags["--config"].help, f"{name}: --config is for option files only"
+        for action in sub._actions:
+            assert action.help, f"qfa {name} {action.option_strings}: no help text"
+    assert "--subnets" in _subparsers()["export"].format_help()
+
+
+def test_old_spellings_still_work(files, tmp_path, capsys):
+    argv = ["eval", "--ckpt", str(files["s"]), "--subnets", "min", "--bits", "4", "--calib-batches", "1"]
+    assert main([*argv, "--device", "cpu", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["checkpoint"] == str(files["s"])
+    config = tmp_path / "opts.yaml"
+    config.write_text(f"ckpt: {files['s']}\nsubnets: min\nbits: [4]\ncalib_batches: 1\n")
+    assert main(["eval", "--config", str(config), "--device", "cpu"]) == 0
+    rc, _, err = _entry(capsys, ["export", "--checkpoint", str(files["s"]), "--config", str(files["cfg"]),
+                                 "--out-dir", str(tmp_path / "ex")])  # fmt: skip
+    assert rc == 1 and "--config is for option files: give the subnet config with --subnets FILE" in err
+    assert not (tmp_path / "ex").exists()
+
+
+# ----------------------------------------------------------------------------- bug 7: resolution of a config
+
+
+def test_config_resolution_outside_the_space(files, tmp_path, capsys):
+    cfg = json.loads(files["cfg"].read_text()) | {"resolution": 20}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(cfg))
+    rc, _, err = _entry(capsys, ["eval", "--checkpoint", str(files["s"]), "--subnets", str(bad), "--device", "cpu"])
+    assert rc == 1 and "its resolution 20 is not one of the supernet's resolutions [8, 12, 16]" in err
+    rc, _, err = _entry(capsys, ["export", "--checkpoint", str(files["s"]), "--subnets", str(bad), "--device", "cpu",
+                                 "--out-dir", str(tmp_path / "ex"), "--no-onnx"])  # fmt: skip
+    assert rc == 1 and "its resolution 20 is not one of" in err and "--resolution 20" not in err
+    assert not (tmp_path / "ex").exists()
+
+
+# ----------------------------------------------------------------------------- messages that name the input
+
+
+def test_bits_outside_the_space_names_the_flag(files, capsys):
+    rc, _, err = _entry(capsys, ["eval", "--checkpoint", str(files["s"]), "--bits", "5", "--device", "cpu"])
+    assert rc == 1 and err == "qfa eval: error: --bits 5 is not one of the supernet's bit-widths [2, 3, 4]\n"
+
+
+def test_non_utf8_input_files_are_named(files, tmp_path, capsys):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(json.dumps({"note": "caf\xe9"}, ensure_ascii=False).encode("latin-1"))
+    for command in (["eval", "--subnets", str(bad)], ["export", "--subnets", str(bad), "--out-dir", str(tmp_path)]):
+        rc, _, err = _entry(capsys, [command[0], "--checkpoint", str(files["s"]), "--device", "cpu", *command[1:]])
+        assert rc == 1 and f"--subnets {str(bad)!r}: not a UTF-8 text file" in err, err
+    samples = tmp_path / "c.jsonl"
+    samples.write_bytes(b'{"index": 0, "note": "caf\xe9"}\n')
+    rc, _, err = _entry(capsys, ["predictor", "--samples", str(samples), "--out", str(tmp_path / "p.pt")])
+    assert rc == 1 and f"{samples}:1: not UTF-8 text" in err
+
+
+def test_bad_backend_variable_is_named(monkeypatch):
+    from bquant_kernels import BatchQuantizer
+
+    monkeypatch.setenv("BQUANT_BACKEND", "garbage")
+    with pytest.raises(ValueError, match="environment variable BQUANT_BACKEND='garbage': use one of"):
+        BatchQuantizer(4)(torch.randn(2, 3))
+
+
+# ----------------------------------------------------------------------------- predictor
+
+
+def _records(n: int, **changes) -> list[dict]:
+    rng = np.random.default_rng(0)
+    model = qfa.QFAMobileNetV3(n_classes=10, width_mult=0.25, resolutions=RESOLUTIONS)
+    from qfa.search.records import space_id
+    from qfa.search.sampling import SamplingMix, sample_config, sample_rng
+    from qfa.search.space import space_to_dict
+
+    space = space_to_dict(model.space)
+    out = []
+    for i in range(n):
+        cfg = sample_config(model.space, sample_rng(0, i), SamplingMix())
+        out.append({"index": i, "seed": 0, "space_id": space_id(space), "space": space, "config": cfg.to_dict(),
+                    "top1": float(rng.uniform(10, 90)), "supernet": "aaaa"} | changes)  # fmt: skip
+    return out
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _predictor(capsys, samples: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    return _entry(capsys, ["predictor", "--samples", str(samples), "--out", str(out), "--epochs", "2",
+                           "--hidden", "8", *extra])  # fmt: skip
+
+
+def test_predictor_rejects_bad_training_sets(tmp_path, capsys):
+    records = _records(8)
+    no_config = [dict(r) for r in records]
+    del no_config[3]["config"]
+    cases = {
+        "no_config": (no_config, "1 record(s) without a 'config' dict (e.g. record 4)"),  # bug 5: was a KeyError
+        "duplicate": (records + [records[2]], "records 3 and 9 are the same sample (seed 0, index 2)"),
+        "two_supernets": (records[:4] + [r | {"supernet": "bbbb"} for r in records[4:]], "2 different supernets"),
+    }
+    for name, (recs, message) in cases.items():
+        rc, _, err = _predictor(capsys, _write(tmp_path / f"{name}.jsonl", recs), tmp_path / f"{name}.pt")
+        assert rc == 1 and err.startswith("qfa predictor: error: ") and message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_predictor_warns_when_no_better_than_constant_and_writes_strict_json(tmp_path, capsys):
+    samples = _write(tmp_path / "c.jsonl", [r | {"top1": 50.0} for r in _records(10)])  # nothing to learn
+    rc, _, err = _predictor(capsys, samples, tmp_path / "p.pt")
+    assert rc == 0 and "qfa predictor: warning: the held-out RMSE" in err and "not better than a constant" in err
+    text = (tmp_path / "p.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    report = json.loads(text)
+    assert report["held_out"]["kendall_tau"] is None  # constant targets: undefined, not NaN
+
+
+def test_collect_records_name_their_supernet(files, tmp_path):
+    out = tmp_path / "c.jsonl"
+    argv = ["collect", "--checkpoint", str(files["s"]), "--out", str(out), "--num-samples", "1", "--device", "cpu"]
+    argv += ["--calib-batches", "1", "--batch-size", "128", "--no-progress"]
+    assert main(argv) == 0
+    model = qfa.checkpoint.load_supernet(files["s"])
+    assert json.loads(out.read_text())["supernet"] == qfa.checkpoint.weights_id(model)
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    save_supernet(qfa.QFAMobileNetV3(n_classes=10, width_mult=0.25, resolutions=RESOLUTIONS), other)
+    argv[2] = str(other)
+    argv[argv.index("--num-samples") + 1] = "2"
+    with pytest.raises(ValueError, match="holds samples of another supernet"):
+        main(argv)

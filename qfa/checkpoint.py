@@ -256,6 +256,7 @@ def reset_quantizers(model: nn.Module) -> None:
             m.theta.zero_()
             m.offset.zero_()
             m.lo_hi.zero_()
+            m.calibrated = False
         elif isinstance(m, (DynamicQConv2d, DynamicQLinear)):
             for q in m.w_quantizer.values():
                 q.initialize(m.weight)

@@ -343,3 +343,41 @@ def test_collect_records_name_their_supernet(files, tmp_path):
     argv[argv.index("--num-samples") + 1] = "2"
     with pytest.raises(ValueError, match="holds samples of another supernet"):
         main(argv)
+
+
+# ----------------------------------------------------------------------------- BatchQuantizer ranges
+
+
+def test_uncalibrated_batchquantizer_in_eval_mode_is_an_error():
+    from bquant_kernels import BatchQuantizer, recalibrate
+
+    q = BatchQuantizer(4).eval()
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(RuntimeError, match=r"never calibrated \(its range is \[0, 0\]\): run .*recalibrate"):
+        q(x)
+    with recalibrate(q):
+        q(x)
+    assert q(x).shape == x.shape and q.lo_hi[1] > 0
+    fresh = BatchQuantizer(4).eval()
+    fresh.load_state_dict(BatchQuantizer(4).state_dict())  # a zero range loaded: still uncalibrated
+    with pytest.raises(RuntimeError, match="never calibrated"):
+        fresh(x)
+    fresh.load_state_dict(q.state_dict())
+    torch.testing.assert_close(fresh(x), q(x))
+
+
+def test_nan_batch_in_recalibrate_is_an_error_and_keeps_the_range():
+    from bquant_kernels import recalibrate
+
+    model = qfa.QFAMobileNetV3(n_classes=10, width_mult=0.25, resolutions=RESOLUTIONS)
+    model.set_active_config(model.space.make_config(ks=3, e=3, d=2, w_bits=4, a_bits=4, resolution=8))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), recalibrate(model):
+        model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("lo_hi")}
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"range of \d+ BatchQuantizer\(s\) is not finite \(e.g. blocks\.0\."):
+        with torch.no_grad(), recalibrate(model):
+            model(x)
+    after = {k: v for k, v in model.state_dict().items() if k.endswith("lo_hi")}
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -177,7 +177,10 @@ def test_ctrl_c_saves_and_exits_130_and_the_resumed_run_logs_the_same_epoch(tmp_
 
     monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
     out = tmp_path / "cut"
-    rc, _, err = _entry(capsys, ["train", *TRAIN, "--out", str(out), "--ckpt-every", "1", "--deterministic"])
+    try:
+        rc, _, err = _entry(capsys, ["train", *TRAIN, "--out", str(out), "--ckpt-every", "1", "--deterministic"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped qfa train as a KeyboardInterrupt (a traceback for the user)")
     assert rc == 130
     assert err.startswith("qfa train: interrupted at step 2") and "resume" in err and err.count("\n") == 1
     state = torch.load(out / "last.pt", weights_only=True)

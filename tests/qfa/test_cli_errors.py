@@ -14,7 +14,7 @@ import torch
 
 import qfa
 from qfa import io as qfa_io
-from qfa.checkpoint import load_supernet, save_supernet
+from qfa.checkpoint import load_supernet
 from qfa.cli import entry, main
 from qfa.search.predictor import load_predictor
 from qfa.search.runtime import resolve_device
@@ -27,23 +27,6 @@ from qfa.train.weights import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 RESOLUTIONS = (8, 12, 16)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    """A tiny 10-class supernet, a garbage 'checkpoint', a truncated one and a subnet config."""
-    d = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    model = qfa.QFAMobileNetV3(n_classes=10, width_mult=0.25, resolutions=RESOLUTIONS)
-    save_supernet(model, d / "s.pt")
-    (d / "garbage.pt").write_bytes(b"not a pt")
-    (d / "trunc.pt").write_bytes((d / "s.pt").read_bytes()[:3000])
-    space = model.space
-    cfg = space.make_config(
-        ks=max(space.ks_list), e=max(space.expand_list), d=max(space.depth_list), w_bits=4, a_bits=4
-    )
-    (d / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    return {p.stem: p for p in d.iterdir()} | {"dir": d}
 
 
 def _entry(capsys, argv: list[str]) -> tuple[int, str]:

@@ -18,20 +18,6 @@ RESOLUTIONS = (8, 12, 16)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    """A tiny 10-class supernet and a subnet config of it."""
-    d = tmp_path_factory.mktemp("surface")
-    torch.manual_seed(0)
-    model = qfa.QFAMobileNetV3(n_classes=10, width_mult=0.25, resolutions=RESOLUTIONS)
-    save_supernet(model, d / "s.pt")
-    space = model.space
-    cfg = space.make_config(ks=max(space.ks_list), e=max(space.expand_list), d=max(space.depth_list), w_bits=4,
-                            a_bits=4, resolution=12)  # fmt: skip
-    (d / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    return {p.stem: p for p in d.iterdir()} | {"dir": d}
-
-
 def _entry(capsys, argv: list[str]) -> tuple[int, str, str]:
     rc = entry(argv)
     captured = capsys.readouterr()
@@ -384,3 +370,14 @@ def test_nan_batch_in_recalibrate_is_an_error_and_keeps_the_range():
             model(x)
     after = {k: v for k, v in model.state_dict().items() if k.endswith("lo_hi")}
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_130(monkeypatch, tmp_path, capsys):
+    from qfa.commands import collect
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(collect, "run", interrupted)
+    rc, _, err = _entry(capsys, ["collect", "--checkpoint", "x", "--out", str(tmp_path / "c"), "--num-samples", "1"])
+    assert rc == 130 and err == "qfa collect: interrupted\n"

@@ -21,7 +21,12 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qfa", description="Quantized-for-all supernet: train, search, export.")
+    parser = argparse.ArgumentParser(
+        prog="qfa",
+        description="Quantized-for-all supernet: train, search, export.",
+        epilog="Shared flags: --checkpoint FILE (the supernet: supernet.pt, last.pt, a calibrated or a published "
+        "checkpoint), --subnets (subnet configs), --config FILE (an options file). See docs/cli.md.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         module = importlib.import_module(f"qfa.commands.{name}")

@@ -116,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, with_config: bo
             "--config",
             default=argparse.SUPPRESS,
             metavar="FILE",
-            help="YAML (.yaml/.yml) or TOML (.toml) file with the same keys as the flags; flags override it",
+            help="options file: YAML (.yaml/.yml), TOML (.toml) or JSON with the flags' names as keys; flags "
+            "override it",
         )
         g.add_argument(
             "--preset",

@@ -89,7 +89,7 @@ def test_eval_reproduces_the_final_table_of_train(run_dir, tmp_path, capsys):
     assert supernet.run == {"data": "digits", "batch_size": 8, "calib_batches": 2, "seed": 0, "channels_last": True}
 
 
-def test_every_command_loads_every_checkpoint_kind(run_dir, tmp_path):
+def test_every_command_loads_every_checkpoint_kind(run_dir, files, tmp_path):
     """One loader: collect / search / export take train's last.pt (they refused it), with the run's
     data settings (not 256 / 30) as defaults."""
     from qfa.search.runtime import load_model
@@ -105,6 +105,11 @@ def test_every_command_loads_every_checkpoint_kind(run_dir, tmp_path):
             assert model.space.resolutions == (16, 24)
             assert (args.data, args.batch_size, args.calib_batches, args.calib_batch_size) == ("digits", 8, 2, 8)
             assert args.channels_last is True
+    # A checkpoint that stores no run: the digits preset's settings, not the published 256 / 30
+    args = build_parser().parse_args(["export", "--checkpoint", str(files["s"]), "--out-dir", "ex"])
+    load_model(args, torch.device("cpu"))
+    assert (args.data, args.batch_size, args.calib_batches, args.calib_batch_size) == ("digits", 64, 8, 64)
+    assert args.channels_last is False and args.data_seed == 0
     out = tmp_path / "c.jsonl"
     argv = ["collect", "--checkpoint", str(run_dir / "last.pt"), "--out", str(out), "--num-samples", "1"]
     assert main([*argv, "--device", "cpu", "--no-progress"]) == 0

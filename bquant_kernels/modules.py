@@ -30,8 +30,27 @@ class BatchQuantizer(nn.Module):
         self.offset = nn.Parameter(torch.zeros(1))
         self.register_buffer("lo_hi", torch.zeros(2))
         self._range_sink = None  # set by recalibrate(): collects the batch ranges
+        # Whether lo_hi holds a range (recalibrated, set, or loaded non-zero): a Python bool, no device sync.
+        self.calibrated = False
+
+    def set_range(self, lo_hi: Tensor) -> None:
+        """Set the running range ``[lo, hi]`` by hand (normally :func:`bquant_kernels.recalibrate` does)."""
+        with torch.no_grad():
+            self.lo_hi.copy_(lo_hi)
+        self.calibrated = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        loaded = state_dict.get(prefix + "lo_hi")
+        if loaded is not None:  # loading is no hot path: one look at the values
+            self.calibrated = bool(loaded.ne(0).any())
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training and not self.calibrated and self._range_sink is None:
+            raise RuntimeError(
+                f"BatchQuantizer(bits={self.bits}) in eval mode was never calibrated (its range is [0, 0]): run "
+                "a few batches through bquant_kernels.recalibrate(model) (qfa.calibrate) first, or set_range()"
+            )
         if self._range_sink is not None:
             y, used = batchquant(
                 x, self.theta, self.offset, self.bits, signed=self.signed, return_range=True, backend=self.backend

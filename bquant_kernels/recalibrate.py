@@ -57,7 +57,16 @@ def recalibrate(model: nn.Module, *, process_group: dist.ProcessGroup | None = N
         dist.all_reduce(table, group=process_group)
     has = table[:, 2:3]
     means = table[:, :2] / has.clamp(min=1.0)
+    finite = torch.isfinite(means).all(dim=1).tolist()  # one sync per recalibration: a NaN range would stay
+    if not all(finite):
+        names = {m: n for n, m in model.named_modules()}
+        bad = [names[q] or "(model)" for q, ok in zip(quantizers, finite, strict=True) if not ok]
+        raise ValueError(
+            f"recalibrate: the batch range of {len(bad)} BatchQuantizer(s) is not finite (e.g. {bad[0]}): a "
+            "calibration batch holds NaN or inf values; check the data (the ranges were left as they were)"
+        )
     with torch.no_grad():
         for i, q in enumerate(quantizers):
             if sinks[i].count > 0:
                 q.lo_hi.copy_(means[i].to(q.lo_hi.dtype))
+                q.calibrated = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -255,6 +256,7 @@ def reset_quantizers(model: nn.Module) -> None:
             m.theta.zero_()
             m.offset.zero_()
             m.lo_hi.zero_()
+            m.calibrated = False
         elif isinstance(m, (DynamicQConv2d, DynamicQLinear)):
             for q in m.w_quantizer.values():
                 q.initialize(m.weight)
@@ -266,6 +268,18 @@ def reset_quantizers(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- our format
+
+
+def weights_id(model: nn.Module) -> str:
+    """Short fingerprint of a supernet's trained parameters (not of BN or BatchQuant statistics, which
+    recalibration rewrites): samples collected from different supernets never mix."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for name, p in _unwrap_model(model).named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().numpy().tobytes())  # C order, whatever the strides
+    return digest.hexdigest()[:12]
 
 
 def save_supernet(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
@@ -320,3 +334,51 @@ def load_supernet(
         )
     _apply(model, str(path), dict(sd), [], set())
     return (model, payload["extra"]) if return_extra else model
+
+
+# ----------------------------------------------------------------------------- any layout
+
+RUN_KEYS = ("data", "batch_size", "calib_batches", "seed", "channels_last")  # what eval needs to reproduce train
+
+
+@dataclass
+class LoadedSupernet:
+    """What :func:`load_any` read: the supernet, the file's layout, and what the file says about the run
+    that made it (``run``: data, batch size, recalibration settings, memory format; empty when unknown)
+    and the subnet it was calibrated for (``subnet``: a SubnetConfig dict, from ``qfa calibrate``)."""
+
+    model: QFAMobileNetV3
+    layout: str
+    run: dict[str, Any] = field(default_factory=dict)
+    subnet: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_any(path: str | os.PathLike, n_classes: int | None = None, backend: str | None = None) -> LoadedSupernet:
+    """The supernet stored at ``path`` in any layout every ``qfa`` command accepts: a qfa supernet
+    (``qfa train``'s ``supernet.pt``, ``qfa calibrate``'s output), a training checkpoint (``last.pt``),
+    the published QFA state dict or the Once-for-All FP state dict. The qfa layouts rebuild their own
+    architecture; the published ones have the published architecture with ``n_classes`` outputs
+    (required for them). Errors name the file (:class:`qfa.train.ckpt.CheckpointError`)."""
+    from .train.ckpt import CheckpointError
+    from .train.weights import QFA_PUBLISHED, QFA_SUPERNET, QFA_TRAIN, load_into, read_checkpoint
+
+    layout, payload = read_checkpoint(path)
+    extra: dict[str, Any] = {}
+    run: dict[str, Any] = {}
+    if layout == QFA_SUPERNET:
+        kwargs = dict(payload["model_kwargs"])
+        extra = dict(payload.get("extra") or {})
+        run = dict(extra.get("run") or {})
+    elif layout == QFA_TRAIN:
+        kwargs = dict(payload["model_config"])
+        options = payload.get("options") or {}
+        run = {k: options[k] for k in RUN_KEYS if k in options}
+    else:
+        if n_classes is None:
+            raise CheckpointError(f"{str(path)!r} ({layout} layout) does not store its number of classes: give it")
+        kwargs = {"n_classes": n_classes, "bits_list": (2, 3, 4) if layout == QFA_PUBLISHED else (2, 3, 4, 32)}
+    model = QFAMobileNetV3(**kwargs, backend=backend)
+    load_into(model, path)
+    subnet = extra.get("subnet") if isinstance(extra.get("subnet"), dict) else None
+    return LoadedSupernet(model, layout, run, subnet, extra)

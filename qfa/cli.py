@@ -22,7 +22,12 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qfa", description="Quantized-for-all supernet: train, search, export.")
+    parser = argparse.ArgumentParser(
+        prog="qfa",
+        description="Quantized-for-all supernet: train, search, export.",
+        epilog="Shared flags: --checkpoint FILE (the supernet: supernet.pt, last.pt, a calibrated or a published "
+        "checkpoint), --subnets (subnet configs), --config FILE (an options file). See docs/cli.md.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         module = importlib.import_module(f"qfa.commands.{name}")
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the input (bad flags, files, data): reported in one line, not as a traceback.
-    Other exceptions (bugs, KeyboardInterrupt) keep their traceback."""
+    Other exceptions (bugs) keep their traceback."""
     import pickle
 
     from .checkpoint import CheckpointKeyError
@@ -65,10 +70,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def entry(argv: list[str] | None = None) -> int:
     """The console entry (``qfa``, ``python -m qfa``): like :func:`main`, but a user-facing error is one
-    line on stderr, ``qfa <command>: error: <message>``, with exit code 1."""
+    line on stderr, ``qfa <command>: error: <message>``, with exit code 1; Ctrl-C exits with 130."""
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback (qfa train handles it itself, at a step boundary)
+        print(f"qfa {args.command}: interrupted", file=sys.stderr)
+        return 130
     except _user_errors() as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # KeyError's str() quotes
         msg = " ".join(line.strip() for line in str(msg).splitlines() if line.strip()) or type(err).__name__

@@ -278,6 +278,18 @@ def _image_folder(root: str, split: str):
     return ImageFolder(path)
 
 
+def _check_same_classes(data: str, train: Sequence[str], val: Sequence[str]) -> None:
+    """Labels are positions in a split's sorted class list: both splits must list the same class names,
+    or every held-out label would point at another class."""
+    if list(train) == list(val):
+        return
+    missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    raise ValueError(
+        f"data={data!r}: val/ and train/ must have the same class folders; val/ lacks {missing or 'none'}, "
+        f"val/ has extra {extra or 'none'}"
+    )
+
+
 def _transforms(data: str, split: str, resolution: int) -> tuple[Callable | None, bool]:
     """The transform of a split (returns ``uint8`` CHW tensors) and whether it is random."""
     from torchvision.transforms import v2
@@ -383,6 +395,7 @@ def build_loaders(
     workers = _default_workers(data) if workers is None else workers
     train_base = _base_dataset(data, "train", resolution, seed)
     val_base = _base_dataset(data, "val", resolution, seed)
+    _check_same_classes(data, train_base.classes, val_base.classes)  # type: ignore[attr-defined]
     classes = len(train_base.classes)  # type: ignore[attr-defined]
     train_tf, train_random = _transforms(data, "train", resolution)
     val_tf, _ = _transforms(data, "val", resolution)

@@ -134,3 +134,32 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
         else:
             p.unlink(missing_ok=True)
     return stale
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of an input file; a file that is not UTF-8 is a ``ValueError`` naming ``what``
+    (the flag that gave it) and the file, not a bare codec error."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{what} {os.fspath(path)!r}: not a UTF-8 text file (byte {err.start}: {err.reason})"
+        ) from None
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of ``obj`` with every non-finite float written as ``null`` (strict JSON: other
+    parsers reject ``NaN`` / ``Infinity``)."""
+    import json
+    import math
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)

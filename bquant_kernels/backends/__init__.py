@@ -52,6 +52,8 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> st
     key = (requested, device.type, dtype)
     name = _RESOLVED.get(key)
     if name is None:
+        if backend is None and requested is not None and requested not in NAMES:
+            raise ValueError(f"environment variable BQUANT_BACKEND={requested!r}: use one of {NAMES}, or unset it")
         name = _RESOLVED[key] = _resolve_uncached(requested, device, dtype)
     return name
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from qfa.commands.flags import add_checkpoint_arg
 from qfa.cost import CostModel
 from qfa.flops_lut import table_to_json
 from qfa.io import atomic_write_text
@@ -41,10 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="score every config at this resolution; None: its own, else the smallest for min and the largest else",
     )
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help="supernet whose space and classes to score in; None: the published QFA MobileNetV3 w1.2, 1000 classes",
+    add_checkpoint_arg(
+        p,
+        required=False,
+        help="supernet whose space and classes to score in (any checkpoint qfa train / calibrate wrote, or a "
+        "published QFA / Once-for-All state dict); None: the published QFA MobileNetV3 w1.2, 1000 classes",
     )
     add_flops_lut_arguments(p)
     p.add_argument("--under", type=float, default=20.0, help="count the configs under this many MLUT-FLOPs")
@@ -62,9 +64,9 @@ def _cost_model(args: argparse.Namespace) -> CostModel:
         from qfa.space import SearchSpace
 
         return make_cost_model(args, SearchSpace(), n_classes=1000)
-    from qfa.checkpoint import load_supernet
+    from qfa.checkpoint import load_any
 
-    return make_cost_model(args, load_supernet(args.checkpoint))
+    return make_cost_model(args, load_any(args.checkpoint, n_classes=1000).model)
 
 
 def run(args: argparse.Namespace) -> int:

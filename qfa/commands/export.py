@@ -26,17 +26,24 @@ import torch
 
 import qfa
 from qfa.calibrate import resize
+from qfa.commands.flags import add_subnets_arg
 from qfa.config import SubnetConfig
 from qfa.export.onnx_export import export_onnx, run_onnx, save_deployment_npz
 from qfa.export.standalone import export_subnet, load_standalone
-from qfa.io import TMP_PREFIX, atomic_write_text, remove_stale_temps
+from qfa.io import TMP_PREFIX, atomic_write_text, read_text, remove_stale_temps
 from qfa.search.runtime import add_data_arguments, add_supernet_arguments, load_model, make_loaders, resolve_device
+from qfa.train.evaluation import with_resolution
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_supernet_arguments(p)
     add_data_arguments(p)
-    p.add_argument("--config", required=True, help="a SubnetConfig JSON file, or a `qfa search` result (with --index)")
+    add_subnets_arg(
+        p,
+        help="the subnet: a SubnetConfig JSON file, a collected record, or a qfa search result (with --index); "
+        "None: the subnet qfa calibrate calibrated the --checkpoint for",
+    )
+    p.add_argument("--config", dest="subnet_config_typo", help=argparse.SUPPRESS)  # the old spelling of --subnets
     p.add_argument("--index", type=int, default=None, help="which front entry of a search result to export")
     p.add_argument("--resolution", type=int, default=None, help="input size; None: the config's resolution")
     p.add_argument("--out-dir", required=True, help="writes subnet.pt, subnet.onnx, subnet.npz, export.json")
@@ -57,16 +64,16 @@ def read_config(path: str | Path, index: int | None = None) -> SubnetConfig:
     """A SubnetConfig from a config JSON file or from entry ``index`` of a search result's front."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config: file not found: {path}")
+        raise FileNotFoundError(f"--subnets: file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "--subnets"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--config: {path} is not JSON ({exc})") from exc
+        raise ValueError(f"--subnets: {path} is not JSON ({exc})") from exc
     if isinstance(data, dict) and "front" in data:
         front = data["front"]
         if index is None or not 0 <= index < len(front):
             raise ValueError(
-                f"--config {path} is a search result with {len(front)} front entries: pass --index 0..{len(front) - 1}"
+                f"--subnets {path} is a search result with {len(front)} front entries: pass --index 0..{len(front) - 1}"
             )
         data = front[index]["config"]
     elif index is not None:
@@ -81,17 +88,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--onnx-atol must be >= 0, got {args.onnx_atol}")
     if not 0 <= args.onnx_min_match <= 1:
         raise ValueError(f"--onnx-min-match must be in [0, 1], got {args.onnx_min_match}")
-    cfg = read_config(args.config, args.index)
+    if args.subnet_config_typo is not None:
+        raise ValueError("--config is for option files: give the subnet config with --subnets FILE")
+    cfg = read_config(args.subnets, args.index) if args.subnets else None
     device = resolve_device(args.device)
     model = load_model(args, device)
+    if cfg is None:
+        if args.checkpoint_subnet is None:
+            raise ValueError(
+                "--subnets is required: --checkpoint was not written by qfa calibrate (which records its subnet)"
+            )
+        cfg = SubnetConfig.from_dict(args.checkpoint_subnet)
     model.space.check_config(cfg)  # a config of another supernet fails here, naming the field
-    resolution = args.resolution if args.resolution is not None else cfg.resolution
-    if resolution is None:
+    if args.resolution is None and cfg.resolution is None:
         raise ValueError("the config has no resolution: pass --resolution")
-    if resolution not in model.space.resolutions:
-        raise ValueError(
-            f"--resolution {resolution} is not one of the supernet's resolutions {list(model.space.resolutions)}"
-        )
+    name = f"of {args.subnets}" if args.subnets else "of --checkpoint"
+    resolution = with_resolution(name, cfg, args.resolution, model.space.resolutions).resolution
     calib, val = make_loaders(args, model, device)
     model.set_active_config(cfg)
     qfa.calibrate(model, calib, num_batches=args.calib_batches, resolution=resolution)
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         _install(stage, out_dir, args.name, report)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    print(json.dumps(report, indent=2))
+    print(_summary(report, out_dir))
     onnx_report = report.get("onnx")
     if onnx_report is not None and not onnx_report["passed"]:
         print(
@@ -117,6 +129,21 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _summary(report: dict[str, Any], out_dir: Path) -> str:
+    """One line: what was written and how the checks went (the full report is OUT_DIR/export.json)."""
+    onnx = report.get("onnx")
+    paths = [report["standalone"]["path"]] + ([onnx["path"], onnx["npz"]] if onnx else [])
+    files = [Path(p).name for p in paths]
+    check = "standalone exact"
+    if onnx is not None:
+        check += f", ONNX {onnx['images_within_atol']:.0%} of images within --onnx-atol"
+    mflops = report["costs"].get("lut_flops", float("nan")) / 1e6
+    return (
+        f"exported {', '.join(files)} to {out_dir} ({report['config']['resolution']} px, {mflops:.3f} MLUT-FLOPs; "
+        f"{check}); report: {out_dir / 'export.json'}"
+    )
 
 
 def _export_into(

@@ -7,12 +7,12 @@ scatter plot and saves the predictor (state dict + encoding metadata, atomic wri
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from qfa.io import atomic_write_text
+from qfa.io import atomic_write_text, strict_json
 from qfa.search.encoding import SubnetEncoder
 from qfa.search.plots import plot_predictions
 from qfa.search.predictor import TrainSettings, regression_metrics, save_predictor, split_indices, train_predictor
@@ -27,9 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, help="metrics as JSON; None: <out>.json")
     p.add_argument("--target", default="top1", help="record field to predict")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction of the samples")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100, help="training epochs")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=2048, help="samples per training batch")
     p.add_argument("--hidden", type=int, nargs="+", default=[600, 600, 600], help="hidden layer widths")
     p.add_argument(
         "--no-group-scaling",
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="feed the plain one-hot features (the published input) instead of group-scaled ones",
     )
     p.add_argument("--seed", type=int, default=0, help="split, initialisation and shuffling seed")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def _is_number(v: object) -> bool:
@@ -101,8 +101,15 @@ def run(args: argparse.Namespace) -> int:
         kendall_tau=report["held_out"]["kendall_tau"],
         train=(targets[train_idx], pred[train_idx]),
     )
-    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(report_path, strict_json(report, indent=2) + "\n")
     h = report["held_out"]
+    if not h["rmse"] < h["baseline_rmse"]:
+        print(
+            f"qfa predictor: warning: the held-out RMSE {h['rmse']:.4f} is not better than a constant predictor's "
+            f"{h['baseline_rmse']:.4f}: the predictor has learnt nothing useful (collect more samples, "
+            "train longer, or check that the accuracies vary)",
+            file=sys.stderr,
+        )
     print(
         f"predictor: {len(train_idx)} train / {len(val_idx)} held-out samples; held-out RMSE {h['rmse']:.4f} "
         f"(constant predictor {h['baseline_rmse']:.4f}), Kendall tau {h['kendall_tau']:.3f}\n"

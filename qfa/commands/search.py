@@ -45,11 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="search result (JSON)")
     p.add_argument("--plot", default=None, help="Pareto plot (PNG); None: <out>.png")
     p.add_argument("--samples", default=None, help="collected samples (JSONL) to draw in the plot")
-    p.add_argument("--population", type=int, default=500)
-    p.add_argument("--generations", type=int, default=1000)
+    p.add_argument("--population", type=int, default=500, help="NSGA-II population size")
+    p.add_argument("--generations", type=int, default=1000, help="NSGA-II generations")
     p.add_argument("--crossover", type=float, default=0.007, help="per-gene crossover (swap) probability")
     p.add_argument("--mutation", type=float, default=0.02, help="per-gene mutation probability")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument(
         "--metric",
         default=None,
@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-reevaluate", type=int, default=None, help="re-evaluate at most this many front members, evenly spread"
     )
     p.add_argument("--early-stop-z", type=float, default=3.0, help="Wilson-bound width for early stopping; 0: off")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _check_feasible(encoder: SubnetEncoder, cost, constraints: Constraints) -> None:

@@ -5,7 +5,8 @@ Without arguments this trains the digits demo (scikit-learn's bundled 8x8 digits
 about 3 minutes on 2 CPU cores); `--data PATH` with an ImageFolder tree uses the published recipe.
 Phases: `--bits 2,3,4,32` (phase 0), then `--bits 2,3,4 --init OUT/supernet.pt` (phase 1).
 Multi-GPU / multi-node: `torchrun --nproc-per-node N -m qfa train ...`. Resume: `--resume auto`
-(the default) continues from OUT/last.pt.
+(the default) continues from OUT/last.pt. Ctrl-C stops at the next step boundary, writes OUT/last.pt
+and exits with status 130; the same command resumes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.trainer import Trainer
+    from ..train.trainer import Trainer, TrainingInterrupted
 
     opts = options.resolve(options.TrainOptions, args)
     ctx = distributed.setup(opts.device)
@@ -32,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, CheckpointError) as err:
         print(f"qfa train: error: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"qfa train: {err}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
     finally:
         distributed.teardown()
     return 0

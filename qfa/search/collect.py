@@ -44,7 +44,12 @@ class CollectSettings:
 
 
 def pending_indices(
-    path: str | os.PathLike, settings: CollectSettings, space: Any, rank: int = 0, world_size: int = 1
+    path: str | os.PathLike,
+    settings: CollectSettings,
+    space: Any,
+    rank: int = 0,
+    world_size: int = 1,
+    supernet: str | None = None,
 ) -> list[int]:
     """Indices this rank still has to collect (checks that the file belongs to the same run)."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -57,6 +62,11 @@ def pending_indices(
             raise ValueError(
                 f"{path} holds samples of another supernet search space (space_id {rec.get('space_id')}, "
                 f"this one is {sid}); use another --out"
+            )
+        if supernet is not None and rec.get("supernet", supernet) != supernet:
+            raise ValueError(
+                f"{path} holds samples of another supernet (weights {rec['supernet']}, this one is {supernet}); "
+                "use another --out"
             )
         if rec.get("seed") != settings.seed:
             raise ValueError(
@@ -116,10 +126,12 @@ def collect_samples(
     world_size: int = 1,
     progress: bool = False,
     cost_model: qfa.cost.CostModel | None = None,
+    supernet: str | None = None,
 ) -> int:
     """Collect this rank's pending samples into ``path``; returns how many were added. ``cost_model``:
-    the costs recorded (default ``CostModel(model)``; e.g. one with a user's FLOPs table)."""
-    todo = pending_indices(path, settings, model.space, rank, world_size)
+    the costs recorded (default ``CostModel(model)``; e.g. one with a user's FLOPs table). ``supernet``:
+    the weights' fingerprint (:func:`qfa.checkpoint.weights_id`), stored in every record."""
+    todo = pending_indices(path, settings, model.space, rank, world_size, supernet)
     cost_model = cost_model or qfa.cost.CostModel(model)
     bar = None
     if progress and todo:
@@ -129,6 +141,8 @@ def collect_samples(
     try:
         for i in todo:
             record = measure_sample(model, i, settings, calib_loader, val_loader, cost_model)
+            if supernet is not None:
+                record["supernet"] = supernet
             append_records(path, [record])  # one line per subnet: a kill loses at most the current one
             if bar is not None:
                 bar.update(1)

@@ -44,12 +44,14 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not raw.strip():
             continue
         try:
-            records.append(json.loads(raw))
+            records.append(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from exc
     if tail.strip():
         try:
-            records.append(json.loads(tail))
+            records.append(json.loads(tail.decode("utf-8", errors="replace")))
         except json.JSONDecodeError:
             warnings.warn(
                 f"{path}: ignoring a partial last line ({len(tail)} bytes, from an interrupted run)", stacklevel=2
@@ -78,13 +80,36 @@ def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -
 
 
 def check_consistent(records: list[dict[str, Any]], path: str | os.PathLike) -> dict[str, Any]:
-    """The search space shared by every record of a sample file (ValueError if they disagree)."""
+    """The search space shared by every record of a sample file. ValueError when a record lacks its
+    config, when a sample appears twice (same seed and index: a held-out sample would also be a
+    training one) or when the records come from different search spaces or supernets."""
     if not records:
         raise ValueError(f"{path}: no samples")
+    bad = [i for i, r in enumerate(records) if not isinstance(r.get("config"), dict)]
+    if bad:
+        raise ValueError(
+            f"{path}: {len(bad)} record(s) without a 'config' dict (e.g. record {bad[0] + 1}); "
+            "not written by qfa collect?"
+        )
+    seen: dict[tuple[Any, Any], int] = {}
+    for i, r in enumerate(records):
+        key = (r.get("seed"), r.get("index"))
+        if key[1] is not None and key in seen:
+            raise ValueError(
+                f"{path}: records {seen[key] + 1} and {i + 1} are the same sample (seed {key[0]}, index {key[1]}); "
+                "remove the duplicates"
+            )
+        seen[key] = i
     spaces = {r.get("space_id") for r in records}
     if len(spaces) != 1 or None in spaces:
         raise ValueError(
             f"{path}: records come from {len(spaces)} different search spaces ({sorted(map(str, spaces))})"
+        )
+    supernets = {r["supernet"] for r in records if "supernet" in r}
+    if len(supernets) > 1:
+        raise ValueError(
+            f"{path}: records come from {len(supernets)} different supernets ({sorted(supernets)}); "
+            "train a predictor on the samples of one supernet"
         )
     if "space" not in records[0]:
         raise ValueError(f"{path}: records lack the 'space' field (not written by qfa collect?)")

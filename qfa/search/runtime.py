@@ -5,31 +5,45 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from bquant_kernels import BatchQuantizer, LSQQuantizer
-from qfa.checkpoint import load_supernet
+from qfa.commands.flags import add_checkpoint_arg, load_checkpoint
 from qfa.cost import CostModel
-from qfa.data import DeviceLoader, build_loaders, calib_loader, num_classes
+from qfa.data import DIGITS, DeviceLoader, build_loaders, calib_loader
 from qfa.train.distributed import parse_device
 
 
 def add_supernet_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="supernet checkpoint (qfa train / qfa.checkpoint.save_supernet)")
+    add_checkpoint_arg(p)
     p.add_argument("--device", default=None, help="None: cuda (this rank's GPU under torchrun) if available, else cpu")
     p.add_argument("--backend", default=None, help="bquant_kernels backend (reference, cpu, triton, cuda)")
 
 
+_RUN = "; None: the value stored by the run that wrote --checkpoint, else "
+
+
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits", help="'digits', 'synthetic' or an ImageFolder root with train/ and val/")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--calib-batches", type=int, default=30, help="recalibration batches per subnet (spec: 30)")
-    p.add_argument("--calib-batch-size", type=int, default=64, help="recalibration batch size (spec: 64)")
+    """Data flags; those left out take the checkpoint's run settings (:func:`load_model`), else the preset's
+    (digits: batch 64, 8 recalibration batches; published: 256 and 30 of 64 images)."""
+    p.add_argument("--data", default=None, help="'digits', 'synthetic' or an ImageFolder root with train/ and val/"
+                   + _RUN + "digits")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size" + _RUN + "the preset's")
+    p.add_argument("--calib-batches", type=int, default=None, help="recalibration batches per subnet" + _RUN
+                   + "the preset's (published: 30)")  # fmt: skip
+    p.add_argument("--calib-batch-size", type=int, default=None, help="recalibration batch size" + _RUN
+                   + "the preset's (published: 64)")  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="data loader processes")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the calibration subset and its augmentation")
+    p.add_argument("--data-seed", type=int, default=None, help="seed of the calibration subset and its augmentation"
+                   + _RUN + "0")  # fmt: skip
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format" + _RUN + "off")  # fmt: skip
+
+
+# When neither the flag nor the checkpoint gives a value: (digits preset, published recipe).
+_PRESET_DEFAULTS = {"batch_size": (64, 256), "calib_batches": (8, 30), "calib_batch_size": (64, 64),
+                    "data_seed": (0, 0), "channels_last": (False, False)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,26 +72,29 @@ def resolve_device(name: str | None, ranks: Ranks = Ranks()) -> torch.device:
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    """The supernet of ``--checkpoint`` on ``device`` (eval mode), with ``--backend`` on every quantizer."""
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint: file not found: {path}")
-    model = load_supernet(path)
-    data = getattr(args, "data", None)
-    if data is not None and model.n_classes != (n := num_classes(data)):
-        # Otherwise an IndexError deep in the loss, or (fewer ImageFolder classes) silently wrong accuracy.
-        raise ValueError(f"--checkpoint has {model.n_classes} classes but --data {data!r} has {n}")
-    if args.backend is not None:
-        for m in model.modules():
-            if isinstance(m, (BatchQuantizer, LSQQuantizer)):
-                m.backend = args.backend
-    return model.to(device).eval()
+    """The supernet of ``--checkpoint`` (any layout of :func:`qfa.checkpoint.load_any`) on ``device``,
+    eval mode. Data flags left out are filled in from the checkpoint's run, else from the preset."""
+    loaded, args.data = load_checkpoint(args.checkpoint, getattr(args, "data", None), args.backend)
+    run = loaded.run
+    preset = 0 if args.data == DIGITS else 1
+    # A training run recalibrates with its own batch size: that is the calibration batch size to reproduce.
+    from_run = {"batch_size": run.get("batch_size"), "calib_batches": run.get("calib_batches"),
+                "calib_batch_size": run.get("batch_size"), "data_seed": run.get("seed"),
+                "channels_last": run.get("channels_last")}  # fmt: skip
+    for name, value in from_run.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value if value is not None else _PRESET_DEFAULTS[name][preset])
+    args.checkpoint_run = run
+    args.checkpoint_subnet = loaded.subnet
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    return loaded.model.to(device, memory_format=memory_format).eval()
 
 
 def make_loaders(args: argparse.Namespace, model: nn.Module, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
     """``(calib, val)`` loaders at the largest resolution of the space (subnets resize on the device)."""
     resolution = max(model.space.resolutions)
-    common = {"workers": args.workers, "distributed": False, "seed": args.data_seed, "device": device}
+    common = {"workers": args.workers, "distributed": False, "seed": args.data_seed, "device": device,
+              "channels_last": args.channels_last}  # fmt: skip
     calib = calib_loader(
         args.data, batch_size=args.calib_batch_size, resolution=resolution, num_batches=args.calib_batches, **common
     )

@@ -1,5 +1,5 @@
-"""Recalibrate-and-evaluate for ``qfa eval`` / ``qfa calibrate``: load a supernet in any layout, turn a
-subnet description into configs, evaluate them."""
+"""Recalibrate-and-evaluate for ``qfa eval`` / ``qfa calibrate``: turn a subnet description into
+configs, evaluate them (the supernet comes from :func:`qfa.checkpoint.load_any`)."""
 
 from __future__ import annotations
 
@@ -7,33 +7,15 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import SubnetConfig
+from ..io import read_text
 from ..published import subnets_file
 from ..space import SearchSpace
-from .weights import OFA_FP, QFA_PUBLISHED, QFA_SUPERNET, QFA_TRAIN, load_into, read_checkpoint
-
-
-def load_any_supernet(path: str | os.PathLike, n_classes: int, backend: str | None = None) -> tuple[nn.Module, str]:
-    """The supernet stored at ``path``: built from the saved arguments (qfa formats) or the published
-    architecture with ``n_classes`` outputs (published QFA / OFA state dicts). Returns ``(model, layout)``."""
-    from ..networks import QFAMobileNetV3
-
-    layout, payload = read_checkpoint(path)
-    if layout == QFA_SUPERNET:
-        kwargs = dict(payload["model_kwargs"])
-    elif layout == QFA_TRAIN:
-        kwargs = dict(payload["model_config"])
-    else:
-        kwargs = {"n_classes": n_classes, "bits_list": (2, 3, 4) if layout == QFA_PUBLISHED else (2, 3, 4, 32)}
-    model = QFAMobileNetV3(**kwargs, backend=backend)
-    load_into(model, path)
-    return model, layout if layout != OFA_FP else OFA_FP
 
 
 def named_configs(
@@ -47,6 +29,9 @@ def named_configs(
     spec = subnets_file(spec)
     if spec.endswith((".json", ".jsonl")):
         return [(f"#{i}", cfg) for i, cfg in enumerate(_configs_from_file(spec, space))]
+    bad = sorted(set(bits or ()) - set(space.bits_list))
+    if bad:
+        raise ValueError(f"--bits {bad[0]} is not one of the supernet's bit-widths {list(space.bits_list)}")
     out = []
     for kind in (k.strip() for k in spec.split(",") if k.strip()):
         if kind == "fp":
@@ -70,7 +55,7 @@ def named_configs(
 def _configs_from_file(path: str, space) -> list[SubnetConfig]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--subnets {path!r}: no such file")
-    text = Path(path).read_text()
+    text = read_text(path, "--subnets")
     try:
         if path.endswith(".jsonl"):
             items = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -94,6 +79,11 @@ def with_resolution(name: str, cfg: SubnetConfig, resolution: int | None, resolu
     subnets and the largest otherwise."""
     if resolution is not None and resolution not in resolutions:
         raise ValueError(f"--resolution {resolution} is not one of the supernet's resolutions {list(resolutions)}")
+    if resolution is None and cfg.resolution is not None and cfg.resolution not in resolutions:
+        raise ValueError(
+            f"subnet {name}: its resolution {cfg.resolution} is not one of the supernet's resolutions "
+            f"{list(resolutions)} (pass --resolution to evaluate it at another one)"
+        )
     res = resolution if resolution is not None else cfg.resolution
     if res is None:
         res = min(resolutions) if name.startswith("min") else max(resolutions)

@@ -21,10 +21,19 @@ PRESETS = ("auto", "published", "digits")
 _UNSET = object()
 
 
-def option(default: Any, help: str, *, digits: Any = _UNSET, choices: tuple | None = None, group: str = "") -> Any:
-    """A dataclass field that is also a command-line flag (``digits``: the value under the digits preset).
+def option(
+    default: Any,
+    help: str,
+    *,
+    digits: Any = _UNSET,
+    choices: tuple | None = None,
+    group: str = "",
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    """A dataclass field that is also a command-line flag (``digits``: the value under the digits preset;
+    ``aliases``: old flag spellings, accepted but not shown in ``--help``, and accepted as file keys).
     A ``None`` default shows as "auto" when the help explains an ``(auto: ...)`` choice, else "none"."""
-    meta = {"help": help, "choices": choices, "group": group}
+    meta = {"help": help, "choices": choices, "group": group, "aliases": aliases}
     if digits is not _UNSET:
         meta["digits"] = digits
     return field(default=default, metadata=meta)
@@ -107,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, with_config: bo
             "--config",
             default=argparse.SUPPRESS,
             metavar="FILE",
-            help="YAML (.yaml/.yml) or TOML (.toml) file with the same keys as the flags; flags override it",
+            help="options file: YAML (.yaml/.yml), TOML (.toml) or JSON with the flags' names as keys; flags "
+            "override it",
         )
         g.add_argument(
             "--preset",
@@ -137,6 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, with_config: bo
                 kwargs["choices"] = meta["choices"]
                 kwargs["metavar"] = "{" + ",".join(meta["choices"]) + "}"
         group.add_argument(_flag(f.name), **kwargs)
+        for alias in meta.get("aliases", ()):
+            group.add_argument(_flag(alias), **(kwargs | {"help": argparse.SUPPRESS}))
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -168,8 +180,12 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def resolve(cls: type, namespace: argparse.Namespace | Mapping[str, Any] | None = None) -> Any:
-    """An instance of ``cls`` from explicit values, a config file and the preset (see module doc)."""
+def resolve(
+    cls: type, namespace: argparse.Namespace | Mapping[str, Any] | None = None, defaults: Mapping[str, Any] = ()
+) -> Any:
+    """An instance of ``cls`` from explicit values, a config file and the preset (see module doc).
+    ``defaults``: values that rank between the config file and the preset (those a checkpoint stores
+    about the run that made it)."""
     given = dict(vars(namespace) if isinstance(namespace, argparse.Namespace) else (namespace or {}))
     given = {k: v for k, v in given.items() if not k.startswith("_") and k != "command"}
     names = {f.name: f for f in dataclasses.fields(cls)}
@@ -178,6 +194,12 @@ def resolve(cls: type, namespace: argparse.Namespace | Mapping[str, Any] | None 
     config_path = given.pop("config", None)
     if config_path:
         file_values = load_config_file(config_path)
+    for f in dataclasses.fields(cls):  # old spellings
+        for alias in f.metadata.get("aliases", ()):
+            for source in (given, file_values):
+                if alias in source:
+                    source.setdefault(f.name, source.pop(alias))
+    defaults = {k: v for k, v in dict(defaults).items() if k in names}
     preset = given.pop("preset", None) or file_values.pop("preset", None) or "auto"
     file_values.pop("config", None)
     if preset not in PRESETS:
@@ -189,7 +211,8 @@ def resolve(cls: type, namespace: argparse.Namespace | Mapping[str, Any] | None 
     if unknown:
         raise ValueError(f"unknown options {unknown} for {cls.__name__}")
     if preset == "auto":
-        data = given.get("data", file_values.get("data", names["data"].default if "data" in names else None))
+        fallback = defaults.get("data", names["data"].default if "data" in names else None)
+        data = given.get("data", file_values.get("data", fallback))
         preset = "digits" if data == "digits" else "published"
     values: dict[str, Any] = {}
     for name, f in names.items():
@@ -197,6 +220,8 @@ def resolve(cls: type, namespace: argparse.Namespace | Mapping[str, Any] | None 
             values[name] = given[name]
         elif name in file_values:
             values[name] = convert(name, file_values[name], hints[name])
+        elif name in defaults:
+            values[name] = convert(name, defaults[name], hints[name])
         elif preset == "digits" and "digits" in f.metadata:
             values[name] = f.metadata["digits"]
         else:
@@ -361,15 +386,19 @@ class TrainOptions(OptionsBase):
 
 # ----------------------------------------------------------------------------- qfa eval / qfa calibrate
 
+_RUN = " (when not given: the value stored by the run that wrote the checkpoint)"
+
 
 @dataclass
 class EvalOptions(OptionsBase):
     """Settings of ``qfa eval`` (and, with :class:`CalibrateOptions`, ``qfa calibrate``)."""
 
-    ckpt: str | None = option(
+    checkpoint: str | None = option(
         None,
-        "supernet weights (required): OUT/supernet.pt, OUT/last.pt, or a published QFA / OFA state dict",
+        "supernet checkpoint (required): qfa train's OUT/supernet.pt or OUT/last.pt, qfa calibrate's output, "
+        "or a published QFA / Once-for-All state dict",
         group="model",
+        aliases=("ckpt",),
     )
     subnets: str = option(
         "min,max",
@@ -384,17 +413,18 @@ class EvalOptions(OptionsBase):
         None, "input resolution (auto: the config's, else the smallest for min, the largest otherwise)", group="model"
     )
     backend: str | None = option(None, "bquant kernel backend (auto: the fastest)", group="model")
-    data: str = option("digits", "data: " + _DATA_HELP, group="data")
-    batch_size: int = option(64, "images per batch", group="data")
+    data: str = option("digits", "data" + _RUN + ": " + _DATA_HELP, group="data")
+    batch_size: int = option(64, "images per batch" + _RUN, group="data")
     workers: int | None = option(None, "data loader processes (auto)", group="data")
-    calib_batches: int = option(30, "recalibration batches per subnet", digits=8, group="data")
-    seed: int = option(0, "seed of the recalibration subset", group="data")
+    calib_batches: int = option(30, "recalibration batches per subnet" + _RUN, digits=8, group="data")
+    seed: int = option(0, "seed of the recalibration subset" + _RUN, group="data")
     device: str = option("auto", "cpu, cuda or cuda:N", group="runtime")
+    channels_last: bool = option(False, "channels_last memory format" + _RUN, group="runtime")
     json: str | None = option(None, "also write the results to this JSON file", group="output")
 
     def __post_init__(self) -> None:
-        if not self.ckpt:
-            raise ValueError("--ckpt is required (e.g. runs/qfa-train/supernet.pt)")
+        if not self.checkpoint:
+            raise ValueError("--checkpoint is required (e.g. runs/qfa-train/supernet.pt)")
         if self.batch_size <= 0 or self.calib_batches <= 0:
             raise ValueError("--batch-size and --calib-batches must be positive")
         if self.resolution is not None and self.resolution < 1:
@@ -413,8 +443,14 @@ class EvalOptions(OptionsBase):
 class CalibrateOptions(EvalOptions):
     """Settings of ``qfa calibrate``: recalibrate one subnet and save the supernet with its statistics."""
 
-    subnets: str = option("max", "the subnet: min, max, fp, or a .json file with one SubnetConfig", group="model")
+    subnets: str = option(
+        "max", "the subnet: min, max, fp, or a .json file with one SubnetConfig (e.g. from qfa search)", group="model"
+    )
     bits: tuple[int, ...] | None = option(
         None, "bit-width of the min/max subnet (one value; auto: the lowest option)", group="model"
     )
-    out: str | None = option(None, "output checkpoint (default: CKPT's directory / calibrated.pt)", group="output")
+    out: str | None = option(
+        None,
+        "output checkpoint, for qfa export --checkpoint (default: CHECKPOINT's directory / calibrated.pt)",
+        group="output",
+    )

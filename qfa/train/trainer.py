@@ -6,6 +6,8 @@ import contextlib
 import itertools
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,6 +52,29 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous[0])
         torch.backends.cudnn.benchmark = previous[1]
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (SIGINT) stopped training at a step boundary; the checkpoint is written."""
+
+
+@contextlib.contextmanager
+def stop_on_sigint(request_stop: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, the first Ctrl-C calls ``request_stop`` (the trainer stops at the next step
+    boundary and saves); a second one interrupts at once. Only the main thread can own signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C: the usual KeyboardInterrupt
+        request_stop()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def build_supernet(opts: TrainOptions, n_classes: int) -> nn.Module:
@@ -150,6 +175,10 @@ class Trainer:
         self.metrics = JsonlLog(self.out / "metrics.jsonl" if self.ctx.is_main else None)
 
         self.epoch, self.batch, self.step = 0, 0, 0  # next epoch / batch in it; completed optimiser steps
+        # Running loss sums of the current epoch (saved in checkpoints: a resumed epoch logs its whole mean).
+        self.epoch_sums: dict[str, Any] | None = None
+        self.stop_requested = False
+        self.window: list[tuple[int, list[float], float]] = []  # checked step records not yet logged
         self.history: list[dict[str, Any]] = []
         resume_from = ckpt.resolve_resume(opts.resume, self.out)
         if resume_from is not None:
@@ -275,10 +304,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    def request_stop(self) -> None:
+        """Stop at the next step boundary: save the checkpoint and raise :class:`TrainingInterrupted`."""
+        self.stop_requested = True
+
     def fit(self) -> dict[str, Any]:
-        """Train to the end (or ``max_steps``), then evaluate; returns the summary (also in metrics.jsonl)."""
+        """Train to the end (or ``max_steps``), then evaluate; returns the summary (also in metrics.jsonl).
+        Ctrl-C stops at the next step boundary, saves ``OUT/last.pt`` and raises :class:`TrainingInterrupted`."""
         opts = self.opts
-        with deterministic_mode(opts.deterministic):
+        with deterministic_mode(opts.deterministic), stop_on_sigint(self.request_stop):
             if self.step == 0 and self.epoch == 0 and self.batch == 0:
                 self.info(self._banner())
                 self.metrics.write({"event": "start", "options": opts.to_dict(), "world_size": self.ctx.world_size})
@@ -289,6 +323,11 @@ class Trainer:
                           "(use --resume none or another --out to train anew)")  # fmt: skip
             while not self.finished:
                 self._train_epoch()
+                if self.stop_requested:
+                    raise TrainingInterrupted(
+                        f"interrupted at step {self.step} (epoch {self.epoch + 1}, batch {self.batch}); saved "
+                        f"{self.out / ckpt.LAST}: run the same command again to resume from it"
+                    )
             self.guard.flush()
             rows = self.validate(final=True)
         summary = {"event": "final", "epoch": self.epoch, "step": self.step, "results": rows}
@@ -304,31 +343,35 @@ class Trainer:
         if opts.max_steps is not None:
             steps = min(steps, opts.max_steps - self.step)
         bar = self._progress(steps, f"epoch {epoch + 1}/{self.total_epochs}")
-        seen: list[tuple[int, list[float], float]] = []
+        self.window = []
         start = time.perf_counter()
         for images, labels in itertools.islice(self.train_loader, max(0, steps)):
             plan = self.train_step(images, labels)
             self.batch += 1
             if bar is not None:
                 bar.update(1)
-            records = self.guard.drain()
-            seen += records
-            if records and self.step % opts.log_every == 0:
-                self._log_steps(seen[-opts.log_every :], plan, bar)
+            self._drain()
+            if self.window and self.step % opts.log_every == 0:
+                self._log_steps(self.window[-opts.log_every :], plan, bar)
+                self.window = []
             if opts.ckpt_every and self.step % opts.ckpt_every == 0:
                 self.save()
+            if self.stop_requested:
+                break
         self.guard.flush()
-        seen += self.guard.drain()
+        self._drain()
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
         epoch_done = self.batch >= self.steps_per_epoch
         kinds = ["fp-max"] if self.fp_phase else plan_kinds(opts.subnets)
+        sums = self.epoch_sums or {"n": 0, "losses": [], "grad_norm": 0.0}
         record = {
             "event": "epoch", "epoch": epoch + 1, "step": self.step, "time_s": round(elapsed, 3),
-            "lr": self.scheduler.get_last_lr()[0], **self._loss_summary(seen, kinds),
+            "lr": self.scheduler.get_last_lr()[0], **_summary_of_sums(sums, kinds),
         }  # fmt: skip
-        self.info(self._epoch_line(record, len(seen)) + (" [full-precision max network]" if self.fp_phase else ""))
+        line = self._epoch_line(record, sums["n"]) + (" [full-precision max network]" if self.fp_phase else "")
+        self.info(line)
         last_epoch = epoch + 1 >= self.total_epochs
         if epoch_done and opts.val_every and ((epoch + 1) % opts.val_every == 0) and not last_epoch:
             rows = self.validate()
@@ -338,6 +381,7 @@ class Trainer:
         self.history.append(record)
         if epoch_done:
             self.epoch, self.batch = epoch + 1, 0
+            self.epoch_sums = None
         self.save()
 
     # ------------------------------------------------------------------ logging
@@ -356,18 +400,23 @@ class Trainer:
         if bar is not None:
             bar.set_postfix(loss=f"{summary['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
 
+    def _drain(self) -> None:
+        """Move the guard's checked records into the epoch's running sums and the logging window."""
+        records = self.guard.drain()
+        self.window += records
+        for _, losses, grad_norm in records:
+            if self.epoch_sums is None:
+                self.epoch_sums = {"n": 0, "losses": [0.0] * len(losses), "grad_norm": 0.0}
+            sums = self.epoch_sums
+            sums["n"] += 1
+            sums["losses"] = [a + b for a, b in zip(sums["losses"], losses, strict=True)]
+            sums["grad_norm"] += grad_norm
+
     @staticmethod
     def _loss_summary(records, kinds: list[str]) -> dict[str, float]:
-        if not records:
-            return {"loss": math.nan}
-        per_subnet = list(zip(*(r[1] for r in records), strict=True))
-        out = {"loss": sum(sum(v) for v in per_subnet) / (len(records) * len(per_subnet))}
-        for kind in ("min", "max", "random"):
-            cols = [col for k, col in zip(kinds, per_subnet, strict=True) if k == kind]
-            if cols:
-                out[f"loss_{kind}"] = sum(sum(c) for c in cols) / (len(cols) * len(records))
-        out["grad_norm"] = sum(r[2] for r in records) / len(records)
-        return out
+        sums = {"n": len(records), "losses": [sum(col) for col in zip(*(r[1] for r in records), strict=True)],
+                "grad_norm": sum(r[2] for r in records)}  # fmt: skip
+        return _summary_of_sums(sums, kinds)
 
     def _epoch_line(self, record: dict[str, Any], steps: int) -> str:
         parts = ", ".join(f"{k[5:]} {record[k]:.3f}" for k in ("loss_min", "loss_max", "loss_random") if k in record)
@@ -408,6 +457,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch": self.batch,
             "step": self.step,
+            "epoch_sums": self.epoch_sums,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.ctx.world_size,
             "options": self.opts.to_dict(),
@@ -417,6 +467,7 @@ class Trainer:
     def save(self) -> None:
         """Atomically write ``OUT/last.pt`` (rank 0), after the non-finite check of every step so far."""
         self.guard.flush()
+        self._drain()  # the sums saved cover every step the checkpoint has taken
         if self.ctx.is_main:
             ckpt.save_atomic(self.state_dict(), self.out / ckpt.LAST)
         distributed.barrier(self.ctx)
@@ -439,15 +490,33 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"])
         self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        self.epoch_sums = state.get("epoch_sums")
         self.info(f"resumed from {path} (epoch {self.epoch + 1}, batch {self.batch}, step {self.step})")
 
     def _save_supernet(self, rows: list[dict[str, Any]]) -> None:
         if not self.ctx.is_main:
             return
+        from ..checkpoint import RUN_KEYS
         from .weights import save_trained_supernet
 
-        path = save_trained_supernet(self.model, self.out / "supernet.pt", {"results": rows, "step": self.step})
+        run = {k: v for k, v in self.opts.to_dict().items() if k in RUN_KEYS}  # qfa eval's defaults
+        extra = {"results": rows, "step": self.step, "run": run}
+        path = save_trained_supernet(self.model, self.out / "supernet.pt", extra)
         self.info(f"saved the supernet to {path}")
+
+
+def _summary_of_sums(sums: dict[str, Any], kinds: list[str]) -> dict[str, float]:
+    """Mean losses (overall and per subnet kind) and gradient norm from running sums over ``n`` steps."""
+    n, per_subnet = sums["n"], sums["losses"]
+    if not n:
+        return {"loss": math.nan}
+    out = {"loss": sum(per_subnet) / (n * len(per_subnet))}
+    for kind in ("min", "max", "random"):
+        cols = [col for k, col in zip(kinds, per_subnet, strict=True) if k == kind]
+        if cols:
+            out[f"loss_{kind}"] = sum(cols) / (len(cols) * n)
+    out["grad_norm"] = sums["grad_norm"] / n
+    return out
 
 
 def plan_kinds(n: int) -> list[str]:

@@ -19,7 +19,7 @@ def test_batchquantizer_train_uses_batch_stats_and_eval_uses_lo_hi():
     x = make_activation((4, 5, 6, 6)).float()
     torch.testing.assert_close(q(x), bk.batchquant(x, q.theta, q.offset, 3))
     q.eval()
-    q.lo_hi.copy_(torch.tensor([-0.5, 0.75]))
+    q.set_range(torch.tensor([-0.5, 0.75]))
     torch.testing.assert_close(q(x), bk.batchquant(x, q.theta, q.offset, 3, lo_hi=torch.tensor([-0.5, 0.75])))
     assert not torch.equal(q(x), bk.batchquant(x, q.theta, q.offset, 3))
 

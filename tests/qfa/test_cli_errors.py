@@ -14,7 +14,7 @@ import torch
 
 import qfa
 from qfa import io as qfa_io
-from qfa.checkpoint import load_supernet, save_supernet
+from qfa.checkpoint import load_supernet
 from qfa.cli import entry, main
 from qfa.search.predictor import load_predictor
 from qfa.search.runtime import resolve_device
@@ -27,23 +27,6 @@ from qfa.train.weights import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 RESOLUTIONS = (8, 12, 16)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    """A tiny 10-class supernet, a garbage 'checkpoint', a truncated one and a subnet config."""
-    d = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    model = qfa.QFAMobileNetV3(n_classes=10, width_mult=0.25, resolutions=RESOLUTIONS)
-    save_supernet(model, d / "s.pt")
-    (d / "garbage.pt").write_bytes(b"not a pt")
-    (d / "trunc.pt").write_bytes((d / "s.pt").read_bytes()[:3000])
-    space = model.space
-    cfg = space.make_config(
-        ks=max(space.ks_list), e=max(space.expand_list), d=max(space.depth_list), w_bits=4, a_bits=4
-    )
-    (d / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    return {p.stem: p for p in d.iterdir()} | {"dir": d}
 
 
 def _entry(capsys, argv: list[str]) -> tuple[int, str]:
@@ -139,12 +122,12 @@ def test_search_out_and_plot_must_differ_before_loading(tmp_path):
 
 
 def test_eval_json_path_checked_before_evaluating(files, tmp_path, capsys):
-    base = ["eval", "--ckpt", str(files["s"]), "--subnets", "min", "--device", "cpu"]
+    base = ["eval", "--checkpoint", str(files["s"]), "--subnets", "min", "--device", "cpu"]
     rc, err = _entry(capsys, [*base, "--json", str(tmp_path)])
     assert rc == 1 and err == f"qfa eval: error: --json {str(tmp_path)!r} is a directory; give a file path\n"
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is not a directory"):
-        EvalOptions(ckpt="s.pt", json=str(tmp_path / "file" / "r.json"))
+        EvalOptions(checkpoint="s.pt", json=str(tmp_path / "file" / "r.json"))
 
 
 def test_eval_json_written_atomically_into_a_new_directory(files, tmp_path, monkeypatch, capsys):
@@ -154,7 +137,7 @@ def test_eval_json_written_atomically_into_a_new_directory(files, tmp_path, monk
     real = eval_cmd.atomic_write_text
     monkeypatch.setattr(eval_cmd, "atomic_write_text", lambda p, t: written.append(p) or real(p, t))
     out = tmp_path / "new" / "r.json"
-    argv = ["eval", "--ckpt", str(files["s"]), "--subnets", "min", "--bits", "3", "--calib-batches", "1"]
+    argv = ["eval", "--checkpoint", str(files["s"]), "--subnets", "min", "--bits", "3", "--calib-batches", "1"]
     assert entry([*argv, "--batch-size", "64", "--device", "cpu", "--json", str(out)]) == 0
     assert written == [str(out)]
     assert json.loads(out.read_text())["results"][0]["subnet"] == "min w3a3"
@@ -169,7 +152,7 @@ def test_class_count_checked_against_data(files, tmp_path, command):
     argv += {
         "collect": ["--out", str(tmp_path / "c.jsonl"), "--num-samples", "1"],
         "search": ["--predictor", str(files["garbage"]), "--out", str(tmp_path / "f.json")],
-        "export": ["--config", str(files["cfg"]), "--out-dir", str(tmp_path / "ex")],
+        "export": ["--subnets", str(files["cfg"]), "--out-dir", str(tmp_path / "ex")],
     }[command]
     with pytest.raises(ValueError, match=r"--checkpoint has 10 classes but --data 'synthetic' has 1000"):
         main(argv)
@@ -213,10 +196,10 @@ def test_resolution_outside_the_space_is_rejected(files, tmp_path):
         with_resolution("min", cfg, 3, RESOLUTIONS)
     assert with_resolution("max", cfg, None, RESOLUTIONS).resolution == (cfg.resolution or 16)
     with pytest.raises(ValueError, match="--resolution must be >= 1"):
-        EvalOptions(ckpt="s.pt", resolution=0)
+        EvalOptions(checkpoint="s.pt", resolution=0)
     for res in ("0", "1000"):
         with pytest.raises(ValueError, match=rf"--resolution {res} is not one of .*\[8, 12, 16\]"):
-            main(["export", "--checkpoint", str(files["s"]), "--config", str(files["cfg"]), "--device", "cpu"]
+            main(["export", "--checkpoint", str(files["s"]), "--subnets", str(files["cfg"]), "--device", "cpu"]
                  + ["--out-dir", str(tmp_path / "ex"), "--no-onnx", "--resolution", res])  # fmt: skip
     assert not (tmp_path / "ex").exists()
 
@@ -270,7 +253,7 @@ def test_metrics_log_drops_a_torn_last_line(tmp_path):
 
 
 def _export(files, out_dir: Path, *extra: str) -> int:
-    argv = ["export", "--checkpoint", str(files["s"]), "--config", str(files["cfg"]), "--device", "cpu"]
+    argv = ["export", "--checkpoint", str(files["s"]), "--subnets", str(files["cfg"]), "--device", "cpu"]
     argv += ["--out-dir", str(out_dir), "--resolution", "16", "--calib-batches", "1", "--batch-size", "32", *extra]
     return main(argv)
 

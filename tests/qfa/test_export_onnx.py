@@ -9,7 +9,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
-from tests.test_export_standalone import RES, calibrated_supernet
 
 from bquant_kernels import BatchQuantizer, LSQQuantizer, lsq
 from bquant_kernels.backends.reference import _qparams as reference_qparams
@@ -26,6 +25,7 @@ from qfa.export.onnx_export import (
     run_onnx,
 )
 from qfa.export.standalone import export_subnet, load_standalone, quantized_layers
+from tests.qfa.test_export_standalone import RES, calibrated_supernet
 
 # (bits, lo, hi, theta, offset): ranges crossing zero, all positive (post-ReLU), a degenerate one,
 # learned scale multipliers and offsets of both signs.
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _quantizer(bits, lo, hi, theta, offset) -> BatchQuantizer:
     q = BatchQuantizer(bits, signed=False).eval()
     with torch.no_grad():
-        q.lo_hi.copy_(torch.tensor([lo, hi]))
+        q.set_range(torch.tensor([lo, hi]))
         q.theta.fill_(theta)
         q.offset.fill_(offset)
     return q

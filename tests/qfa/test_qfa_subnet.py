@@ -38,7 +38,7 @@ def _randomize_state(model: QFAMobileNetV3, seed: int) -> None:
             m.theta.copy_(0.3 * torch.randn(1, generator=gen))
             m.offset.copy_(0.2 * torch.randn(1, generator=gen))
             lo = -torch.rand(1, generator=gen)
-            m.lo_hi.copy_(torch.cat([lo, 2 + 3 * torch.rand(1, generator=gen)]))
+            m.set_range(torch.cat([lo, 2 + 3 * torch.rand(1, generator=gen)]))
 
 
 def _calib_loader(n_batches: int = 3, res: int = 32, seed: int = 0):

@@ -218,7 +218,7 @@ def test_export_reproduces_the_subnet(work, search_result):
     out, _, _ = search_result
     result = json.loads(out.read_text())
     exp = work / "export"
-    rc = _cli(export, [*_supernet(work), *DATA_ARGS, "--config", str(out), "--index", "0", "--out-dir", str(exp)])
+    rc = _cli(export, [*_supernet(work), *DATA_ARGS, "--subnets", str(out), "--index", "0", "--out-dir", str(exp)])
     report = json.loads((exp / "export.json").read_text())
     print(
         f"\nONNX vs PyTorch on {report['onnx']['images']} digits images: max |diff| "
@@ -242,14 +242,14 @@ def test_export_bad_input(work, search_result):
     out, _, _ = search_result
     base = [*_supernet(work), *DATA_ARGS, "--out-dir", str(work / "bad")]
     with pytest.raises(ValueError, match=r"pass --index 0\.\."):
-        _cli(export, [*base, "--config", str(out)])
+        _cli(export, [*base, "--subnets", str(out)])
     cfg = json.loads(out.read_text())["front"][0]["config"]
     wrong = work / "wrong.json"
     wrong.write_text(json.dumps({**cfg, "ks": cfg["ks"] + [3, 3]}))  # a config of a deeper supernet
     with pytest.raises(ValueError, match="ks: expected 10 values"):
-        _cli(export, [*base, "--config", str(wrong)])
+        _cli(export, [*base, "--subnets", str(wrong)])
     wrong.write_text(json.dumps({**cfg, "w_bits": [5] + cfg["w_bits"][1:]}))
     with pytest.raises(ValueError, match=r"w_bits\[0\]=5 not in"):
-        _cli(export, [*base, "--config", str(wrong)])
-    with pytest.raises(FileNotFoundError, match="--config: file not found"):
-        _cli(export, [*base, "--config", str(work / "missing.json")])
+        _cli(export, [*base, "--subnets", str(wrong)])
+    with pytest.raises(FileNotFoundError, match="--subnets: file not found"):
+        _cli(export, [*base, "--subnets", str(work / "missing.json")])

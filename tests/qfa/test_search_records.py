@@ -70,7 +70,14 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 
 
 def _record(space, index, seed=0):
-    return {"index": index, "seed": seed, "space_id": space_id(space), "space": space_to_dict(space), "top1": 1.0}
+    return {
+        "index": index,
+        "seed": seed,
+        "space_id": space_id(space),
+        "space": space_to_dict(space),
+        "top1": 1.0,
+        "config": {},
+    }
 
 
 def test_pending_indices_resume_ranks_and_mismatches(tmp_path):

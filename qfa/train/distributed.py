@@ -28,7 +28,9 @@ so every rank sees the global mean losses and all ranks stop together on a non-f
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -151,10 +153,52 @@ def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    kwargs: dict = {"find_unused_parameters": True, "broadcast_buffers": False}
+    kwargs: dict = {"find_unused_parameters": True, **_no_forward_buffer_sync()}
     if ctx.device.type == "cuda":
         kwargs.update(device_ids=[ctx.device.index], output_device=ctx.device.index)
+    match_grad_strides(module)
     return DistributedDataParallel(module, **kwargs)
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's argument for "no buffer broadcast at every forward": ``forward_sync_buffers=False`` where
+    this torch has it (``broadcast_buffers`` is deprecated there, with a FutureWarning), else
+    ``broadcast_buffers=False`` (torch <= 2.11). Either way the buffers equal rank 0's before DDP is built
+    (:func:`broadcast_module`), so whether DDP also syncs them at construction does not matter."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def match_grad_strides(module: nn.Module) -> None:
+    """Make the gradients of ``module``'s parameters arrive with exactly their parameter's strides.
+
+    DDP's gradient buckets are views with each parameter's strides and it warns ("Grad strides do not
+    match bucket view strides") when a gradient's differ. A parameter with a size-1 dimension has two
+    valid stride sets for one memory layout: in channels_last a ``[C, 1, k, k]`` depthwise or
+    ``[O, I, 1, 1]`` pointwise weight has strides ``[k*k, 1, k, 1]`` / ``[I, 1, I, I]``, the same bytes
+    as the contiguous ``[k*k, k*k, k, 1]`` / ``[I, 1, 1, 1]`` that the weight slicing's backward
+    produces, and autograd keeps such a gradient as it is (its layout contract ignores size-1
+    dimensions). A hook on those parameters only relabels the strides of the size-1 dimensions
+    (``as_strided``: no copy); any other layout difference is left to autograd, which copies into the
+    parameter's layout itself.
+    """
+    for p in module.parameters():
+        if p.requires_grad and 1 in p.shape and p.dim() > 1:
+            p.register_hook(_restride_hook(p.shape, p.stride()))
+
+
+def _restride_hook(shape: torch.Size, stride: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
+    def restride(grad: Tensor) -> Tensor:
+        if grad.stride() == stride or grad.shape != shape:
+            return grad
+        if all(n == 1 or a == b for n, a, b in zip(shape, grad.stride(), stride, strict=True)):
+            return grad.as_strided(shape, stride, grad.storage_offset())
+        return grad
+
+    return restride
 
 
 def sync_unless(net: nn.Module, accumulate: bool) -> contextlib.AbstractContextManager:

@@ -32,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, CheckpointError) as err:
         print(f"qfa train: error: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        message = distributed.describe_peer_failure(err, ctx)
+        if message is None:
+            raise
+        print(f"qfa train: error: {message}", file=sys.stderr)
+        return 1
     finally:
         distributed.teardown()
     return 0

@@ -151,7 +151,7 @@ class Trainer:
 
         self.epoch, self.batch, self.step = 0, 0, 0  # next epoch / batch in it; completed optimiser steps
         self.history: list[dict[str, Any]] = []
-        resume_from = ckpt.resolve_resume(opts.resume, self.out)
+        resume_from = ckpt.resolve_resume_on_all_ranks(opts.resume, self.out, self.ctx)
         if resume_from is not None:
             self._load(resume_from)
         distributed.broadcast_module(self.model, self.ctx)

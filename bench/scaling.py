@@ -5,8 +5,11 @@ Each process trains on its own batch of ``--batch-size`` (the per-process batch 
 ideal scaling keeps the step time constant: efficiency(N) = t(1) / t(N), throughput N x batch / t(N).
 The step is ``bench/train_step.py``'s (same subnets every run, an untimed pass first); with N > 1 it
 runs through DDP (gradients all-reduced after the last subnet) and includes the loss all-reduce.
-Process counts are run in alternating order ``--repeats`` times (1 2 2 1 ...) and each count keeps its
-fastest repeat (the median step of a repeat): on a shared machine the slowest samples measure the
+``independent`` rows run the same N processes without a process group (each trains alone): their
+slowdown against 1 process is the machine's (shared cores, memory bandwidth), and a DDP row's
+``sync_share`` = 1 - t(independent) / t(DDP) is the part of its step time that the gradient and loss
+all-reduces add. Runs are made in alternating order ``--repeats`` times (1 2 2 1 ...) and each
+keeps its fastest repeat (the median step of a repeat): on a shared machine the slowest samples measure the
 neighbours, not the run. On the CPU every process uses ``--threads`` intra-op threads (default 1), so
 N processes need N free cores.
 
@@ -26,7 +29,6 @@ import platform
 import shlex
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -34,29 +36,35 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch  # noqa: E402
 
-from bench.train_step import DEFAULT_RESOLUTIONS, run_variant  # noqa: E402
-from qfa.io import atomic_write_text  # noqa: E402
+from bench.train_step import DEFAULT_RESOLUTIONS, run_variant, write_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One process of a ``torchrun`` launch: time the steps; rank 0 prints the result as JSON."""
+    """One process of a ``torchrun`` launch: time the steps; rank 0 prints the result as JSON.
+    ``--alone``: no process group, each process trains by itself (what the machine alone costs)."""
     from qfa.train import distributed
 
-    ctx = distributed.setup(args.device)
+    if args.alone:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        ctx = distributed.DistContext(local_rank=local_rank, device=distributed.pick_device(args.device, local_rank))
+        main_process = os.environ.get("RANK", "0") == "0"
+    else:
+        ctx = distributed.setup(args.device)
+        main_process = ctx.is_main
     try:
         result = run_variant(args.variant, args, ctx)
     finally:
         distributed.teardown()
-    if ctx.is_main:
+    if main_process:
         print(json.dumps(result))
 
 
-def launch(procs: int, args: argparse.Namespace, timeout_s: float) -> dict:
+def launch(procs: int, args: argparse.Namespace, timeout_s: float, independent: bool = False) -> dict:
     """``torchrun --standalone --nproc-per-node procs`` of :func:`worker`; rank 0's result."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-           __file__, "--worker", *_step_flags(args)]  # fmt: skip
+           __file__, "--worker", *_step_flags(args), *(["--alone"] if independent else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout_s)
     if proc.returncode != 0:
@@ -71,29 +79,34 @@ def _step_flags(args: argparse.Namespace) -> list[str]:
             "--channels-last" if args.channels_last else "--no-channels-last"]  # fmt: skip
 
 
-def summarise(samples: dict[int, list[dict]], batch_size: int) -> list[dict]:
-    """Per process count: the fastest repeat's median step, throughput and efficiency against 1 process."""
+def summarise(samples: dict[tuple[int, str], list[dict]], batch_size: int) -> list[dict]:
+    """Per (process count, mode): the fastest repeat's median step, throughput and efficiency against
+    1 process."""
     rows = []
-    for n in sorted(samples):
-        best = min(samples[n], key=lambda r: r["ms_median"])
+    for n, mode in sorted(samples):
+        best = min(samples[n, mode], key=lambda r: r["ms_median"])
         rows.append({
-            "procs": n, "ms_median": best["ms_median"], "ms_per_step": best["ms_per_step"],
-            "repeat_medians_ms": [round(r["ms_median"], 3) for r in samples[n]],
+            "procs": n, "mode": mode, "ms_median": best["ms_median"], "ms_per_step": best["ms_per_step"],
+            "repeat_medians_ms": [round(r["ms_median"], 3) for r in samples[n, mode]],
             "images_per_s": 1e3 * n * batch_size / best["ms_median"],
         })  # fmt: skip
     base = next((r for r in rows if r["procs"] == 1), None)
+    alone = {r["procs"]: r["ms_median"] for r in rows if r["mode"] == "independent"}
     for r in rows:
         r["efficiency"] = base["ms_median"] / r["ms_median"] if base else None
+        if r["mode"] == "ddp" and r["procs"] in alone:  # the step time that only the communication explains
+            r["sync_share"] = 1.0 - alone[r["procs"]] / r["ms_median"]
     return rows
 
 
 def format_rows(rows: list[dict], title: str) -> str:
-    head = f"{'procs':>5} {'ms/step':>10} {'images/s':>10} {'efficiency':>10}  repeats (ms)"
+    head = f"{'procs':>5} {'mode':<12} {'ms/step':>10} {'images/s':>10} {'efficiency':>10} {'sync':>6}  repeats (ms)"
     lines = [title, head, "-" * len(head)]
     for r in rows:
         eff = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-"
-        lines.append(f"{r['procs']:>5} {r['ms_median']:>10.1f} {r['images_per_s']:>10.1f} {eff:>10}  "
-                     f"{' '.join(f'{m:.0f}' for m in r['repeat_medians_ms'])}")  # fmt: skip
+        sync = f"{r['sync_share']:.0%}" if "sync_share" in r else "-"
+        lines.append(f"{r['procs']:>5} {r['mode']:<12} {r['ms_median']:>10.1f} {r['images_per_s']:>10.1f} {eff:>10} "
+                     f"{sync:>6}  {' '.join(f'{m:.0f}' for m in r['repeat_medians_ms'])}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -112,7 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads per process")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per launch")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--independent", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run N processes without a process group (no communication): what the machine "
+                   "alone costs (default: on)")  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--alone", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     dev = torch.device(args.device).type
     if dev == "cuda" and not torch.cuda.is_available():
@@ -131,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     dev = torch.device(args.device).type
-    samples: dict[int, list[dict]] = {n: [] for n in args.procs}
+    runs = [(n, "ddp" if n > 1 else "single") for n in args.procs] + [
+        (n, "independent") for n in args.procs if n > 1 and args.independent
+    ]
+    samples: dict[tuple[int, str], list[dict]] = {run: [] for run in runs}
     for rep in range(args.repeats):
-        for n in args.procs if rep % 2 == 0 else reversed(args.procs):
-            samples[n].append(launch(n, args, args.timeout))
-            print(f"  {n} process(es): {samples[n][-1]['ms_median']:.1f} ms/step", file=sys.stderr, flush=True)
+        for n, mode in runs if rep % 2 == 0 else reversed(runs):
+            samples[n, mode].append(launch(n, args, args.timeout, independent=mode == "independent"))
+            ms = samples[n, mode][-1]["ms_median"]
+            print(f"  {n} process(es), {mode}: {ms:.1f} ms/step", file=sys.stderr, flush=True)
     rows = summarise(samples, args.batch_size)
     name = torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or platform.machine()
     title = (
@@ -145,18 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_rows(rows, title))
     if args.json:
-        record = {
-            "benchmark": "ddp_scaling",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": dev,
-            "device_name": name,
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-            "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
-            "results": rows,
-        }
-        atomic_write_text(args.json, json.dumps(record, indent=2))
+        command = shlex.join([Path(sys.executable).name, *sys.argv])
+        write_record(args.json, "ddp_scaling", args, dev, name, rows, cpu_count=os.cpu_count(), command=command)
     return 0
 
 

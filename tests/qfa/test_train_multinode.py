@@ -37,9 +37,10 @@ TINY = [
 ]  # fmt: skip
 
 _GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
+_PROC_CHILDREN = Path(f"/proc/self/task/{os.getpid()}/children").exists()  # Linux with CONFIG_PROC_CHILDREN
 pytestmark = pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and _GLOO),
-    reason="needs Linux (/proc, process sessions) and torch.distributed with gloo",
+    not (_PROC_CHILDREN and _GLOO),
+    reason="needs Linux's /proc/PID/task/TID/children (to find torchrun's workers) and torch.distributed with gloo",
 )
 
 

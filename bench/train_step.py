@@ -103,12 +103,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_variant(variant: str, args: argparse.Namespace) -> dict:
-    """Time ``args.steps`` training steps of ``variant``; a result dict."""
+def run_variant(variant: str, args: argparse.Namespace, ctx=None) -> dict:
+    """Time ``args.steps`` training steps of ``variant``; a result dict. ``ctx``: this process's
+    :class:`~qfa.train.distributed.DistContext` when data-parallel (``bench/scaling.py``), else one process."""
     from qfa.train import distributed, options
     from qfa.train.trainer import Trainer
 
-    device = torch.device(args.device)
+    device = torch.device(args.device) if ctx is None else ctx.device
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.flush_denormal:
@@ -124,8 +125,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         "resume": "none", "out": tempfile.mkdtemp(prefix="qfa-bench-"), "calib_batches": 1,
     }  # fmt: skip
     opts = options.resolve(options.TrainOptions, settings)
-    ctx = distributed.DistContext(device=device)
-    trainer = Trainer(opts, ctx, log=lambda s: None)
+    trainer = Trainer(opts, ctx or distributed.DistContext(device=device), log=lambda s: None)
     gen = torch.Generator(device="cpu").manual_seed(0)
     res = opts.max_resolution
     images = torch.randn(args.batch_size, 3, res, res, generator=gen).to(device)
@@ -263,17 +263,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_results(results, title))
     if args.json:
-        record = {
-            "benchmark": "train_step",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": dev,
-            "device_name": name,
-            "torch": torch.__version__,
-            "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
-            "results": results,
-        }
-        atomic_write_text(args.json, json.dumps(record, indent=2))
+        write_record(args.json, "train_step", args, dev, name, results)
     return 0
+
+
+def write_record(path: str, benchmark: str, args: argparse.Namespace, device: str, name: str, results, **extra) -> None:
+    """The JSON result file of a benchmark: what, when, where, with which settings (atomically written)."""
+    record = {
+        "benchmark": benchmark,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": name,
+        "torch": torch.__version__,
+        **extra,
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
+        "results": results,
+    }
+    atomic_write_text(path, json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,18 @@ from .config import SubnetConfig
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, resolution: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    resolution: int | None = None,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+) -> dict[str, float]:
     """Evaluate ``model`` (eval mode) on ``loader`` of ``(images, labels)``, resized to ``resolution`` if given.
 
     Returns ``{"top1", "top5"}`` in percent, ``"loss"`` (mean cross-entropy) and ``"n"`` (images).
     Counts accumulate on the device (one host sync at the end); under torch.distributed they are
-    summed over ranks, each rank evaluating its own shard.
+    summed over the ranks of ``process_group`` (default: all), each rank evaluating its own shard.
     """
     _check_common(model, loader, resolution)
     device = model_device(model)
@@ -40,7 +46,7 @@ def evaluate(model: nn.Module, loader: Iterable, resolution: int | None = None) 
             ]
         )
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
+        dist.all_reduce(totals, group=process_group)
     correct1, correct5, loss_sum, n = totals.tolist()
     if n == 0:
         raise ValueError("loader yielded no batches: nothing to evaluate")

@@ -36,6 +36,12 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"qfa train: {err}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
+    except RuntimeError as err:
+        message = distributed.describe_peer_failure(err, ctx)
+        if message is None:
+            raise
+        print(f"qfa train: error: {message}", file=sys.stderr)
+        return 1
     finally:
         distributed.teardown()
     return 0

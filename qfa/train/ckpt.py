@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..io import TMP_PREFIX, atomic_save, remove_stale_temps
+from .distributed import DistContext, gather_object
 
 __all__ = [
     "FORMAT",
@@ -30,6 +31,7 @@ __all__ = [
     "load_training_state",
     "remove_stale_temps",
     "resolve_resume",
+    "resolve_resume_on_all_ranks",
     "restore_rng",
     "save_atomic",
 ]
@@ -133,3 +135,39 @@ def resolve_resume(resume: str | None, out_dir: str | os.PathLike) -> Path | Non
     if not path.is_file():
         raise CheckpointError(f"--resume {resume!r}: no such checkpoint file")
     return path
+
+
+def resolve_resume_on_all_ranks(resume: str | None, out_dir: str | os.PathLike, ctx: DistContext) -> Path | None:
+    """:func:`resolve_resume` on every rank, checked to agree before any rank loads anything.
+
+    Rank 0 alone writes checkpoints, so on a cluster every rank finds ``OUT/last.pt`` only when ``--out``
+    is on a filesystem that every node sees. Were one rank to resume while another starts afresh,
+    they would wait for each other's collectives forever; instead every rank raises the same
+    :class:`CheckpointError` (a rank's own error, or which ranks found which file)."""
+    try:
+        found, error = resolve_resume(resume, out_dir), None
+    except CheckpointError as err:
+        if not ctx.distributed:
+            raise
+        found, error = None, str(err)
+    views = gather_object((None if found is None else str(found), error), ctx)
+    errors = _ranks_by_value([e for _, e in views])
+    errors.pop(None, None)
+    if errors:
+        raise CheckpointError("; ".join(f"{ranks}: {e}" for e, ranks in errors.items()))
+    paths = _ranks_by_value([p for p, _ in views])
+    if len(paths) > 1:
+        seen = "; ".join(f"{ranks}: {p or 'none'}" for p, ranks in paths.items())
+        raise CheckpointError(
+            f"--resume {resume}: the ranks found different checkpoints ({seen}); rank 0 alone writes "
+            "checkpoints, so --out must be a directory that every node sees (a shared filesystem)"
+        )
+    return found
+
+
+def _ranks_by_value(values: list[Any]) -> dict[Any, str]:
+    """``{value: "rank 3"}`` / ``{value: "ranks 0, 1, 2"}``: which ranks hold each value."""
+    ranks: dict[Any, list[int]] = {}
+    for r, v in enumerate(values):
+        ranks.setdefault(v, []).append(r)
+    return {v: f"rank {rs[0]}" if len(rs) == 1 else "ranks " + ", ".join(map(str, rs)) for v, rs in ranks.items()}

@@ -19,16 +19,26 @@ the autograd graph, once per step.
 Buffers are not re-broadcast at every forward: :func:`broadcast_module` makes every rank start from
 rank 0's state, and a training forward writes no running statistics (only recalibration does); the
 only buffers it sets are the LSQ ``initialized`` flags, identically on every rank (each step is
-initialised from the weights, which are the same everywhere).
+initialised from the weights, which are the same everywhere). :func:`wrap_ddp` passes DDP the
+argument for that in the form the running torch asks for, and makes the gradients of channels_last
+weights with a size-1 dimension arrive in their parameter's strides (:func:`match_grad_strides`),
+so DDP warns about neither.
 
 The step's loss values are averaged separately (:func:`all_reduce_mean`, one small all-reduce),
 so every rank sees the global mean losses and all ranks stop together on a non-finite loss.
+
+Multi-node runs (``torchrun --nnodes``) need nothing more: ranks are global, every loader shards by
+global rank, and rank 0 alone writes. A rank that dies makes the others' next collective fail
+(gloo: at once; NCCL: after the process group's timeout); :func:`describe_peer_failure` turns that
+into one clear line. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -151,10 +161,51 @@ def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    kwargs: dict = {"find_unused_parameters": True, "broadcast_buffers": False}
+    kwargs: dict = {"find_unused_parameters": True, **no_forward_buffer_sync(DistributedDataParallel)}
     if ctx.device.type == "cuda":
         kwargs.update(device_ids=[ctx.device.index], output_device=ctx.device.index)
+    match_grad_strides(module)
     return DistributedDataParallel(module, **kwargs)
+
+
+def no_forward_buffer_sync(ddp: type) -> dict[str, bool]:
+    """The argument of ``ddp`` (DistributedDataParallel) for "no buffer broadcast at every forward":
+    ``forward_sync_buffers=False`` where this torch has it (``broadcast_buffers`` is deprecated there,
+    with a FutureWarning), else ``broadcast_buffers=False`` (torch <= 2.11). Either way the buffers
+    equal rank 0's before DDP is built (:func:`broadcast_module`), so whether DDP also syncs them at
+    construction does not matter."""
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def match_grad_strides(module: nn.Module) -> None:
+    """Make the gradients of ``module``'s parameters arrive with exactly their parameter's strides.
+
+    DDP's gradient buckets are views with each parameter's strides and it warns ("Grad strides do not
+    match bucket view strides") when a gradient's differ. A parameter with a size-1 dimension has two
+    valid stride sets for one memory layout: in channels_last a ``[C, 1, k, k]`` depthwise or
+    ``[O, I, 1, 1]`` pointwise weight has strides ``[k*k, 1, k, 1]`` / ``[I, 1, I, I]``, the same bytes
+    as the contiguous ``[k*k, k*k, k, 1]`` / ``[I, 1, 1, 1]`` that the weight slicing's backward
+    produces, and autograd keeps such a gradient as it is (its layout contract ignores size-1
+    dimensions). A hook on those parameters only relabels the strides of the size-1 dimensions
+    (``as_strided``: no copy); any other layout difference is left to autograd, which copies into the
+    parameter's layout itself.
+    """
+    for p in module.parameters():
+        if p.requires_grad and 1 in p.shape and p.dim() > 1:
+            p.register_hook(_restride_hook(p.shape, p.stride()))
+
+
+def _restride_hook(shape: torch.Size, stride: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
+    def restride(grad: Tensor) -> Tensor:
+        if grad.stride() == stride or grad.shape != shape:
+            return grad
+        if all(n == 1 or a == b for n, a, b in zip(shape, grad.stride(), stride, strict=True)):
+            return grad.as_strided(shape, stride, grad.storage_offset())
+        return grad
+
+    return restride
 
 
 def sync_unless(net: nn.Module, accumulate: bool) -> contextlib.AbstractContextManager:
@@ -195,3 +246,33 @@ def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def gather_object(obj: object, ctx: DistContext) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` when not distributed."""
+    if not ctx.distributed:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# How a collective or the rendezvous store reports that another process of the run is gone: gloo's
+# socket errors (plain RuntimeErrors, told apart by their text), NCCL's remote-error text, the store's
+# DistNetworkError. Other collective errors (mismatched shapes: a bug) keep their traceback.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
+
+
+def describe_peer_failure(err: BaseException, ctx: DistContext) -> str | None:
+    """A one-line explanation when ``err`` is a collective that failed because another rank stopped
+    (crashed, was killed, lost its node); ``None`` for any other error (a real bug keeps its traceback)."""
+    if not ctx.distributed or not isinstance(err, RuntimeError):
+        return None
+    text = str(err)
+    if not (isinstance(err, dist.DistNetworkError) or any(marker in text for marker in _PEER_LOST)):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return (
+        f"rank {ctx.rank} of {ctx.world_size}: another process of the run stopped (it crashed, was killed or "
+        f"lost its node; its own log has the cause), so this one stops too ({type(err).__name__}: {first})"
+    )

@@ -180,7 +180,7 @@ class Trainer:
         self.stop_requested = False
         self.window: list[tuple[int, list[float], float]] = []  # checked step records not yet logged
         self.history: list[dict[str, Any]] = []
-        resume_from = ckpt.resolve_resume(opts.resume, self.out)
+        resume_from = ckpt.resolve_resume_on_all_ranks(opts.resume, self.out, self.ctx)
         if resume_from is not None:
             self._load(resume_from)
         distributed.broadcast_module(self.model, self.ctx)

@@ -9,8 +9,7 @@ from torch import nn
 
 from bquant_kernels import BatchQuantizer, LSQQuantizer, lsq_quantize_weights
 
-FULL_PRECISION = 32  # a bit-width of 32 means "not quantized" (identity; no quantizer is stored)
-HEAD_MIN_BITS = 8  # the classifier is quantized with at least this many bits (8 is always in a bank)
+from ..space import FULL_PRECISION, HEAD_MIN_BITS
 
 
 def bank_bits(bits_list: Iterable[int]) -> tuple[int, ...]:

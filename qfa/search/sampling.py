@@ -12,8 +12,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from qfa.config import SubnetConfig
-from qfa.search.space import classifier_bits, space_to_dict
+from ..config import SubnetConfig
+from ..space import SearchSpace, classifier_bits
+from .space import space_from_dict
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def sample_rng(seed: int, index: int) -> random.Random:
 
 
 def sample_config(
-    space: Any,
+    space: SearchSpace | dict[str, Any],
     rng: random.Random,
     mix: SamplingMix | None = None,
     bits_options: tuple[int, ...] | None = None,
@@ -49,25 +50,25 @@ def sample_config(
     ``bits_options`` restricts the bit-widths (default ``space.bits_list``); the classifier follows
     the spec's W8A8 rule.
     """
-    sp = space_to_dict(space)
+    sp = space_from_dict(space) if isinstance(space, dict) else space
     mix = mix or SamplingMix()
-    bits = tuple(bits_options) if bits_options is not None else tuple(sp["bits_list"])
-    n_layers = sp["n_qlayers"] - 1  # the classifier is set by the rule
+    bits = tuple(bits_options) if bits_options is not None else sp.bits_list
+    n_layers = sp.n_qlayers - 1  # the classifier is set by the rule
     # Draw every field first, in a fixed order, so a modifier never shifts the other draws.
-    ks = [rng.choice(sp["ks_list"]) for _ in range(sp["n_blocks"])]
-    e = [rng.choice(sp["expand_list"]) for _ in range(sp["n_blocks"])]
-    d = [rng.choice(sp["depth_list"]) for _ in range(sp["n_stages"])]
+    ks = [rng.choice(sp.ks_list) for _ in range(sp.n_blocks)]
+    e = [rng.choice(sp.expand_list) for _ in range(sp.n_blocks)]
+    d = [rng.choice(sp.depth_list) for _ in range(sp.n_stages)]
     w_bits = [rng.choice(bits) for _ in range(n_layers)]
     a_bits = [rng.choice(bits) for _ in range(n_layers)]
-    resolution = rng.choice(sp["resolutions"])
+    resolution = rng.choice(sp.resolutions)
     full_res = rng.random() < mix.p_full_resolution
     full_depth = rng.random() < mix.p_full_depth
     uniform_bits = rng.random() < mix.p_uniform_bits
     one_bits = rng.choice(bits)
     if full_res:
-        resolution = max(sp["resolutions"])
+        resolution = max(sp.resolutions)
     if full_depth:
-        d = [max(sp["depth_list"])] * sp["n_stages"]
+        d = [sp.max_depth] * sp.n_stages
     if uniform_bits:
         w_bits = [one_bits] * n_layers
         a_bits = [one_bits] * n_layers

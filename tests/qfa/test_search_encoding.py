@@ -11,7 +11,7 @@ from qfa import SearchSpace, SubnetConfig
 from qfa.cost import CostModel
 from qfa.search.encoding import SubnetEncoder, translate_genes
 from qfa.search.sampling import SamplingMix, sample_config, sample_rng
-from qfa.search.space import qlayer_blocks, space_to_dict
+from qfa.search.space import space_from_dict, space_to_dict
 
 SPACE = SearchSpace()  # the published space: 20 blocks, 65 quantized layers
 
@@ -28,9 +28,8 @@ def test_feature_count_matches_the_published_layout():
 
 
 def test_layout_agrees_with_the_library():
-    sp = space_to_dict(SPACE)
-    ours = qlayer_blocks(sp)
-    assert [(-1 if b is None else b) for b in ours] == list(SPACE.qlayer_block)
+    sp = space_from_dict(space_to_dict(SPACE))  # the encoder's view of the space: through its JSON form
+    assert sp.qlayer_block == SPACE.qlayer_block and sp == SPACE
     rng = random.Random(3)
     enc = SubnetEncoder(SPACE)
     for _ in range(20):

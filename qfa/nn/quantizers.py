@@ -38,6 +38,28 @@ def bank_key(bank: nn.ModuleDict, bits: int, what: str) -> str | None:
     return key
 
 
+class BackendOwner(nn.Module):
+    """Base of a quantized network: ``backend``, the bquant_kernels backend of every quantizer it
+    holds (``None``: the fastest available), is one name owned by the network. Setting it points each
+    quantizer at it; nothing else stores a copy (a quantizer runs with its own ``backend`` attribute,
+    bquant_kernels' module API, which only this setter and the copy into a static layer write)."""
+
+    _backend: str | None = None
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"backend must be a backend name or None, got {name!r}")
+        self._backend = name
+        for m in self.modules():
+            if isinstance(m, (BatchQuantizer, LSQQuantizer)):
+                m.backend = name
+
+
 @contextlib.contextmanager
 def quantized_weights(layers: Sequence[nn.Module]) -> Iterator[None]:
     """Quantize the weights of ``layers`` (dynamic layers with ``weight_for_quantization``) together,

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bquant_kernels import BatchQuantizer, LSQQuantizer
 from qfa.checkpoint import load_supernet
 from qfa.data import DeviceLoader, build_loaders, calib_loader, num_classes
 from qfa.train.distributed import parse_device
@@ -57,7 +56,7 @@ def resolve_device(name: str | None, ranks: Ranks = Ranks()) -> torch.device:
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    """The supernet of ``--checkpoint`` on ``device`` (eval mode), with ``--backend`` on every quantizer."""
+    """The supernet of ``--checkpoint`` on ``device`` (eval mode), with ``--backend`` as its backend."""
     path = Path(args.checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: file not found: {path}")
@@ -67,9 +66,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
         # Otherwise an IndexError deep in the loss, or (fewer ImageFolder classes) silently wrong accuracy.
         raise ValueError(f"--checkpoint has {model.n_classes} classes but --data {data!r} has {n}")
     if args.backend is not None:
-        for m in model.modules():
-            if isinstance(m, (BatchQuantizer, LSQQuantizer)):
-                m.backend = args.backend
+        model.backend = args.backend  # its quantizers, and the static subnets it builds
     return model.to(device).eval()
 
 

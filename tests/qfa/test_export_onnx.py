@@ -25,7 +25,7 @@ from qfa.export.onnx_export import (
     run_onnx,
 )
 from qfa.export.standalone import export_subnet, load_standalone, quantized_layers
-from tests.test_export_standalone import RES, calibrated_supernet
+from tests.qfa.test_export_standalone import RES, calibrated_supernet
 
 # (bits, lo, hi, theta, offset): ranges crossing zero, all positive (post-ReLU), a degenerate one,
 # learned scale multipliers and offsets of both signs.

@@ -44,10 +44,17 @@ def _copy_se(dst: DynamicSE, src: DynamicSE, c: int) -> None:
     dst.expand.bias.copy_(src.expand.bias[:c])
 
 
-def _copy_quantizers(dst: QConv2d | QLinear, src: _ActiveBits, w_full: Tensor) -> None:
-    """Copy the learned state (and the backend) of ``src``'s active quantizers into ``dst``'s. An LSQ
-    step the supernet has not initialised yet gets the value the supernet would give it on first use
-    (from the full weight), never a re-initialisation."""
+def _fill_static(dst: QConv2d | QLinear, src: _ActiveBits, weight: Tensor, w_full: Tensor) -> QConv2d | QLinear:
+    """``dst`` (a new static layer) with ``src``'s active state: ``weight`` (the active slice), BN and SE
+    (sliced to ``dst``'s output channels) and the learned state and backend of the active quantizers.
+    An LSQ step the supernet has not initialised yet gets the value the supernet would give it on first
+    use (from the full weight ``w_full``), never a re-initialisation."""
+    dst.weight.copy_(weight)
+    c = dst.weight.shape[0]
+    if getattr(dst, "bn", None) is not None:
+        _copy_bn(dst.bn, src.bn, c)
+    if getattr(dst, "se", None) is not None:
+        _copy_se(dst.se, src.se, c)
     src_w, src_a = src.active_quantizers()
     if dst.w_quantizer is not None:
         if bool(src_w.initialized):
@@ -58,6 +65,7 @@ def _copy_quantizers(dst: QConv2d | QLinear, src: _ActiveBits, w_full: Tensor) -
     if dst.a_quantizer is not None:
         dst.a_quantizer.load_state_dict(src_a.state_dict())
         dst.a_quantizer.backend = src_a.backend
+    return dst
 
 
 class _ActiveBits:
@@ -164,11 +172,7 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
             bn=self.bn is not None,
             act=self.act_name,
         )
-        layer.weight.copy_(self.weight[:out, :in_channels])
-        if self.bn is not None:
-            _copy_bn(layer.bn, self.bn, out)
-        _copy_quantizers(layer, self, self.weight)
-        return layer
+        return _fill_static(layer, self, self.weight[:out, :in_channels], self.weight)
 
     def extra_repr(self) -> str:
         return (
@@ -284,12 +288,7 @@ class DynamicQDepthwiseConv2d(_ActiveBits, nn.Module):
             se=self.se is not None,
         )
         w_full = self.kernel(ks)
-        layer.weight.copy_(w_full[:channels])
-        _copy_bn(layer.bn, self.bn, channels)
-        if self.se is not None:
-            _copy_se(layer.se, self.se, channels)
-        _copy_quantizers(layer, self, w_full)
-        return layer
+        return _fill_static(layer, self, w_full[:channels], w_full)
 
     def extra_repr(self) -> str:
         return (
@@ -329,10 +328,8 @@ class DynamicQLinear(_ActiveBits, nn.Module):
     def to_static(self, in_features: int) -> QLinear:
         """The active layer (``in_features`` inputs) as a :class:`QLinear` with copied weights and state."""
         layer = QLinear(in_features, self.out_features, w_bits=self.w_bits, a_bits=self.a_bits)
-        layer.weight.copy_(self.weight[:, :in_features])
         layer.bias.copy_(self.bias)
-        _copy_quantizers(layer, self, self.weight)
-        return layer
+        return _fill_static(layer, self, self.weight[:, :in_features], self.weight)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}"

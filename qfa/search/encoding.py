@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import SubnetConfig
-from ..space import FULL_PRECISION, HEAD_MIN_BITS, SearchSpace, classifier_bits
-from .space import space_from_dict, space_to_dict
+from qfa.config import SubnetConfig
+from qfa.search.space import space_from_dict, space_to_dict
+from qfa.space import FULL_PRECISION, HEAD_MIN_BITS, SearchSpace, classifier_bits
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pymoo.operators.sampling.rnd import IntegerRandomSampling
 from pymoo.optimize import minimize
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
+from qfa.search.checks import check_at_least, check_probabilities
 from qfa.search.encoding import SubnetEncoder
 
 # genes (n, n_genes) of the search encoder -> {"lut_flops": (n,), "bitops": (n,)} (raw counts)
@@ -43,14 +44,8 @@ class NSGASettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.population < 2:
-            raise ValueError(f"population must be >= 2, got {self.population}")
-        if self.generations < 1:
-            raise ValueError(f"generations must be >= 1, got {self.generations}")
-        for name in ("crossover_per_gene", "mutation_per_gene"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        check_at_least(self, population=2, generations=1)
+        check_probabilities(self, "crossover_per_gene", "mutation_per_gene")
 
 
 @dataclass(frozen=True)

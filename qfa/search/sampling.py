@@ -12,9 +12,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import SubnetConfig
-from ..space import SearchSpace, classifier_bits
-from .space import space_from_dict
+from qfa.config import SubnetConfig
+from qfa.search.checks import check_probabilities
+from qfa.search.space import space_from_dict
+from qfa.space import SearchSpace, classifier_bits
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,7 @@ class SamplingMix:
     p_uniform_bits: float = 0.3
 
     def __post_init__(self) -> None:
-        for name in ("p_full_resolution", "p_full_depth", "p_uniform_bits"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        check_probabilities(self, "p_full_resolution", "p_full_depth", "p_uniform_bits")
 
 
 def sample_rng(seed: int, index: int) -> random.Random:

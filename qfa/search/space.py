@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..space import SearchSpace
+from qfa.space import SearchSpace
 
 OPTION_KEYS = ("ks_list", "expand_list", "depth_list", "bits_list", "resolutions")
 LAYOUT_KEYS = ("n_blocks", "n_stages", "n_qlayers", "block_stage")

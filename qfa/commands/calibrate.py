@@ -14,6 +14,9 @@ from pathlib import Path
 
 from ..train import options
 from ..train.ckpt import CheckpointError
+from ..train.evaluation import evaluate_configs
+from ..train.report import format_table
+from ..train.weights import save_trained_supernet
 from .eval import COLUMNS, prepare
 
 
@@ -22,10 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.evaluation import evaluate_configs
-    from ..train.report import format_table
-    from ..train.weights import save_trained_supernet
-
     try:
         opts = options.resolve(options.CalibrateOptions, args)
         model, calib, val, configs = prepare(opts, single=True)

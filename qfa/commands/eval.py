@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
 
+from .. import data as qdata
+from ..config import SubnetConfig
+from ..data import DeviceLoader
 from ..io import atomic_write_text
+from ..networks.mobilenetv3 import QFAMobileNetV3
 from ..train import options
 from ..train.ckpt import CheckpointError
-
-if TYPE_CHECKING:  # imported inside prepare(): `qfa --help` stays light
-    from ..config import SubnetConfig
-    from ..data import DeviceLoader
-    from ..networks.mobilenetv3 import QFAMobileNetV3
+from ..train.evaluation import device_of, evaluate_configs, load_any_supernet, named_configs, with_resolution
+from ..train.report import format_table
 
 COLUMNS = ("subnet", "bits", "res", "top1", "top5", "loss", "n")
 
@@ -33,9 +33,6 @@ def prepare(
 ) -> tuple[QFAMobileNetV3, DeviceLoader, DeviceLoader, list[tuple[str, SubnetConfig]]]:
     """``(model, calib loader, val loader, configs)`` for ``opts`` (shared with ``qfa calibrate``;
     ``single``: one subnet, at the lowest bit-width unless ``--bits`` says otherwise)."""
-    from .. import data as qdata
-    from ..train.evaluation import device_of, load_any_supernet, named_configs, with_resolution
-
     device = device_of(opts.device)
     n_classes = qdata.num_classes(opts.data)
     model, _ = load_any_supernet(opts.ckpt, n_classes, opts.backend)
@@ -57,9 +54,6 @@ def prepare(
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.evaluation import evaluate_configs
-    from ..train.report import format_table
-
     try:
         opts = options.resolve(options.EvalOptions, args)
         model, calib, val, configs = prepare(opts)

@@ -16,6 +16,7 @@ import sys
 from ..train import distributed, options
 from ..train.ckpt import CheckpointError
 from ..train.step import NonFiniteLossError
+from ..train.trainer import Trainer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.trainer import Trainer
-
     opts = options.resolve(options.TrainOptions, args)
     ctx = distributed.setup(opts.device)
     try:

@@ -333,7 +333,7 @@ def save_deployment_npz(net: nn.Module, path: str | os.PathLike) -> None:
 
 def run_onnx(path: str | os.PathLike, images: np.ndarray) -> np.ndarray:
     """Logits of an exported model under onnxruntime (CPU)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional heavy dependency: only for running an exported model
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})[0]

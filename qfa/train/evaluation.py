@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 from ..config import SubnetConfig
+from ..evaluate import evaluate_subnet
+from ..networks import QFAMobileNetV3
+from .distributed import pick_device
 from .weights import OFA_FP, QFA_PUBLISHED, QFA_SUPERNET, QFA_TRAIN, load_into, read_checkpoint
 
 
 def load_any_supernet(path: str | os.PathLike, n_classes: int, backend: str | None = None) -> tuple[nn.Module, str]:
     """The supernet stored at ``path``: built from the saved arguments (qfa formats) or the published
     architecture with ``n_classes`` outputs (published QFA / OFA state dicts). Returns ``(model, layout)``."""
-    from ..networks import QFAMobileNetV3
-
     layout, payload = read_checkpoint(path)
     if layout == QFA_SUPERNET:
         kwargs = dict(payload["model_kwargs"])
@@ -100,8 +101,6 @@ def evaluate_configs(
     calib_batches: int,
 ) -> list[dict[str, Any]]:
     """Recalibrate and evaluate each config; one row per subnet."""
-    from ..evaluate import evaluate_subnet
-
     rows = []
     for name, cfg in configs:
         metrics = evaluate_subnet(model, cfg, calib_loader, val_loader, calib_batches)
@@ -112,6 +111,4 @@ def evaluate_configs(
 
 
 def device_of(name: str) -> torch.device:
-    from .distributed import pick_device
-
     return pick_device(name)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import DynamicQConv2d, DynamicQDepthwiseConv2d, QConv2d
-from ..nn.utils import make_divisible
+from .arch import mid_channels
 
 
 class ResidualBlock(nn.Module):
@@ -61,7 +61,7 @@ class DynamicMBConv(nn.Module):
         self.active_expand = self.expand_list[-1]
 
     def mid_channels(self, expand: int) -> int:
-        return make_divisible(round(self.in_channels * expand), 8)
+        return mid_channels(self.in_channels, expand)
 
     def set_active(self, ks: int, expand: int) -> None:
         if expand not in self.expand_list:

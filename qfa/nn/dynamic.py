@@ -9,6 +9,9 @@ Input channels follow the input tensor (the first ``C`` channels of the weight a
 A network quantizes the weights of all its active layers at once (``qfa.nn.quantized_weights``: one
 multi-tensor LSQ op instead of one per layer); each layer's ``weight_for_quantization`` says what to
 quantize, and its ``forward`` takes the result from ``_w_quantized`` when it is set.
+
+A layer keeps no backend of its own: ``backend=`` only initialises its quantizers (for a layer used on
+its own); in a network, the network's ``backend`` (:class:`qfa.nn.BackendOwner`) sets them.
 """
 
 from __future__ import annotations

@@ -18,9 +18,18 @@ from qfa.space import SearchSpace
 
 OPTION_KEYS = ("ks_list", "expand_list", "depth_list", "bits_list", "resolutions")
 LAYOUT_KEYS = ("n_blocks", "n_stages", "n_qlayers", "block_stage")
-SPACE_KEYS = ("ks_list", "expand_list", "depth_list", "bits_list", "n_blocks", "n_stages", "n_qlayers")
-SPACE_KEYS += ("resolutions", "block_stage")
-OPTIONAL_KEYS = ("width_mult",)  # part of a supernet's identity, but not of the encoding
+# The stored fields, in their order in a file (``width_mult`` follows: a supernet's identity, not the encoding's).
+SPACE_KEYS = (
+    "ks_list",
+    "expand_list",
+    "depth_list",
+    "bits_list",
+    "n_blocks",
+    "n_stages",
+    "n_qlayers",
+    "resolutions",
+    "block_stage",
+)
 
 
 def space_to_dict(space: SearchSpace | Mapping[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from bquant_kernels import BatchQuantizer
 from .io import atomic_save
 from .networks import QFAMobileNetV3
 from .nn import DynamicQConv2d, DynamicQDepthwiseConv2d, DynamicQLinear
+from .space import BLOCK_QLAYERS
 
 FORMAT_VERSION = 1
 FORMAT_KIND = "qfa-supernet"
@@ -50,6 +51,25 @@ def _unwrap_state_dict(state_dict: object) -> dict[str, Tensor]:
 def _listing(keys: list[str], limit: int = 20) -> str:
     shown = ", ".join(keys[:limit])
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+# Ours -> published: a block layer ``blocks.<i>.conv.<part>`` is ``blocks.<i>.mobile_inverted_conv.<part>``.
+_BLOCK_LAYER = r"blocks\.\d+\.mobile_inverted_conv\.(?:" + "|".join(BLOCK_QLAYERS) + ")"
+# What a foreign key becomes: ``{our key: value}`` (empty: ignored), or None for a key not of the layout.
+Translation = Callable[[str, Tensor], dict[str, Tensor] | None]
+
+
+def _translate(state_dict: Mapping[str, Tensor], translate: Translation) -> tuple[dict[str, Tensor], list[str]]:
+    """``(targets, unknown keys)`` of a foreign state dict, key by key."""
+    targets: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        ours = translate(key, value)
+        if ours is None:
+            unknown.append(key)
+        else:
+            targets.update(ours)
+    return targets, unknown
 
 
 class CheckpointKeyError(KeyError):
@@ -90,7 +110,7 @@ def _apply(
 
 _QFA_LAYER = re.compile(
     r"^(?P<layer>first_conv\.conv|final_expand_layer\.conv|feature_mix_layer\.conv|classifier\.linear"
-    r"|blocks\.\d+\.mobile_inverted_conv\.(?:inverted_bottleneck|depth_conv|point_linear)\.conv)\.(?P<rest>.+)$"
+    rf"|{_BLOCK_LAYER}\.conv)\.(?P<rest>.+)$"
 )
 _QFA_SE = re.compile(r"^(blocks\.\d+)\.mobile_inverted_conv\.depth_conv\.se\.fc\.(reduce|expand)\.(weight|bias)$")
 _QFA_PARAM = {
@@ -131,6 +151,38 @@ def published_quantizer_name(ours: str) -> str:
     return f"{layer}.{m['q']}"
 
 
+def _qfa_entry(key: str, value: Tensor, ranges: dict[str, dict[str, Tensor]]) -> dict[str, Tensor] | None:
+    """Our entries for one key of the published QFA layout (observer ranges are collected in ``ranges``)."""
+    se = _QFA_SE.match(key)
+    if se:
+        return {f"{se[1]}.conv.depth_conv.se.{se[2]}.{se[3]}": value}
+    m = _QFA_LAYER.match(key)
+    if m is None:
+        return None
+    prefix, rest = _qfa_layer_prefix(m["layer"]), m["rest"]
+    if rest == "num_batches_tracked":
+        return {}
+    if rest in _QFA_PARAM:
+        return {f"{prefix}.{_QFA_PARAM[rest]}": value}
+    q = _QFA_QUANT.match(rest)
+    if q is None:
+        return None
+    bank = f"{prefix}.{q['kind']}_quantizer" + (f"s.{q['ks']}" if q["ks"] else "") + f".{q['bits']}"
+    field = q["field"]
+    if field in _IGNORED_OBSERVER:
+        return {}
+    if q["kind"] == "w":
+        if field != "scale":
+            return None
+        return {f"{bank}.step": value.reshape(1), f"{bank}.initialized": torch.ones((), dtype=torch.bool)}
+    if field in ("scale", "offset"):
+        return {f"{bank}.{'theta' if field == 'scale' else 'offset'}": value.reshape(1)}
+    if field in ("observer.running_min", "observer.running_max"):
+        ranges.setdefault(f"{bank}.lo_hi", {})[field[len("observer.running_") :]] = value.reshape(1)
+        return {}
+    return None
+
+
 def load_published_qfa(model: QFAMobileNetV3, state_dict: Mapping[str, Tensor]) -> QFAMobileNetV3:
     """Load the released QFA supernet (``b234_ps.pth`` layout) into ``model``.
 
@@ -141,47 +193,8 @@ def load_published_qfa(model: QFAMobileNetV3, state_dict: Mapping[str, Tensor]) 
     listing them; the model is unchanged on error.
     """
     model = _unwrap_model(model)
-    sd = _unwrap_state_dict(state_dict)
-    targets: dict[str, Tensor] = {}
-    ranges: dict[str, dict[str, Tensor]] = {}
-    unknown: list[str] = []
-    for key, value in sd.items():
-        se = _QFA_SE.match(key)
-        if se:
-            targets[f"{se[1]}.conv.depth_conv.se.{se[2]}.{se[3]}"] = value
-            continue
-        m = _QFA_LAYER.match(key)
-        if m is None:
-            unknown.append(key)
-            continue
-        prefix, rest = _qfa_layer_prefix(m["layer"]), m["rest"]
-        if rest == "num_batches_tracked":
-            continue
-        if rest in _QFA_PARAM:
-            targets[f"{prefix}.{_QFA_PARAM[rest]}"] = value
-            continue
-        q = _QFA_QUANT.match(rest)
-        if q is None:
-            unknown.append(key)
-            continue
-        bank = f"{prefix}.{q['kind']}_quantizer" + (f"s.{q['ks']}" if q["ks"] else "") + f".{q['bits']}"
-        field = q["field"]
-        if field in _IGNORED_OBSERVER:
-            continue
-        if q["kind"] == "w":
-            if field != "scale":
-                unknown.append(key)
-                continue
-            targets[f"{bank}.step"] = value.reshape(1)
-            targets[f"{bank}.initialized"] = torch.ones((), dtype=torch.bool)
-        elif field == "scale":
-            targets[f"{bank}.theta"] = value.reshape(1)
-        elif field == "offset":
-            targets[f"{bank}.offset"] = value.reshape(1)
-        elif field in ("observer.running_min", "observer.running_max"):
-            ranges.setdefault(f"{bank}.lo_hi", {})[field[len("observer.running_") :]] = value.reshape(1)
-        else:
-            unknown.append(key)
+    ranges: dict[str, dict[str, Tensor]] = {}  # lo_hi key -> its "min" and "max" halves
+    targets, unknown = _translate(_unwrap_state_dict(state_dict), lambda key, value: _qfa_entry(key, value, ranges))
     for key, parts in ranges.items():
         if set(parts) == {"min", "max"}:
             targets[key] = torch.cat([parts["min"], parts["max"]]).float()
@@ -193,8 +206,7 @@ def load_published_qfa(model: QFAMobileNetV3, state_dict: Mapping[str, Tensor]) 
 # ----------------------------------------------------------------------------- Once-for-All FP layout
 
 _OFA_LAYER = re.compile(
-    r"^(?P<layer>first_conv|final_expand_layer|feature_mix_layer|classifier"
-    r"|blocks\.\d+\.mobile_inverted_conv\.(?:inverted_bottleneck|depth_conv|point_linear))\.(?P<rest>.+)$"
+    rf"^(?P<layer>first_conv|final_expand_layer|feature_mix_layer|classifier|{_BLOCK_LAYER})\.(?P<rest>.+)$"
 )
 _OFA_PARAM = {
     "conv.weight": "weight",
@@ -211,6 +223,20 @@ _OFA_PARAM = {
 _OFA_BN = re.compile(r"^bn\.(?:bn\.)?(?P<name>weight|bias|running_mean|running_var|num_batches_tracked)$")
 
 
+def _ofa_entry(key: str, value: Tensor) -> dict[str, Tensor] | None:
+    """Our entries for one key of the Once-for-All layout."""
+    m = _OFA_LAYER.match(key)
+    if m is None:
+        return None
+    prefix, rest = m["layer"].replace(".mobile_inverted_conv.", ".conv."), m["rest"]
+    bn = _OFA_BN.match(rest)
+    if bn:
+        return {} if bn["name"] == "num_batches_tracked" else {f"{prefix}.bn.{bn['name']}": value}
+    if rest in _OFA_PARAM:
+        return {f"{prefix}.{_OFA_PARAM[rest]}": value}
+    return None
+
+
 def load_ofa_fp(model: QFAMobileNetV3, state_dict: Mapping[str, Tensor]) -> QFAMobileNetV3:
     """Initialise ``model`` from the full-precision Once-for-All MobileNetV3 w1.2 supernet
     (``ofa_mbv3_d234_e346_k357_w1.2`` layout): conv / linear / SE weights and BN (``bn.weight/bias``
@@ -220,23 +246,7 @@ def load_ofa_fp(model: QFAMobileNetV3, state_dict: Mapping[str, Tensor]) -> QFAM
     zero running range. Unknown or missing keys raise :class:`CheckpointKeyError` listing them.
     """
     model = _unwrap_model(model)
-    sd = _unwrap_state_dict(state_dict)
-    targets: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, value in sd.items():
-        m = _OFA_LAYER.match(key)
-        if m is None:
-            unknown.append(key)
-            continue
-        prefix, rest = m["layer"].replace(".mobile_inverted_conv.", ".conv."), m["rest"]
-        bn = _OFA_BN.match(rest)
-        if bn:
-            if bn["name"] != "num_batches_tracked":
-                targets[f"{prefix}.bn.{bn['name']}"] = value
-        elif rest in _OFA_PARAM:
-            targets[f"{prefix}.{_OFA_PARAM[rest]}"] = value
-        else:
-            unknown.append(key)
+    targets, unknown = _translate(_unwrap_state_dict(state_dict), _ofa_entry)
     required = {k for k in model.state_dict() if not _is_quantizer_key(k) and ".kernel_transforms." not in k}
     _apply(model, "the Once-for-All state dict", targets, unknown, required)
     reset_quantizers(model)
@@ -360,6 +370,8 @@ def load_any(path: str | os.PathLike, n_classes: int | None = None, backend: str
     the published QFA state dict or the Once-for-All FP state dict. The qfa layouts rebuild their own
     architecture; the published ones have the published architecture with ``n_classes`` outputs
     (required for them). Errors name the file (:class:`qfa.train.ckpt.CheckpointError`)."""
+    # Imported here: qfa.train.weights builds on this module (the layout translations), so a top-level
+    # import would be a cycle.
     from .train.ckpt import CheckpointError
     from .train.weights import QFA_PUBLISHED, QFA_SUPERNET, QFA_TRAIN, load_into, read_checkpoint
 

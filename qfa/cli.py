@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pickle
 import sys
+
+from .checkpoint import CheckpointKeyError
+from .train.ckpt import CheckpointError
+from .train.step import NonFiniteLossError
 
 SUBCOMMANDS = {
     "train": "train the supernet (sandwich + random subnets, KD, torchrun multi-GPU)",
@@ -51,12 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the input (bad flags, files, data): reported in one line, not as a traceback.
     Other exceptions (bugs) keep their traceback."""
-    import pickle
-
-    from .checkpoint import CheckpointKeyError
-    from .train.ckpt import CheckpointError
-    from .train.step import NonFiniteLossError
-
     return (
         CheckpointError,
         CheckpointKeyError,

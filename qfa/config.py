@@ -6,10 +6,7 @@ import json
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .space import SearchSpace
+from typing import Any, Protocol
 
 _LIST_FIELDS = ("ks", "e", "d", "w_bits", "a_bits")
 
@@ -30,6 +27,13 @@ def int_list(field: str, values: object) -> list[int]:
         else:
             raise TypeError(f"{field} must be a list of ints, got {type(values).__name__}")
     return [as_int(f"{field}[{i}]", v) for i, v in enumerate(values)]
+
+
+class ConfigChecker(Protocol):
+    """What :meth:`SubnetConfig.validate` needs of a search space (:class:`qfa.SearchSpace` is one); a
+    protocol, so this module imports nothing of the space that builds configs."""
+
+    def check_config(self, cfg: SubnetConfig) -> None: ...
 
 
 @dataclass
@@ -81,7 +85,7 @@ class SubnetConfig:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, space: SearchSpace) -> SubnetConfig:
+    def validate(self, space: ConfigChecker) -> SubnetConfig:
         """Raise ``ValueError`` naming the first bad field (e.g. ``"ks[3]=4 not in (3, 5, 7)"``); return ``self``."""
         space.check_config(self)
         return self

@@ -29,7 +29,7 @@ from .config import SubnetConfig
 from .flops_lut import MIN_RESOLUTION, FlopsLUT, normalise_table, read_table
 from .networks.arch import BLOCK0_KERNEL, IN_CHANNELS, STEM_KERNEL, STEM_STRIDE, MobileNetV3Arch
 from .nn.se import se_mid_channels
-from .space import QLAYERS_PER_BLOCK, SearchSpace
+from .space import SearchSpace
 
 DEFAULT_RESOLUTION = 224
 FP_BITS = 8  # bit-width at which full-precision layers and 32-bit choices are counted
@@ -117,8 +117,7 @@ class CostModel:
         self._mid = mid
         self._se_macs = 2.0 * mid * se_mid  # reduce + expand on the pooled 1x1 map
         self._se_params = np.where(se_mid > 0, 2.0 * mid * se_mid + se_mid + mid, 0.0)  # weights + biases
-        self._block_stage = np.asarray(space.block_stage)
-        self._block_pos = np.arange(space.n_blocks) % space.max_depth
+        self._block_qlayer = np.asarray(space.block_first_qlayer)  # each block's expand layer in w_bits / a_bits
         c0, stem = arch.block0_channels, arch.stem_channels
         final, mix, n = arch.final_expand_channels, arch.feature_mix_channels, arch.n_classes
         c_last = arch.last_block_channels
@@ -202,7 +201,7 @@ class CostModel:
 
         e_idx = np.searchsorted(self.space.expand_list, a["e"])  # (N, B)
         mid = self._mid[blocks, e_idx]
-        active = self._block_pos[None, :] < d[:, self._block_stage]  # (N, B)
+        active = self.space.active_block_mask(d)  # (N, B)
 
         # Spatial sizes: after the stem, then per block (input, output).
         h = _conv_out(res, STEM_STRIDE)
@@ -219,7 +218,7 @@ class CostModel:
         depthwise = ks * ks * mid * hw_out
         project = mid * self._c_out * hw_out
         se = self._se_macs[blocks, e_idx]
-        q0 = 2 + QLAYERS_PER_BLOCK * blocks  # index of each block's expand layer in w_bits / a_bits
+        q0 = self._block_qlayer
         block_macs = (expand + depthwise + project + se) * active
         block_bitops = (
             expand * bits[:, q0] + depthwise * bits[:, q0 + 1] + project * bits[:, q0 + 2] + se * FP_BITS**2

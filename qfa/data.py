@@ -104,7 +104,7 @@ class DigitsImages(Dataset):
     as 3-channel ``uint8`` tensors, with a fixed stratified split (1,500 train / 297 val)."""
 
     def __init__(self, split: str, resolution: int = 32) -> None:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # lazy: scikit-learn only for the digits demo
         from sklearn.model_selection import train_test_split
 
         if split not in ("train", "val"):
@@ -267,7 +267,7 @@ def num_classes(data: str) -> int:
 
 
 def _image_folder(root: str, split: str):
-    from torchvision.datasets import ImageFolder
+    from torchvision.datasets import ImageFolder  # lazy: torchvision only for ImageFolder data
 
     path = os.path.join(root, split)
     if not os.path.isdir(path):
@@ -292,7 +292,7 @@ def _check_same_classes(data: str, train: Sequence[str], val: Sequence[str]) -> 
 
 def _transforms(data: str, split: str, resolution: int) -> tuple[Callable | None, bool]:
     """The transform of a split (returns ``uint8`` CHW tensors) and whether it is random."""
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # lazy: torchvision only for augmented data (not synthetic)
 
     if data == SYNTHETIC:
         return None, False

@@ -1,4 +1,10 @@
-"""``SearchSpace``: the elastic dimensions of a QFA MobileNetV3 supernet, its sampling rules and its size."""
+"""``SearchSpace``: the elastic dimensions of a QFA MobileNetV3 supernet, its layer layout, sampling rules and size.
+
+The one description of the search space: the layers (:mod:`qfa.nn`, :mod:`qfa.networks`), the cost model
+(:mod:`qfa.cost`), the search encoding and sampling (:mod:`qfa.search`) and the checkpoint loaders read the
+layout from here (quantized layers in ``SubnetConfig`` order, block of each layer, stage and position of each
+block), so they agree by construction.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,22 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import SubnetConfig, int_list
-from .nn.quantizers import FULL_PRECISION, HEAD_MIN_BITS
+import numpy as np
 
+from .config import SubnetConfig, int_list
+
+FULL_PRECISION = 32  # a bit-width of 32 means "not quantized" (identity; no quantizer is stored)
+HEAD_MIN_BITS = 8  # the classifier is quantized with at least this many bits (spec 3)
 N_STAGES = 5  # elastic stages of MobileNetV3
-QLAYERS_PER_BLOCK = 3  # expand, depthwise, project
-N_FIXED_HEAD = 2  # block 0: depthwise, pointwise
-N_FIXED_TAIL = 3  # final expand, feature mix, classifier
+# Quantized conv / linear layers, in ``SubnetConfig.w_bits`` / ``a_bits`` order: block 0 (module
+# ``blocks.0.conv``), then every elastic block ``b`` (module ``blocks.<b + 1>.conv``), then the head.
+# The stem (``first_conv``) stays in full precision and has no entry.
+BLOCK0_QLAYERS = ("depth_conv", "point_linear")
+BLOCK_QLAYERS = ("inverted_bottleneck", "depth_conv", "point_linear")  # expand, depthwise, project
+HEAD_QLAYERS = ("final_expand_layer", "feature_mix_layer", "classifier")
+QLAYERS_PER_BLOCK = len(BLOCK_QLAYERS)
+N_FIXED_HEAD = len(BLOCK0_QLAYERS)
+N_FIXED_TAIL = len(HEAD_QLAYERS)
 DEFAULT_RESOLUTIONS = tuple(range(128, 225, 4))
 
 
@@ -36,6 +51,13 @@ def head_bits(bits: int) -> int:
     return bits if bits == FULL_PRECISION else max(bits, HEAD_MIN_BITS)
 
 
+def classifier_bits(w_bits: Sequence[int], a_bits: Sequence[int]) -> tuple[int, int]:
+    """Classifier ``(w, a)`` bits of a searched net whose other layers have these bits (spec 3 rule):
+    a quantized net (any layer below 32 bits) gets a W8A8 classifier, an all-32 net keeps it FP."""
+    quantized = any(b != FULL_PRECISION for b in (*w_bits, *a_bits))
+    return (HEAD_MIN_BITS, HEAD_MIN_BITS) if quantized else (FULL_PRECISION, FULL_PRECISION)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Elastic dimensions of the supernet (defaults: the published QFA MobileNetV3 w1.2 space).
@@ -43,8 +65,10 @@ class SearchSpace:
     ``bits_list`` may contain 32 (phase 0 of training); the sampling rules of spec 3 then apply.
     ``p_both_fp`` / ``p_head_both_fp``: the phase-0 probabilities of those rules.
     Derived (not passed): ``n_blocks`` (elastic blocks), ``n_qlayers`` (quantized conv/linear
-    layers), ``block_stage`` (stage of each elastic block), ``qlayer_names``, ``qlayer_block``
-    (elastic block of each quantized layer, -1 for block 0 and the head).
+    layers), ``block_stage`` (stage of each elastic block), ``block_position`` (its index inside its
+    stage), ``block_first_qlayer`` (index of its expand layer in ``w_bits`` / ``a_bits``),
+    ``qlayer_names`` (module names), ``qlayer_block`` (elastic block of each quantized layer, -1 for
+    block 0 and the head).
     """
 
     ks_list: tuple[int, ...] = (3, 5, 7)
@@ -59,6 +83,8 @@ class SearchSpace:
     n_blocks: int = field(init=False)
     n_qlayers: int = field(init=False)
     block_stage: tuple[int, ...] = field(init=False)
+    block_position: tuple[int, ...] = field(init=False, repr=False)
+    block_first_qlayer: tuple[int, ...] = field(init=False, repr=False)
     qlayer_names: tuple[str, ...] = field(init=False, repr=False)
     qlayer_block: tuple[int, ...] = field(init=False, repr=False)
 
@@ -84,14 +110,15 @@ class SearchSpace:
         put(self, "n_blocks", n_blocks)
         put(self, "n_qlayers", N_FIXED_HEAD + QLAYERS_PER_BLOCK * n_blocks + N_FIXED_TAIL)
         put(self, "block_stage", tuple(i // max_d for i in range(n_blocks)))
-        names = ["blocks.0.conv.depth_conv", "blocks.0.conv.point_linear"]
-        owner = [-1, -1]
+        put(self, "block_position", tuple(i % max_d for i in range(n_blocks)))
+        put(self, "block_first_qlayer", tuple(N_FIXED_HEAD + QLAYERS_PER_BLOCK * b for b in range(n_blocks)))
+        names = [f"blocks.0.conv.{part}" for part in BLOCK0_QLAYERS]
+        owner = [-1] * N_FIXED_HEAD
         for b in range(n_blocks):
-            for part in ("inverted_bottleneck", "depth_conv", "point_linear"):
-                names.append(f"blocks.{b + 1}.conv.{part}")
-                owner.append(b)
-        names += ["final_expand_layer", "feature_mix_layer", "classifier"]
-        owner += [-1, -1, -1]
+            names += [f"blocks.{b + 1}.conv.{part}" for part in BLOCK_QLAYERS]
+            owner += [b] * QLAYERS_PER_BLOCK
+        names += HEAD_QLAYERS
+        owner += [-1] * N_FIXED_TAIL
         put(self, "qlayer_names", tuple(names))
         put(self, "qlayer_block", tuple(owner))
 
@@ -113,6 +140,11 @@ class SearchSpace:
     def active_blocks(self, d: Sequence[int]) -> list[int]:
         """Elastic block indices that run for per-stage depths ``d``."""
         return [b for s, depth in enumerate(d) for b in self.stage_blocks(s)[:depth]]
+
+    def active_block_mask(self, d: np.ndarray) -> np.ndarray:
+        """``(n, n_blocks)`` bool for per-stage depths ``d`` ``(n, n_stages)``: block ``b`` runs when its
+        position in its stage is below that stage's depth (vectorised :meth:`active_blocks`)."""
+        return np.asarray(self.block_position)[None, :] < np.asarray(d)[:, np.asarray(self.block_stage)]
 
     def num_subnets(self) -> int:
         """Distinct quantized subnets (elastic blocks only: ks, e, and w/a bits of their 3 layers)."""

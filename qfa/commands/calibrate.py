@@ -15,6 +15,9 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from ..train import options
+from ..train.evaluation import evaluate_configs
+from ..train.report import format_table
+from ..train.weights import save_trained_supernet
 from .eval import COLUMNS, prepare, resolve
 
 
@@ -23,10 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.evaluation import evaluate_configs
-    from ..train.report import format_table
-    from ..train.weights import save_trained_supernet
-
     opts, loaded = resolve(options.CalibrateOptions, args)
     calib, val, configs = prepare(opts, loaded, single=True)
     if len(configs) != 1:

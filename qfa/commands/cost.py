@@ -13,11 +13,15 @@ import argparse
 import json
 import sys
 
+from qfa.checkpoint import load_any
 from qfa.commands.flags import add_checkpoint_arg
 from qfa.cost import CostModel
 from qfa.flops_lut import table_to_json
 from qfa.io import atomic_write_text
 from qfa.search.runtime import add_flops_lut_arguments, make_cost_model
+from qfa.space import SearchSpace
+from qfa.train.evaluation import named_configs, with_resolution
+from qfa.train.report import format_table
 
 COLUMNS = (  # (row key, header, scale)
     ("macs", "MACs (M)", 1e6),
@@ -61,18 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cost_model(args: argparse.Namespace) -> CostModel:
     if args.checkpoint is None:
-        from qfa.space import SearchSpace
-
         return make_cost_model(args, SearchSpace(), n_classes=1000)
-    from qfa.checkpoint import load_any
-
     return make_cost_model(args, load_any(args.checkpoint, n_classes=1000).model)
 
 
 def run(args: argparse.Namespace) -> int:
-    from qfa.train.evaluation import named_configs, with_resolution
-    from qfa.train.report import format_table
-
     if args.subnets is None and args.write_lut is None:
         raise ValueError("--subnets is required (or --write-lut alone)")
     if not args.under > 0:

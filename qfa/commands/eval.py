@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from .. import data as qdata
+from ..checkpoint import LoadedSupernet, load_any
+from ..config import SubnetConfig
+from ..data import DeviceLoader
 from ..io import atomic_write_text
 from ..train import options
-
-if TYPE_CHECKING:  # imported inside prepare(): `qfa --help` stays light
-    from ..checkpoint import LoadedSupernet
-    from ..config import SubnetConfig
-    from ..data import DeviceLoader
+from ..train.evaluation import device_of, evaluate_configs, named_configs, with_resolution
+from ..train.report import format_table
+from ..train.trainer import VAL_BATCH
 
 COLUMNS = ("subnet", "bits", "res", "top1", "top5", "loss", "n")
 
@@ -31,13 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve(cls: type, args: argparse.Namespace) -> tuple[Any, LoadedSupernet]:
     """``(options, checkpoint)``: the options with the checkpoint's run settings as defaults (below the
     command line and ``--config``, above the preset)."""
-    from ..checkpoint import load_any
-    from ..data import num_classes
-
     opts = options.resolve(cls, args)
-    loaded = load_any(opts.checkpoint, num_classes(opts.data), opts.backend)  # classes: for published layouts
+    loaded = load_any(opts.checkpoint, qdata.num_classes(opts.data), opts.backend)  # classes: for published layouts
     opts = options.resolve(cls, args, defaults=loaded.run)
-    if loaded.model.n_classes != (n := num_classes(opts.data)):
+    if loaded.model.n_classes != (n := qdata.num_classes(opts.data)):
         raise ValueError(f"--checkpoint has {loaded.model.n_classes} classes but --data {opts.data!r} has {n}")
     return opts, loaded
 
@@ -47,12 +48,6 @@ def prepare(
 ) -> tuple[DeviceLoader, DeviceLoader, list[tuple[str, SubnetConfig]]]:
     """``(calib loader, val loader, configs)`` for ``opts`` (shared with ``qfa calibrate``; ``single``:
     one subnet, at the lowest bit-width unless ``--bits`` says otherwise). The model moves to the device."""
-    import torch
-
-    from .. import data as qdata
-    from ..train.evaluation import device_of, named_configs, with_resolution
-    from ..train.trainer import VAL_BATCH
-
     device = device_of(opts.device)
     model = loaded.model
     model.to(device, memory_format=torch.channels_last if opts.channels_last else torch.preserve_format)
@@ -74,9 +69,6 @@ def prepare(
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.evaluation import evaluate_configs
-    from ..train.report import format_table
-
     opts, loaded = resolve(options.EvalOptions, args)
     calib, val, configs = prepare(opts, loaded)
     rows = evaluate_configs(loaded.model, configs, calib, val, opts.calib_batches)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ..checkpoint import LoadedSupernet
+from ..checkpoint import LoadedSupernet, load_any
+from ..data import DIGITS, num_classes
 
 CHECKPOINT_HELP = (
     "supernet checkpoint: qfa train's OUT/supernet.pt or OUT/last.pt, qfa calibrate's output, or a "
@@ -42,9 +41,6 @@ def load_checkpoint(
     to use: ``--data`` when given, else the run's (stored in the checkpoint), else digits. The
     checkpoint's classes are checked against the data's (otherwise an IndexError deep in the loss, or
     with fewer classes silently wrong accuracies)."""
-    from ..checkpoint import load_any
-    from ..data import DIGITS, num_classes
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint: file not found: {path}")
     loaded = load_any(path, num_classes(data or DIGITS), backend)  # the class count is used by published layouts

@@ -17,6 +17,7 @@ import sys
 from ..train import distributed, options
 from ..train.ckpt import CheckpointError
 from ..train.step import NonFiniteLossError
+from ..train.trainer import Trainer, TrainingInterrupted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.trainer import Trainer, TrainingInterrupted
-
     opts = options.resolve(options.TrainOptions, args)
     ctx = distributed.setup(opts.device)
     try:

@@ -191,6 +191,13 @@ def _fp32(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
+def _fp_conv(g: _Graph, x: str, conv: nn.Conv2d, name: str) -> str:
+    """A full-precision 1x1 conv with bias (the SE layers)."""
+    return g.op(
+        "Conv", [x, g.const(f"{name}.weight", _fp32(conv.weight)), g.const(f"{name}.bias", _fp32(conv.bias))], name
+    )
+
+
 def _conv(g: _Graph, x: str, layer: QConv2d, prefix: str) -> str:
     if layer.a_quantizer is not None:
         x = _activation_qdq(g, x, layer.a_quantizer, prefix)
@@ -223,25 +230,8 @@ def _conv(g: _Graph, x: str, layer: QConv2d, prefix: str) -> str:
     if layer.se is not None:
         se = layer.se
         s = g.op("GlobalAveragePool", [y], f"{prefix}.se.pool")
-        s = g.op(
-            "Conv",
-            [
-                s,
-                g.const(f"{prefix}.se.reduce.weight", _fp32(se.reduce.weight)),
-                g.const(f"{prefix}.se.reduce.bias", _fp32(se.reduce.bias)),
-            ],
-            f"{prefix}.se.reduce",
-        )
-        s = g.op("Relu", [s], f"{prefix}.se.relu")
-        s = g.op(
-            "Conv",
-            [
-                s,
-                g.const(f"{prefix}.se.expand.weight", _fp32(se.expand.weight)),
-                g.const(f"{prefix}.se.expand.bias", _fp32(se.expand.bias)),
-            ],
-            f"{prefix}.se.expand",
-        )
+        s = g.op("Relu", [_fp_conv(g, s, se.reduce, f"{prefix}.se.reduce")], f"{prefix}.se.relu")
+        s = _fp_conv(g, s, se.expand, f"{prefix}.se.expand")
         s = g.op("HardSigmoid", [s], f"{prefix}.se.h_sigmoid", alpha=1.0 / 6.0, beta=0.5)
         y = g.op("Mul", [y, s], f"{prefix}.se.scale")
     return y
@@ -343,7 +333,7 @@ def save_deployment_npz(net: nn.Module, path: str | os.PathLike) -> None:
 
 def run_onnx(path: str | os.PathLike, images: np.ndarray) -> np.ndarray:
     """Logits of an exported model under onnxruntime (CPU)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional heavy dependency: only for running an exported model
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})[0]

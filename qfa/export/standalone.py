@@ -31,6 +31,9 @@ from qfa.nn import QConv2d, QLinear
 STANDALONE_FORMAT = "qfa-standalone"
 STANDALONE_FORMAT_VERSION = 1
 _ACT_NAMES = {nn.ReLU: "relu", nn.Hardswish: "h_swish", nn.Identity: None}
+# Constructor arguments of the static layers that are plain attributes (described and rebuilt as they are).
+_CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "groups", "w_bits", "a_bits")
+_LINEAR_ARGS = ("in_features", "out_features", "w_bits", "a_bits")
 
 
 # ----------------------------------------------------------------------------- description
@@ -44,27 +47,12 @@ def _act_name(module: nn.Module) -> str | None:
 
 
 def describe_conv(layer: QConv2d) -> dict[str, Any]:
-    return {
-        "in_channels": layer.in_channels,
-        "out_channels": layer.out_channels,
-        "kernel_size": layer.kernel_size,
-        "stride": layer.stride,
-        "groups": layer.groups,
-        "w_bits": layer.w_bits,
-        "a_bits": layer.a_bits,
-        "bn": layer.bn is not None,
-        "act": _act_name(layer.act),
-        "se": layer.se is not None,
-    }
+    args = {k: getattr(layer, k) for k in _CONV_ARGS}
+    return {**args, "bn": layer.bn is not None, "act": _act_name(layer.act), "se": layer.se is not None}
 
 
 def describe_linear(layer: QLinear) -> dict[str, Any]:
-    return {
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
-        "w_bits": layer.w_bits,
-        "a_bits": layer.a_bits,
-    }
+    return {k: getattr(layer, k) for k in _LINEAR_ARGS}
 
 
 def describe(net: MobileNetV3Subnet) -> dict[str, Any]:
@@ -92,39 +80,28 @@ def describe(net: MobileNetV3Subnet) -> dict[str, Any]:
     }
 
 
-def _build_conv(d: dict[str, Any], backend: str | None) -> QConv2d:
-    return QConv2d(
-        d["in_channels"],
-        d["out_channels"],
-        d["kernel_size"],
-        d["stride"],
-        d["groups"],
-        w_bits=d["w_bits"],
-        a_bits=d["a_bits"],
-        bn=d["bn"],
-        act=d["act"],
-        se=d["se"],
-        backend=backend,
-    )
+def _build_conv(d: dict[str, Any]) -> QConv2d:
+    return QConv2d(**{k: d[k] for k in _CONV_ARGS}, bn=d["bn"], act=d["act"], se=d["se"])
 
 
 def build(arch: dict[str, Any], config: SubnetConfig, backend: str | None = None) -> MobileNetV3Subnet:
     """An uninitialised static subnet with the architecture ``arch`` (see :func:`describe`)."""
     blocks = []
     for b in arch["blocks"]:
-        ib = None if b["inverted_bottleneck"] is None else _build_conv(b["inverted_bottleneck"], backend)
-        conv = MBConv(ib, _build_conv(b["depth_conv"], backend), _build_conv(b["point_linear"], backend))
+        ib = None if b["inverted_bottleneck"] is None else _build_conv(b["inverted_bottleneck"])
+        conv = MBConv(ib, _build_conv(b["depth_conv"]), _build_conv(b["point_linear"]))
         blocks.append(ResidualBlock(conv, b["shortcut"]))
-    cls = arch["classifier"]
-    return MobileNetV3Subnet(
-        _build_conv(arch["first_conv"], backend),
+    net = MobileNetV3Subnet(
+        _build_conv(arch["first_conv"]),
         blocks,
-        _build_conv(arch["final_expand_layer"], backend),
-        _build_conv(arch["feature_mix_layer"], backend),
+        _build_conv(arch["final_expand_layer"]),
+        _build_conv(arch["feature_mix_layer"]),
         arch["dropout"],
-        QLinear(cls["in_features"], cls["out_features"], w_bits=cls["w_bits"], a_bits=cls["a_bits"], backend=backend),
+        QLinear(**{k: arch["classifier"][k] for k in _LINEAR_ARGS}),
         config=config,
     )
+    net.backend = backend
+    return net
 
 
 # ----------------------------------------------------------------------------- export / load

@@ -38,6 +38,11 @@ MBV3_STAGES = (
 )
 
 
+def mid_channels(in_channels: int, expand: int) -> int:
+    """Hidden width of an inverted-residual block: ``make_divisible(round(C_in * e), 8)``."""
+    return make_divisible(round(in_channels * expand), 8)
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     """One elastic inverted-residual block (the first block of a stage has the stride and no shortcut)."""
@@ -51,8 +56,8 @@ class BlockSpec:
     shortcut: bool
 
     def mid_channels(self, expand: int) -> int:
-        """Hidden width for expand ratio ``expand``: ``make_divisible(round(C_in * e), 8)``."""
-        return make_divisible(round(self.in_channels * expand), 8)
+        """Hidden width for expand ratio ``expand``."""
+        return mid_channels(self.in_channels, expand)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import DynamicQConv2d, DynamicQDepthwiseConv2d, QConv2d
-from ..nn.utils import make_divisible
+from .arch import mid_channels
 
 
 class ResidualBlock(nn.Module):
@@ -46,7 +46,6 @@ class DynamicMBConv(nn.Module):
         act: str,
         se: bool,
         quant_bits: Sequence[int],
-        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -56,24 +55,13 @@ class DynamicMBConv(nn.Module):
             self.inverted_bottleneck = None
         else:
             max_mid = self.mid_channels(self.expand_list[-1])
-            self.inverted_bottleneck = DynamicQConv2d(
-                in_channels, max_mid, 1, bn=True, act=act, quant_bits=quant_bits, backend=backend
-            )
-        self.depth_conv = DynamicQDepthwiseConv2d(
-            max_mid, ks_list, stride, act=act, se=se, quant_bits=quant_bits, backend=backend
-        )
-        self.point_linear = DynamicQConv2d(
-            max_mid, out_channels, 1, bn=True, act=None, quant_bits=quant_bits, backend=backend
-        )
+            self.inverted_bottleneck = DynamicQConv2d(in_channels, max_mid, 1, bn=True, act=act, quant_bits=quant_bits)
+        self.depth_conv = DynamicQDepthwiseConv2d(max_mid, ks_list, stride, act=act, se=se, quant_bits=quant_bits)
+        self.point_linear = DynamicQConv2d(max_mid, out_channels, 1, bn=True, act=None, quant_bits=quant_bits)
         self.active_expand = self.expand_list[-1]
 
     def mid_channels(self, expand: int) -> int:
-        return make_divisible(round(self.in_channels * expand), 8)
-
-    def qlayers(self) -> list[nn.Module]:
-        """The quantized layers in module order (the order of their ``w_bits`` / ``a_bits`` entries)."""
-        layers = [self.depth_conv, self.point_linear]
-        return layers if self.inverted_bottleneck is None else [self.inverted_bottleneck, *layers]
+        return mid_channels(self.in_channels, expand)
 
     def set_active(self, ks: int, expand: int) -> None:
         if expand not in self.expand_list:

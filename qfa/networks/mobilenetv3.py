@@ -14,6 +14,7 @@ from bquant_kernels import BatchQuantizer, LSQQuantizer
 
 from ..config import SubnetConfig
 from ..nn import (
+    BackendOwner,
     DynamicBatchNorm2d,
     DynamicQConv2d,
     DynamicQDepthwiseConv2d,
@@ -27,7 +28,7 @@ from .blocks import DynamicMBConv, ResidualBlock
 from .subnet import MobileNetV3Subnet, check_input
 
 
-class QFAMobileNetV3(nn.Module):
+class QFAMobileNetV3(BackendOwner):
     """The QFA MobileNetV3 supernet: elastic kernel size, expand ratio, depth and bit-widths.
 
     Args:
@@ -37,7 +38,9 @@ class QFAMobileNetV3(nn.Module):
         bits_list: bit-width options of the quantized layers; may include 32 (phase 0 of training).
             Every layer holds one quantizer per bit-width of ``bits_list`` (except 32) plus 8.
         dropout: dropout before the classifier.
-        backend: bquant_kernels backend for every quantizer op (``None``: the fastest available).
+        backend: bquant_kernels backend for every quantizer op (``None``: the fastest available); the
+            ``backend`` attribute, settable at any time, is the one place it is held
+            (:class:`qfa.nn.BackendOwner`); :meth:`get_active_subnet` builds with it.
         resolutions: input sizes of the search space (default 128..224 step 4); the model itself
             takes any size (32 px gives a 1x1 final feature map).
 
@@ -69,14 +72,10 @@ class QFAMobileNetV3(nn.Module):
         )
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be a backend name or None, got {backend!r}")
         self.arch = MobileNetV3Arch.from_space(self.space, n_classes)
         self.n_classes = n_classes
-        self.backend = backend
         space, arch = self.space, self.arch
-        qbits = bank_bits(space.bits_list)
-        common = {"quant_bits": qbits, "backend": backend}
+        common = {"quant_bits": bank_bits(space.bits_list)}
 
         self.first_conv = DynamicQConv2d(
             IN_CHANNELS, arch.stem_channels, STEM_KERNEL, STEM_STRIDE, bn=True, act="h_swish", **common
@@ -114,13 +113,9 @@ class QFAMobileNetV3(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = DynamicQLinear(arch.feature_mix_channels, n_classes, **common)
 
-        # Quantized layers in SubnetConfig order (plain tuple: not registered twice).
-        qlayers: list[nn.Module] = list(self.blocks[0].conv.qlayers())
-        for block in self.blocks[1:]:
-            qlayers += block.conv.qlayers()
-        qlayers += [self.final_expand_layer, self.feature_mix_layer, self.classifier]
-        assert len(qlayers) == space.n_qlayers
-        self._qlayers = tuple(qlayers)
+        self.backend = backend  # every quantizer built above
+        # Quantized layers in SubnetConfig order, named by the space (plain tuple: not registered twice).
+        self._qlayers = tuple(self.get_submodule(name) for name in space.qlayer_names)
         self._active_blocks: tuple[nn.Module, ...] = ()
         self._active_qlayers: tuple[nn.Module, ...] = ()
         # Weights of the active layers quantized in one multi-tensor op per forward (False: one op per
@@ -174,13 +169,11 @@ class QFAMobileNetV3(nn.Module):
             block.conv.set_active(ks, e)
         for layer, w, a in zip(self._qlayers, cfg.w_bits, cfg.a_bits, strict=True):
             layer.set_active_bits(w, a)
-        self._active_blocks = tuple(self.blocks[1 + b] for b in self.space.active_blocks(cfg.d))
-        self._active_qlayers = (
-            *self.blocks[0].conv.qlayers(),
-            *(layer for block in self._active_blocks for layer in block.conv.qlayers()),
-            self.final_expand_layer,
-            self.feature_mix_layer,
-            self.classifier,
+        active = self.space.active_blocks(cfg.d)
+        self._active_blocks = tuple(self.blocks[1 + b] for b in active)
+        on = set(active)
+        self._active_qlayers = tuple(
+            layer for layer, b in zip(self._qlayers, self.space.qlayer_block, strict=True) if b < 0 or b in on
         )
         self._config = SubnetConfig(
             list(cfg.ks), list(cfg.e), list(cfg.d), list(cfg.w_bits), list(cfg.a_bits), resolution=None
@@ -250,6 +243,7 @@ class QFAMobileNetV3(nn.Module):
             classifier,
             config=self.get_active_config(),
         )
+        net.backend = self.backend
         return net.to(device=device, dtype=self.first_conv.weight.dtype).train(self.training)
 
     # ------------------------------------------------------------------ parameters

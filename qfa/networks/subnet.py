@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SubnetConfig
-from ..nn import QConv2d, QLinear
+from ..nn import BackendOwner, QConv2d, QLinear
 from .arch import IN_CHANNELS
 from .blocks import ResidualBlock
 
@@ -17,12 +17,13 @@ def check_input(x: Tensor) -> None:
         raise ValueError(f"input must be an (N, {IN_CHANNELS}, H, W) image batch, got {shape}")
 
 
-class MobileNetV3Subnet(nn.Module):
+class MobileNetV3Subnet(BackendOwner):
     """Static QFA MobileNetV3 subnet: stem, the active blocks, head; fixed shapes and bit-widths.
 
     Module names follow the supernet (``blocks.<i>.conv.depth_conv`` ...), with the active blocks
     renumbered. ``config`` is the :class:`SubnetConfig` it was extracted for. BN running statistics
     and BatchQuant ranges are recalibrated with :func:`qfa.calibrate` like the supernet's.
+    ``backend``: the bquant_kernels backend of its quantizers (the supernet's when extracted).
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 
 from .batchnorm import BNStatsSink, DynamicBatchNorm2d
 from .dynamic import DynamicQConv2d, DynamicQDepthwiseConv2d, DynamicQLinear
-from .quantizers import FULL_PRECISION, HEAD_MIN_BITS, bank_bits, quantized_weights
+from .quantizers import FULL_PRECISION, HEAD_MIN_BITS, BackendOwner, bank_bits, quantized_weights
 from .se import DynamicSE, se_mid_channels
 from .static import QConv2d, QLinear
 from .utils import make_divisible
@@ -11,6 +11,7 @@ __all__ = [
     "FULL_PRECISION",
     "HEAD_MIN_BITS",
     "BNStatsSink",
+    "BackendOwner",
     "DynamicBatchNorm2d",
     "DynamicQConv2d",
     "DynamicQDepthwiseConv2d",

@@ -9,6 +9,9 @@ Input channels follow the input tensor (the first ``C`` channels of the weight a
 A network quantizes the weights of all its active layers at once (``qfa.nn.quantized_weights``: one
 multi-tensor LSQ op instead of one per layer); each layer's ``weight_for_quantization`` says what to
 quantize, and its ``forward`` takes the result from ``_w_quantized`` when it is set.
+
+A layer keeps no backend of its own: ``backend=`` only initialises its quantizers (for a layer used on
+its own); in a network, the network's ``backend`` (:class:`qfa.nn.BackendOwner`) sets them.
 """
 
 from __future__ import annotations
@@ -44,26 +47,32 @@ def _copy_se(dst: DynamicSE, src: DynamicSE, c: int) -> None:
     dst.expand.bias.copy_(src.expand.bias[:c])
 
 
-def _copy_quantizers(
-    dst_w: LSQQuantizer | None,
-    src_w: LSQQuantizer | None,
-    w_full: Tensor,
-    dst_a: BatchQuantizer | None,
-    src_a: BatchQuantizer | None,
-) -> None:
-    """Copy learned quantizer state. An LSQ step the supernet has not initialised yet gets the value
-    the supernet would give it on first use (from the full weight), never a re-initialisation."""
-    if dst_w is not None:
+def _fill_static(dst: QConv2d | QLinear, src: _ActiveBits, weight: Tensor, w_full: Tensor) -> QConv2d | QLinear:
+    """``dst`` (a new static layer) with ``src``'s active state: ``weight`` (the active slice), BN and SE
+    (sliced to ``dst``'s output channels) and the learned state and backend of the active quantizers.
+    An LSQ step the supernet has not initialised yet gets the value the supernet would give it on first
+    use (from the full weight ``w_full``), never a re-initialisation."""
+    dst.weight.copy_(weight)
+    c = dst.weight.shape[0]
+    if getattr(dst, "bn", None) is not None:
+        _copy_bn(dst.bn, src.bn, c)
+    if getattr(dst, "se", None) is not None:
+        _copy_se(dst.se, src.se, c)
+    src_w, src_a = src.active_quantizers()
+    if dst.w_quantizer is not None:
         if bool(src_w.initialized):
-            dst_w.load_state_dict(src_w.state_dict())
+            dst.w_quantizer.load_state_dict(src_w.state_dict())
         else:
-            dst_w.initialize(w_full)
-    if dst_a is not None:
-        dst_a.load_state_dict(src_a.state_dict())
+            dst.w_quantizer.initialize(w_full)
+        dst.w_quantizer.backend = src_w.backend
+    if dst.a_quantizer is not None:
+        dst.a_quantizer.load_state_dict(src_a.state_dict())
+        dst.a_quantizer.backend = src_a.backend
+    return dst
 
 
 class _ActiveBits:
-    """Active weight / activation bit-widths of a layer with one bank of each."""
+    """Active weight / activation bit-widths of a layer, and their quantizers in its banks."""
 
     weight: nn.Parameter
     w_quantizer: nn.ModuleDict
@@ -85,10 +94,23 @@ class _ActiveBits:
         w = leading(self.weight, rows, cols)
         return w if self._w_key is None else self.w_quantizer[self._w_key](w, w_full=self.weight)
 
+    def _banks(self) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+        """The (weight, activation) banks the active bit-widths are looked up in."""
+        return self.w_quantizer, self.a_quantizer
+
     def set_active_bits(self, w_bits: int, a_bits: int) -> None:
-        w_key = bank_key(self.w_quantizer, w_bits, "w_bits")
-        a_key = bank_key(self.a_quantizer, a_bits, "a_bits")
+        w_bank, a_bank = self._banks()
+        w_key = bank_key(w_bank, w_bits, "w_bits")
+        a_key = bank_key(a_bank, a_bits, "a_bits")
         self.w_bits, self.a_bits, self._w_key, self._a_key = w_bits, a_bits, w_key, a_key
+
+    def active_quantizers(self) -> tuple[LSQQuantizer | None, BatchQuantizer | None]:
+        """The (weight, input) quantizers of the active bit-widths (``None`` at 32 bits)."""
+        w_bank, a_bank = self._banks()
+        return (
+            None if self._w_key is None else w_bank[self._w_key],
+            None if self._a_key is None else a_bank[self._a_key],
+        )
 
 
 class DynamicQConv2d(_ActiveBits, nn.Module):
@@ -113,7 +135,7 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, kernel_size // 2
-        self.act_name, self.backend = act, backend
+        self.act_name = act
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bn = DynamicBatchNorm2d(out_channels) if bn else None
         self.act = build_activation(act)
@@ -136,9 +158,8 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
     def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
         """``(rows, quantizer, full weight)``: the active output rows of the weight (every input channel:
         quantizing is elementwise, so the input slice can follow), or None in full precision."""
-        if self._w_key is None:
-            return None
-        return leading(self.weight, self.active_out_channels), self.w_quantizer[self._w_key], self.weight
+        wq, _ = self.active_quantizers()
+        return None if wq is None else (leading(self.weight, self.active_out_channels), wq, self.weight)
 
     @torch.no_grad()
     def to_static(self, in_channels: int) -> QConv2d:
@@ -153,15 +174,8 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
             a_bits=self.a_bits,
             bn=self.bn is not None,
             act=self.act_name,
-            backend=self.backend,
         )
-        layer.weight.copy_(self.weight[:out, :in_channels])
-        if self.bn is not None:
-            _copy_bn(layer.bn, self.bn, out)
-        src_w = None if self._w_key is None else self.w_quantizer[self._w_key]
-        src_a = None if self._a_key is None else self.a_quantizer[self._a_key]
-        _copy_quantizers(layer.w_quantizer, src_w, self.weight, layer.a_quantizer, src_a)
-        return layer
+        return _fill_static(layer, self, self.weight[:out, :in_channels], self.weight)
 
     def extra_repr(self) -> str:
         return (
@@ -170,7 +184,7 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
         )
 
 
-class DynamicQDepthwiseConv2d(nn.Module):
+class DynamicQDepthwiseConv2d(_ActiveBits, nn.Module):
     """Quantized depthwise conv with elastic kernel size (and SE), on the first ``C`` channels.
 
     One ``K x K`` weight (``K`` = largest kernel size); a smaller kernel ``k`` is the centre ``k x k``
@@ -178,8 +192,6 @@ class DynamicQDepthwiseConv2d(nn.Module):
     (identity at init, shared across channels): 7 -> 5 -> 3. Each kernel size has its own weight and
     activation quantizer banks. The LSQ "full weight" is the transformed kernel of all channels.
     """
-
-    _w_quantized: Tensor | None = None  # as in _ActiveBits
 
     def __init__(
         self,
@@ -197,7 +209,7 @@ class DynamicQDepthwiseConv2d(nn.Module):
         self.ks_list = tuple(sorted(ks_list))
         self.max_kernel_size = self.ks_list[-1]
         self.stride = stride
-        self.act_name, self.backend = act, backend
+        self.act_name = act
         k = self.max_kernel_size
         self.weight = nn.Parameter(torch.empty(max_channels, 1, k, k))
         self.kernel_transforms = nn.ParameterDict(
@@ -209,9 +221,7 @@ class DynamicQDepthwiseConv2d(nn.Module):
         self.w_quantizers = nn.ModuleDict({str(ks): weight_bank(quant_bits, backend) for ks in self.ks_list})
         self.a_quantizers = nn.ModuleDict({str(ks): activation_bank(quant_bits, backend) for ks in self.ks_list})
         self.active_kernel_size = self.max_kernel_size
-        self.w_bits = self.a_bits = FULL_PRECISION
-        self._w_key: str | None = None
-        self._a_key: str | None = None
+        self._init_bits()
 
     def _transform_pairs(self) -> list[tuple[int, int]]:
         """``(small, big)`` for every consecutive pair of kernel sizes, largest first."""
@@ -223,11 +233,9 @@ class DynamicQDepthwiseConv2d(nn.Module):
         self.active_kernel_size = ks
         self.set_active_bits(self.w_bits, self.a_bits)  # re-resolve against this kernel size's banks
 
-    def set_active_bits(self, w_bits: int, a_bits: int) -> None:
+    def _banks(self) -> tuple[nn.ModuleDict, nn.ModuleDict]:
         ks = str(self.active_kernel_size)
-        w_key = bank_key(self.w_quantizers[ks], w_bits, "w_bits")
-        a_key = bank_key(self.a_quantizers[ks], a_bits, "a_bits")
-        self.w_bits, self.a_bits, self._w_key, self._a_key = w_bits, a_bits, w_key, a_key
+        return self.w_quantizers[ks], self.a_quantizers[ks]
 
     def kernel(self, ks: int | None = None) -> Tensor:
         """The ``ks x ks`` kernel of every channel, ``(max_channels, 1, ks, ks)`` (default: active size)."""
@@ -261,10 +269,11 @@ class DynamicQDepthwiseConv2d(nn.Module):
 
     def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
         """``(kernel, quantizer, kernel)``: the active-size kernel of every channel, or None in full precision."""
-        if self._w_key is None:
+        wq, _ = self.active_quantizers()
+        if wq is None:
             return None
         w_full = self.kernel()
-        return w_full, self.w_quantizers[str(self.active_kernel_size)][self._w_key], w_full
+        return w_full, wq, w_full
 
     @torch.no_grad()
     def to_static(self, channels: int) -> QConv2d:
@@ -280,17 +289,9 @@ class DynamicQDepthwiseConv2d(nn.Module):
             a_bits=self.a_bits,
             act=self.act_name,
             se=self.se is not None,
-            backend=self.backend,
         )
         w_full = self.kernel(ks)
-        layer.weight.copy_(w_full[:channels])
-        _copy_bn(layer.bn, self.bn, channels)
-        if self.se is not None:
-            _copy_se(layer.se, self.se, channels)
-        src_w = None if self._w_key is None else self.w_quantizers[str(ks)][self._w_key]
-        src_a = None if self._a_key is None else self.a_quantizers[str(ks)][self._a_key]
-        _copy_quantizers(layer.w_quantizer, src_w, w_full, layer.a_quantizer, src_a)
-        return layer
+        return _fill_static(layer, self, w_full[:channels], w_full)
 
     def extra_repr(self) -> str:
         return (
@@ -307,7 +308,6 @@ class DynamicQLinear(_ActiveBits, nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.backend = backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
         self.w_quantizer = weight_bank(quant_bits, backend)
@@ -324,20 +324,15 @@ class DynamicQLinear(_ActiveBits, nn.Module):
 
     def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
         """``(weight, quantizer, weight)`` (every input feature), or None in full precision."""
-        if self._w_key is None:
-            return None
-        return self.weight, self.w_quantizer[self._w_key], self.weight
+        wq, _ = self.active_quantizers()
+        return None if wq is None else (self.weight, wq, self.weight)
 
     @torch.no_grad()
     def to_static(self, in_features: int) -> QLinear:
         """The active layer (``in_features`` inputs) as a :class:`QLinear` with copied weights and state."""
-        layer = QLinear(in_features, self.out_features, w_bits=self.w_bits, a_bits=self.a_bits, backend=self.backend)
-        layer.weight.copy_(self.weight[:, :in_features])
+        layer = QLinear(in_features, self.out_features, w_bits=self.w_bits, a_bits=self.a_bits)
         layer.bias.copy_(self.bias)
-        src_w = None if self._w_key is None else self.w_quantizer[self._w_key]
-        src_a = None if self._a_key is None else self.a_quantizer[self._a_key]
-        _copy_quantizers(layer.w_quantizer, src_w, self.weight, layer.a_quantizer, src_a)
-        return layer
+        return _fill_static(layer, self, self.weight[:, :in_features], self.weight)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}"

@@ -9,8 +9,7 @@ from torch import nn
 
 from bquant_kernels import BatchQuantizer, LSQQuantizer, lsq_quantize_weights
 
-FULL_PRECISION = 32  # a bit-width of 32 means "not quantized" (identity; no quantizer is stored)
-HEAD_MIN_BITS = 8  # the classifier is quantized with at least this many bits (8 is always in a bank)
+from ..space import FULL_PRECISION, HEAD_MIN_BITS
 
 
 def bank_bits(bits_list: Iterable[int]) -> tuple[int, ...]:
@@ -37,6 +36,28 @@ def bank_key(bank: nn.ModuleDict, bits: int, what: str) -> str | None:
         have = sorted(int(k) for k in bank.keys())
         raise ValueError(f"{what}={bits}: this layer has quantizers for {have} (and 32 = not quantized)")
     return key
+
+
+class BackendOwner(nn.Module):
+    """Base of a quantized network: ``backend``, the bquant_kernels backend of every quantizer it
+    holds (``None``: the fastest available), is one name owned by the network. Setting it points each
+    quantizer at it; nothing else stores a copy (a quantizer runs with its own ``backend`` attribute,
+    bquant_kernels' module API, which only this setter and the copy into a static layer write)."""
+
+    _backend: str | None = None
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"backend must be a backend name or None, got {name!r}")
+        self._backend = name
+        for m in self.modules():
+            if isinstance(m, (BatchQuantizer, LSQQuantizer)):
+                m.backend = name
 
 
 @contextlib.contextmanager

@@ -20,13 +20,27 @@ from .se import DynamicSE
 from .utils import build_activation
 
 
-def _quantizers(w_bits: int, a_bits: int, backend: str | None) -> tuple[LSQQuantizer | None, BatchQuantizer | None]:
-    wq = None if w_bits == FULL_PRECISION else LSQQuantizer(w_bits, signed=True, backend=backend)
-    aq = None if a_bits == FULL_PRECISION else BatchQuantizer(a_bits, signed=False, backend=backend)
-    return wq, aq
+class _FixedBits(nn.Module):
+    """A layer with fixed bit-widths: its weight and input quantizers, ``None`` where the bit-width is 32."""
+
+    weight: nn.Parameter
+
+    def _init_quantizers(self, w_bits: int, a_bits: int, backend: str | None) -> None:
+        self.w_bits, self.a_bits = w_bits, a_bits
+        self.w_quantizer = None if w_bits == FULL_PRECISION else LSQQuantizer(w_bits, signed=True, backend=backend)
+        self.a_quantizer = None if a_bits == FULL_PRECISION else BatchQuantizer(a_bits, signed=False, backend=backend)
+
+    def _quantized(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(input, weight)``, each fake-quantized unless its bit-width is 32."""
+        w = self.weight
+        if self.a_quantizer is not None:
+            x = self.a_quantizer(x)
+        if self.w_quantizer is not None:
+            w = self.w_quantizer(w)
+        return x, w
 
 
-class QConv2d(nn.Module):
+class QConv2d(_FixedBits):
     """Input BatchQuant -> conv with LSQ weight -> BN -> activation -> SE (dense or depthwise)."""
 
     def __init__(
@@ -48,19 +62,14 @@ class QConv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
         self.padding = kernel_size // 2
-        self.w_bits, self.a_bits = w_bits, a_bits
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
-        self.w_quantizer, self.a_quantizer = _quantizers(w_bits, a_bits, backend)
+        self._init_quantizers(w_bits, a_bits, backend)
         self.bn = DynamicBatchNorm2d(out_channels) if bn else None
         self.act = build_activation(act)
         self.se = DynamicSE(out_channels) if se else None
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if self.a_quantizer is not None:
-            x = self.a_quantizer(x)
-        if self.w_quantizer is not None:
-            w = self.w_quantizer(w)
+        x, w = self._quantized(x)
         y = F.conv2d(x, w, None, self.stride, self.padding, 1, self.groups)
         if self.bn is not None:
             y = self.bn(y)
@@ -74,7 +83,7 @@ class QConv2d(nn.Module):
         )
 
 
-class QLinear(nn.Module):
+class QLinear(_FixedBits):
     """Input BatchQuant -> linear with LSQ weight and a full-precision bias."""
 
     def __init__(
@@ -82,17 +91,12 @@ class QLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.w_bits, self.a_bits = w_bits, a_bits
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
-        self.w_quantizer, self.a_quantizer = _quantizers(w_bits, a_bits, backend)
+        self._init_quantizers(w_bits, a_bits, backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if self.a_quantizer is not None:
-            x = self.a_quantizer(x)
-        if self.w_quantizer is not None:
-            w = self.w_quantizer(w)
+        x, w = self._quantized(x)
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:

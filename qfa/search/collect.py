@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 import qfa
+from qfa.search.checks import check_at_least
 from qfa.search.records import append_records, read_records, space_id
 from qfa.search.sampling import SamplingMix, sample_config, sample_rng
 from qfa.search.space import space_to_dict
@@ -33,10 +34,7 @@ class CollectSettings:
     num_calib_batches: int = 30
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.num_calib_batches < 1:
-            raise ValueError(f"num_calib_batches must be >= 1, got {self.num_calib_batches}")
+        check_at_least(self, num_samples=1, num_calib_batches=1)
 
     def sampling(self) -> dict[str, Any]:
         """What decides the samples besides the seed: stored in every record, checked on resume."""

@@ -23,15 +23,8 @@ from typing import Any
 import numpy as np
 
 from qfa.config import SubnetConfig
-from qfa.search.space import (
-    CLASSIFIER_MIN_BITS,
-    active_block_mask,
-    block_positions,
-    classifier_bits,
-    config_field,
-    qlayer_blocks,
-    space_to_dict,
-)
+from qfa.search.space import space_from_dict, space_to_dict
+from qfa.space import FULL_PRECISION, HEAD_MIN_BITS, SearchSpace, classifier_bits
 
 
 @dataclass(frozen=True)
@@ -52,30 +45,29 @@ class SubnetEncoder:
     """Maps subnet configs to choice indices and one-hot features, for one search space.
 
     Args:
-        space: the supernet's :class:`qfa.SearchSpace` (or the dict of :func:`space_to_dict`).
+        space: the supernet's :class:`qfa.SearchSpace` (or the dict of :func:`qfa.search.space.space_to_dict`).
         bits_options: bit-widths the quantized layers may take (default ``space.bits_list``).
     """
 
-    def __init__(self, space: Any, bits_options: Sequence[int] | None = None) -> None:
-        self.space = space_to_dict(space)
-        sp = self.space
-        chosen = sp["bits_list"] if bits_options is None else list(bits_options)
+    def __init__(self, space: SearchSpace | dict[str, Any], bits_options: Sequence[int] | None = None) -> None:
+        # Through the JSON form: what identifies an encoding (the training sampler's probabilities do not).
+        self.space = sp = space_from_dict(space_to_dict(space))
+        chosen = sp.bits_list if bits_options is None else list(bits_options)
         if not chosen:
             raise ValueError("bits_options must not be empty")
-        bad = [b for b in chosen if b not in sp["bits_list"]]
+        bad = [b for b in chosen if b not in sp.bits_list]
         if bad:
-            raise ValueError(f"bit-width(s) {bad} not in this supernet's bits_list {tuple(sp['bits_list'])}")
+            raise ValueError(f"bit-width(s) {bad} not in this supernet's bits_list {sp.bits_list}")
         self.bits_options = tuple(sorted({int(b) for b in chosen}))  # ascending: gene 0 is the cheapest
-        self.n_blocks, self.n_stages, self.n_qlayers = sp["n_blocks"], sp["n_stages"], sp["n_qlayers"]
-        self.qlayer_block = qlayer_blocks(sp)
+        self.n_blocks, self.n_stages, self.n_qlayers = sp.n_blocks, sp.n_stages, sp.n_qlayers
         self.n_searched_qlayers = self.n_qlayers - 1  # every quantized layer but the classifier
         segments: list[_Segment] = []
         start = 0
         for name, options, count in (
-            ("ks", sp["ks_list"], self.n_blocks),
-            ("e", sp["expand_list"], self.n_blocks),
-            ("d", sp["depth_list"], self.n_stages),
-            ("resolution", sp["resolutions"], 1),
+            ("ks", sp.ks_list, self.n_blocks),
+            ("e", sp.expand_list, self.n_blocks),
+            ("d", sp.depth_list, self.n_stages),
+            ("resolution", sp.resolutions, 1),
             ("w_bits", self.bits_options, self.n_searched_qlayers),
             ("a_bits", self.bits_options, self.n_searched_qlayers),
         ):
@@ -85,20 +77,17 @@ class SubnetEncoder:
         self.n_genes = start
         # Upper bound (inclusive) of every gene, for the optimiser.
         self.gene_upper = np.concatenate([np.full(s.count, len(s.options) - 1) for s in segments]).astype(np.int64)
-        self._block_position = np.asarray(block_positions(sp), dtype=np.int64)
-        self._block_stage = np.asarray(sp["block_stage"], dtype=np.int64)
-        self.n_features = (
-            self.n_blocks * (len(sp["ks_list"]) + len(sp["expand_list"]))
-            + self.n_stages * (len(sp["depth_list"]) - 1)
-            + len(sp["resolutions"])
-            + 2 * self.n_searched_qlayers * len(self.bits_options)
-        )
+        self.n_features = sum(units * width for _, units, width in self.feature_groups())
 
     # ------------------------------------------------------------------ metadata
 
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description; :meth:`from_metadata` rebuilds an identical encoder."""
-        return {"space": dict(self.space), "bits_options": list(self.bits_options), "n_features": self.n_features}
+        return {
+            "space": space_to_dict(self.space),
+            "bits_options": list(self.bits_options),
+            "n_features": self.n_features,
+        }
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> SubnetEncoder:
@@ -109,10 +98,10 @@ class SubnetEncoder:
             )
         return enc
 
-    def check_space(self, space: Any, what: str = "supernet") -> None:
+    def check_space(self, space: SearchSpace | dict[str, Any], what: str = "supernet") -> None:
         """Raise a ValueError naming the first field where ``space`` differs from this encoder's space."""
         other = space_to_dict(space)
-        for key, value in self.space.items():
+        for key, value in space_to_dict(self.space).items():
             if other.get(key) != value:
                 raise ValueError(
                     f"the {what} search space differs from the one this encoding was built for: "
@@ -126,12 +115,12 @@ class SubnetEncoder:
         genes = np.empty(self.n_genes, dtype=np.int64)
         for seg in self.segments.values():
             if seg.name == "resolution":
-                res = config_field(cfg, "resolution")
+                res = _config_field(cfg, "resolution")
                 if res is None:
                     raise ValueError("config has no resolution (resolution=None); the predictor needs one")
                 values: Sequence[int] = [res]
             else:
-                values = list(config_field(cfg, seg.name))
+                values = list(_config_field(cfg, seg.name))
                 expected = self.n_qlayers if seg.name.endswith("_bits") else seg.count
                 if len(values) != expected:
                     raise ValueError(f"{seg.name} has {len(values)} entries, this search space needs {expected}")
@@ -179,8 +168,8 @@ class SubnetEncoder:
         for name, seg in self.segments.items():
             out[name] = np.asarray(seg.options, dtype=np.int64)[genes[:, seg.start : seg.stop]]
         out["resolution"] = out["resolution"][:, 0]
-        quantized = np.any(out["w_bits"] != 32, axis=1) | np.any(out["a_bits"] != 32, axis=1)
-        head = np.where(quantized, CLASSIFIER_MIN_BITS, 32)[:, None]
+        quantized = np.any(out["w_bits"] != FULL_PRECISION, axis=1) | np.any(out["a_bits"] != FULL_PRECISION, axis=1)
+        head = np.where(quantized, HEAD_MIN_BITS, FULL_PRECISION)[:, None]  # classifier_bits, vectorised
         out["w_bits"] = np.concatenate([out["w_bits"], head], axis=1)
         out["a_bits"] = np.concatenate([out["a_bits"], head], axis=1)
         return out
@@ -191,10 +180,10 @@ class SubnetEncoder:
         """Depth values ``(n, n_stages)``, active blocks ``(n, n_blocks)``, active searched layers."""
         seg = self.segments["d"]
         depth = np.asarray(seg.options)[genes[:, seg.start : seg.stop]]
-        block_on = active_block_mask(depth, self._block_stage, self._block_position)
+        block_on = self.space.active_block_mask(depth)
         layer_on = np.ones((len(genes), self.n_searched_qlayers), dtype=bool)
-        for j, b in enumerate(self.qlayer_block[: self.n_searched_qlayers]):
-            if b is not None:
+        for j, b in enumerate(self.space.qlayer_block[: self.n_searched_qlayers]):
+            if b >= 0:
                 layer_on[:, j] = block_on[:, b]
         return depth, block_on, layer_on
 
@@ -238,10 +227,10 @@ class SubnetEncoder:
         thermometer) vectors of ``width`` entries each."""
         sp = self.space
         return [
-            ("ks", self.n_blocks, len(sp["ks_list"])),
-            ("e", self.n_blocks, len(sp["expand_list"])),
-            ("d", self.n_stages, len(sp["depth_list"]) - 1),
-            ("resolution", 1, len(sp["resolutions"])),
+            ("ks", self.n_blocks, len(sp.ks_list)),
+            ("e", self.n_blocks, len(sp.expand_list)),
+            ("d", self.n_stages, len(sp.depth_list) - 1),
+            ("resolution", 1, len(sp.resolutions)),
             ("w_bits", self.n_searched_qlayers, len(self.bits_options)),
             ("a_bits", self.n_searched_qlayers, len(self.bits_options)),
         ]
@@ -258,6 +247,15 @@ class SubnetEncoder:
         )
 
 
+def _config_field(cfg: SubnetConfig | dict[str, Any], name: str) -> Any:
+    """A field of a SubnetConfig or of its dict form."""
+    if isinstance(cfg, dict):
+        if name not in cfg:
+            raise ValueError(f"config is missing field {name!r}")
+        return cfg[name]
+    return getattr(cfg, name)
+
+
 def _one_hot(idx: np.ndarray, n_options: int, on: np.ndarray | None = None) -> np.ndarray:
     """``(n, k, n_options)`` one-hot of ``(n, k)`` indices; rows where ``on`` is False are all zero."""
     out = np.arange(n_options)[None, None, :] == idx[:, :, None]
@@ -269,7 +267,7 @@ def _one_hot(idx: np.ndarray, n_options: int, on: np.ndarray | None = None) -> n
 def translate_genes(genes: np.ndarray, src: SubnetEncoder, dst: SubnetEncoder) -> np.ndarray:
     """Re-index a ``(n, n_genes)`` matrix of ``src`` into ``dst`` (same space, e.g. fewer bit options)."""
     genes = np.asarray(genes, dtype=np.int64)
-    if src.space != dst.space:
+    if space_to_dict(src.space) != space_to_dict(dst.space):
         raise ValueError("cannot translate genes between encoders of different search spaces")
     out = np.empty_like(genes)
     for name, seg in src.segments.items():

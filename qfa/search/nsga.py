@@ -25,6 +25,7 @@ from pymoo.operators.sampling.rnd import IntegerRandomSampling
 from pymoo.optimize import minimize
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
+from qfa.search.checks import check_at_least, check_probabilities
 from qfa.search.encoding import SubnetEncoder
 
 # Cost metrics the search can minimise (keys of CostModel.evaluate_batch).
@@ -48,14 +49,8 @@ class NSGASettings:
 
     def __post_init__(self) -> None:
         _check_metric(self.metric)
-        if self.population < 2:
-            raise ValueError(f"population must be >= 2, got {self.population}")
-        if self.generations < 1:
-            raise ValueError(f"generations must be >= 1, got {self.generations}")
-        for name in ("crossover_per_gene", "mutation_per_gene"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        check_at_least(self, population=2, generations=1)
+        check_probabilities(self, "crossover_per_gene", "mutation_per_gene")
 
 
 def _check_metric(metric: str) -> None:

@@ -28,6 +28,7 @@ from scipy.stats import kendalltau
 from torch import Tensor, nn
 
 from qfa.io import atomic_save
+from qfa.search.checks import check_at_least
 from qfa.search.encoding import SubnetEncoder
 
 PREDICTOR_FORMAT = "qfa-accuracy-predictor"
@@ -90,12 +91,9 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        check_at_least(self, epochs=1, batch_size=1)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

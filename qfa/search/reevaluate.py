@@ -21,6 +21,7 @@ from torch import nn
 
 import qfa
 from qfa.calibrate import resize  # the resize qfa.evaluate uses
+from qfa.search.checks import check_at_least
 from qfa.search.nsga import non_dominated
 
 
@@ -35,8 +36,7 @@ class EarlyStop:
     def __post_init__(self) -> None:
         if self.z is not None and not self.z > 0:
             raise ValueError(f"early-stop z must be > 0 (or None to disable), got {self.z}")
-        if self.min_images < 1:
-            raise ValueError(f"min_images must be >= 1, got {self.min_images}")
+        check_at_least(self, min_images=1)
 
 
 def wilson_upper(correct: int, n: int, z: float) -> float:

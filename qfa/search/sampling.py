@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from qfa.config import SubnetConfig
-from qfa.search.space import classifier_bits, space_to_dict
+from qfa.search.checks import check_probabilities
+from qfa.search.space import space_from_dict
+from qfa.space import SearchSpace, classifier_bits
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,7 @@ class SamplingMix:
     p_uniform_bits: float = 0.3
 
     def __post_init__(self) -> None:
-        for name in ("p_full_resolution", "p_full_depth", "p_uniform_bits"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        check_probabilities(self, "p_full_resolution", "p_full_depth", "p_uniform_bits")
 
 
 def sample_rng(seed: int, index: int) -> random.Random:
@@ -39,7 +38,7 @@ def sample_rng(seed: int, index: int) -> random.Random:
 
 
 def sample_config(
-    space: Any,
+    space: SearchSpace | dict[str, Any],
     rng: random.Random,
     mix: SamplingMix | None = None,
     bits_options: tuple[int, ...] | None = None,
@@ -49,25 +48,25 @@ def sample_config(
     ``bits_options`` restricts the bit-widths (default ``space.bits_list``); the classifier follows
     the spec's W8A8 rule.
     """
-    sp = space_to_dict(space)
+    sp = space_from_dict(space) if isinstance(space, dict) else space
     mix = mix or SamplingMix()
-    bits = tuple(bits_options) if bits_options is not None else tuple(sp["bits_list"])
-    n_layers = sp["n_qlayers"] - 1  # the classifier is set by the rule
+    bits = tuple(bits_options) if bits_options is not None else sp.bits_list
+    n_layers = sp.n_qlayers - 1  # the classifier is set by the rule
     # Draw every field first, in a fixed order, so a modifier never shifts the other draws.
-    ks = [rng.choice(sp["ks_list"]) for _ in range(sp["n_blocks"])]
-    e = [rng.choice(sp["expand_list"]) for _ in range(sp["n_blocks"])]
-    d = [rng.choice(sp["depth_list"]) for _ in range(sp["n_stages"])]
+    ks = [rng.choice(sp.ks_list) for _ in range(sp.n_blocks)]
+    e = [rng.choice(sp.expand_list) for _ in range(sp.n_blocks)]
+    d = [rng.choice(sp.depth_list) for _ in range(sp.n_stages)]
     w_bits = [rng.choice(bits) for _ in range(n_layers)]
     a_bits = [rng.choice(bits) for _ in range(n_layers)]
-    resolution = rng.choice(sp["resolutions"])
+    resolution = rng.choice(sp.resolutions)
     full_res = rng.random() < mix.p_full_resolution
     full_depth = rng.random() < mix.p_full_depth
     uniform_bits = rng.random() < mix.p_uniform_bits
     one_bits = rng.choice(bits)
     if full_res:
-        resolution = max(sp["resolutions"])
+        resolution = max(sp.resolutions)
     if full_depth:
-        d = [max(sp["depth_list"])] * sp["n_stages"]
+        d = [sp.max_depth] * sp.n_stages
     if uniform_bits:
         w_bits = [one_bits] * n_layers
         a_bits = [one_bits] * n_layers

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from ..config import SubnetConfig
+from ..evaluate import evaluate_subnet
 from ..io import read_text
 from ..published import subnets_file
 from ..space import SearchSpace
+from .distributed import pick_device
 
 
 def named_configs(
@@ -98,8 +100,6 @@ def evaluate_configs(
     calib_batches: int,
 ) -> list[dict[str, Any]]:
     """Recalibrate and evaluate each config; one row per subnet."""
-    from ..evaluate import evaluate_subnet
-
     rows = []
     for name, cfg in configs:
         metrics = evaluate_subnet(model, cfg, calib_loader, val_loader, calib_batches)
@@ -110,6 +110,4 @@ def evaluate_configs(
 
 
 def device_of(name: str) -> torch.device:
-    from .distributed import pick_device
-
     return pick_device(name)

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..data import parse_resolutions
+
 PRESETS = ("auto", "published", "digits")
 _UNSET = object()
 
@@ -341,8 +343,6 @@ class TrainOptions(OptionsBase):
     progress: bool = option(True, "tqdm progress bars (rank 0)", group="output")
 
     def __post_init__(self) -> None:
-        from ..data import parse_resolutions
-
         self.resolution_list = parse_resolutions(self.resolutions)
         checks = [
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),

@@ -17,6 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import data as qdata
+from ..calibrate import calibrate
+from ..checkpoint import RUN_KEYS
+from ..evaluate import evaluate_subnet
+from ..networks import QFAMobileNetV3
 from . import ckpt, distributed
 from .losses import DistillationLoss
 from .optim import build_optimizer, phased_warmup_cosine
@@ -31,6 +35,7 @@ from .step import (
     plan_subnets,
     step_rng,
 )
+from .weights import load_initial_weights, load_teacher, save_trained_supernet
 
 TABLE_COLUMNS = ("subnet", "bits", "res", "top1", "top5", "loss")
 VAL_BATCH = 128  # evaluation needs no gradients: larger batches, fewer calls
@@ -78,8 +83,6 @@ def stop_on_sigint(request_stop: Callable[[], None]) -> Iterator[None]:
 
 
 def build_supernet(opts: TrainOptions, n_classes: int) -> nn.Module:
-    from ..networks import QFAMobileNetV3
-
     return QFAMobileNetV3(**opts.model_config(n_classes), backend=opts.backend, resolutions=opts.resolution_list)
 
 
@@ -146,8 +149,6 @@ class Trainer:
 
         self.model = model if model is not None else build_supernet(opts, self.n_classes)
         if opts.init:
-            from .weights import load_initial_weights
-
             self.info(load_initial_weights(self.model, opts.init))
         memory_format = torch.channels_last if opts.channels_last else torch.preserve_format
         self.model.to(device=self.device, memory_format=memory_format)
@@ -198,13 +199,9 @@ class Trainer:
             return None
         if self.opts.teacher is None:
             return InplaceTeacher(self.model)
-        from .weights import load_teacher
-
         teacher, needs_calibration, note = load_teacher(self.opts.teacher, self.model, self.device)
         self.info(note)
         if needs_calibration:
-            from ..calibrate import calibrate
-
             calibrate(teacher, self.calib_loader, self.opts.calib_batches, resolution=self.opts.max_resolution)
             self.info("  (its BN statistics were recalibrated for the full-precision max subnet)")
         if self.opts.channels_last:
@@ -289,8 +286,6 @@ class Trainer:
 
         Runs under a forked RNG, so validating never changes the training run's random stream.
         """
-        from ..evaluate import evaluate_subnet
-
         kinds = ["max"] if self.fp_phase and not final else self.opts.val_subnets.split(",")
         rows = []
         with torch.random.fork_rng(devices=self._rng_devices()):
@@ -496,9 +491,6 @@ class Trainer:
     def _save_supernet(self, rows: list[dict[str, Any]]) -> None:
         if not self.ctx.is_main:
             return
-        from ..checkpoint import RUN_KEYS
-        from .weights import save_trained_supernet
-
         run = {k: v for k, v in self.opts.to_dict().items() if k in RUN_KEYS}  # qfa eval's defaults
         extra = {"results": rows, "step": self.step, "run": run}
         path = save_trained_supernet(self.model, self.out / "supernet.pt", extra)

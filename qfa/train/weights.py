@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import checkpoint as qckpt
+from ..networks import QFAMobileNetV3
 from .ckpt import FORMAT as TRAIN_FORMAT
 from .ckpt import CheckpointError, check_model_config
 
@@ -19,8 +21,6 @@ OFA_FP, QFA_PUBLISHED, QFA_SUPERNET, QFA_TRAIN = "Once-for-All FP", "published Q
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[str, Any]:
     """``(layout, payload)`` of a weights file: one of the four layouts above."""
-    from .. import checkpoint as qckpt
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r}: no such checkpoint file")
@@ -43,8 +43,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[str, Any]:
 
 def load_into(model: nn.Module, path: str | os.PathLike) -> str:
     """Load the weights at ``path`` into ``model`` (same architecture); returns the layout name."""
-    from .. import checkpoint as qckpt
-
     layout, payload = read_checkpoint(path)
     try:
         if layout == QFA_SUPERNET:
@@ -80,8 +78,6 @@ def load_teacher(path: str | os.PathLike, student: nn.Module, device: torch.devi
     mode, in eval mode on ``device``. Returns ``(teacher, needs_calibration, log line)``:
     BN statistics of an OFA FP checkpoint belong to its max net and are used as they are; those of a
     qfa checkpoint belong to whatever subnet was calibrated last, so the caller recalibrates."""
-    from ..networks import QFAMobileNetV3
-
     kwargs = dict(student.config_kwargs)
     teacher = QFAMobileNetV3(**kwargs)
     layout = load_into(teacher, path)
@@ -92,7 +88,5 @@ def load_teacher(path: str | os.PathLike, student: nn.Module, device: torch.devi
 
 def save_trained_supernet(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """The trained supernet in the qfa format (``qfa.checkpoint.load_supernet`` reads it), atomically."""
-    from .. import checkpoint as qckpt
-
     qckpt.save_supernet(model, path, extra=extra)
     return Path(path)

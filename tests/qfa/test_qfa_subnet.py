@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from argparse import Namespace
 
 import pytest
 import torch
@@ -11,7 +12,10 @@ import torch
 import qfa
 from bquant_kernels import BatchQuantizer, LSQQuantizer
 from qfa import MobileNetV3Subnet, QFAMobileNetV3
+from qfa.checkpoint import save_supernet
+from qfa.export.standalone import export_subnet
 from qfa.nn import DynamicBatchNorm2d, QConv2d
+from qfa.search.runtime import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,3 +140,35 @@ def test_full_precision_subnet_has_no_quantizers_and_static_layers():
     assert net.classifier.w_bits == net.classifier.a_bits == 8
     with pytest.raises(ValueError, match="input must be an"):
         net(torch.randn(2, 4, 32, 32))
+
+
+def _quantizer_backends(net: torch.nn.Module) -> list[str | None]:
+    return [m.backend for m in net.modules() if isinstance(m, (BatchQuantizer, LSQQuantizer))]
+
+
+def test_backend_set_after_construction_reaches_the_static_subnet(tmp_path):
+    """The supernet owns one backend name: setting it later (``model.backend``, or ``--backend`` of the
+    search / export commands through qfa.search.runtime.load_model) reaches every quantizer, the static
+    network get_active_subnet builds, and the standalone file's rebuilt network."""
+    model = _tiny()
+    assert model.backend is None and set(_quantizer_backends(model)) == {None}
+    model.set_active_subnet(d=3, w_bits=3, a_bits=4)
+    model.backend = "reference"
+    assert set(_quantizer_backends(model)) == {"reference"}
+    net = model.get_active_subnet()
+    assert net.backend == "reference"
+    backends = _quantizer_backends(net)
+    assert len(backends) == 2 * (model.space.n_qlayers - 5 * 3)  # d=3: one inactive block of 3 layers per stage
+    assert set(backends) == {"reference"}
+
+    path = tmp_path / "supernet.pt"
+    save_supernet(_tiny(), path)
+    loaded = load_model(Namespace(checkpoint=str(path), backend="reference"), torch.device("cpu"))
+    loaded.set_active_subnet(d=2, w_bits=4, a_bits=4)
+    assert loaded.backend == "reference"
+    assert set(_quantizer_backends(loaded.get_active_subnet())) == {"reference"}
+    exported = export_subnet(loaded, tmp_path / "subnet.pt")
+    assert set(_quantizer_backends(exported)) == {"reference"}
+
+    with pytest.raises(TypeError, match="backend must be a backend name or None"):
+        model.backend = 3

@@ -11,7 +11,7 @@ from qfa import SearchSpace, SubnetConfig
 from qfa.cost import CostModel
 from qfa.search.encoding import SubnetEncoder, translate_genes
 from qfa.search.sampling import SamplingMix, sample_config, sample_rng
-from qfa.search.space import qlayer_blocks, space_to_dict
+from qfa.search.space import space_from_dict, space_to_dict
 
 SPACE = SearchSpace()  # the published space: 20 blocks, 65 quantized layers
 
@@ -28,9 +28,8 @@ def test_feature_count_matches_the_published_layout():
 
 
 def test_layout_agrees_with_the_library():
-    sp = space_to_dict(SPACE)
-    ours = qlayer_blocks(sp)
-    assert [(-1 if b is None else b) for b in ours] == list(SPACE.qlayer_block)
+    sp = space_from_dict(space_to_dict(SPACE))  # the encoder's view of the space: through its JSON form
+    assert sp.qlayer_block == SPACE.qlayer_block and sp == SPACE
     rng = random.Random(3)
     enc = SubnetEncoder(SPACE)
     for _ in range(20):
@@ -144,3 +143,28 @@ def test_sampling_is_deterministic_per_index_and_follows_the_mix():
     assert np.mean([c.resolution == 224 for c in none]) < 0.15
     with pytest.raises(ValueError, match="p_full_depth"):
         SamplingMix(p_full_depth=1.5)
+
+
+def test_json_form_of_a_space_round_trips_and_checks_its_layout():
+    small = SearchSpace(ks_list=(3, 5), expand_list=(2, 3), depth_list=(1, 2), bits_list=(3, 4), width_mult=0.25)
+    data = space_to_dict(small)
+    assert data["n_blocks"] == 10 and data["n_qlayers"] == 2 + 3 * 10 + 3 and data["width_mult"] == 0.25
+    assert space_from_dict(data) == small and space_to_dict(data) == data
+    for key, bad in (("n_qlayers", 36), ("block_stage", [0] * 10), ("n_stages", 4)):
+        with pytest.raises(ValueError, match=f"space.{key}="):
+            space_from_dict({**data, key: bad})
+    with pytest.raises(ValueError, match="missing field"):
+        space_from_dict({k: v for k, v in data.items() if k != "n_blocks"})
+
+
+def test_space_layout_fields_agree_with_each_other():
+    for b in range(SPACE.n_blocks):
+        q = SPACE.block_first_qlayer[b]
+        assert SPACE.qlayer_names[q] == f"blocks.{b + 1}.conv.inverted_bottleneck"
+        assert SPACE.qlayer_block[q : q + 3] == (b, b, b)
+        assert b in SPACE.stage_blocks(SPACE.block_stage[b])
+        assert SPACE.stage_blocks(SPACE.block_stage[b])[SPACE.block_position[b]] == b
+    rng = random.Random(5)
+    d = np.array([[rng.choice(SPACE.depth_list) for _ in range(SPACE.n_stages)] for _ in range(50)])
+    mask = SPACE.active_block_mask(d)
+    assert [np.flatnonzero(row).tolist() for row in mask] == [SPACE.active_blocks(list(row)) for row in d]

@@ -13,23 +13,13 @@ from __future__ import annotations
 import argparse
 
 from qfa.checkpoint import weights_id
+from qfa.search import runtime
 from qfa.search.collect import CollectSettings, collect_samples
-from qfa.search.runtime import (
-    Ranks,
-    add_data_arguments,
-    add_flops_lut_arguments,
-    add_supernet_arguments,
-    load_model,
-    make_cost_model,
-    make_loaders,
-    resolve_device,
-)
 from qfa.search.sampling import SamplingMix
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_supernet_arguments(p)
-    add_data_arguments(p)
+    runtime.add_supernet_arguments(p)
     p.add_argument("--out", required=True, help="JSONL file to append to (created if missing)")
     p.add_argument("--num-samples", type=int, required=True, help="total subnets of the run (all ranks)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (sample i depends only on seed and i)")
@@ -37,21 +27,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--p-full-depth", type=float, default=0.3, help="probability of the largest depth in every stage")
     p.add_argument("--p-uniform-bits", type=float, default=0.3, help="probability of one bit-width for all layers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_flops_lut_arguments(p)
+    runtime.add_flops_lut_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    ranks = Ranks.from_env()
-    device = resolve_device(args.device, ranks)
-    model = load_model(args, device)  # fills in the data settings the flags leave out
+    ranks = runtime.Ranks.from_env()
+    device = runtime.resolve_device(args.device, ranks)
+    model = runtime.load_model(args, device)  # fills in the data settings the flags leave out
     settings = CollectSettings(
         num_samples=args.num_samples,
         seed=args.seed,
         mix=SamplingMix(args.p_full_resolution, args.p_full_depth, args.p_uniform_bits),
         num_calib_batches=args.calib_batches,
     )
-    cost_model = make_cost_model(args, model)  # before the data: a bad table must not wait for the loaders
-    calib, val = make_loaders(args, model, device)
+    cost_model = runtime.make_cost_model(args, model)  # before the data: a bad table must not wait for the loaders
+    calib, val = runtime.make_loaders(args, model, device)
     added = collect_samples(
         model,
         args.out,

@@ -31,13 +31,12 @@ from qfa.config import SubnetConfig
 from qfa.export.onnx_export import export_onnx, run_onnx, save_deployment_npz
 from qfa.export.standalone import export_subnet, load_standalone
 from qfa.io import TMP_PREFIX, atomic_write_text, read_text, remove_stale_temps
-from qfa.search.runtime import add_data_arguments, add_supernet_arguments, load_model, make_loaders, resolve_device
+from qfa.search.runtime import add_supernet_arguments, load_model, make_loaders, resolve_device
 from qfa.train.evaluation import with_resolution
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_supernet_arguments(p)
-    add_data_arguments(p)
     add_subnets_arg(
         p,
         help="the subnet: a SubnetConfig JSON file, a collected record, or a qfa search result (with --index); "

@@ -20,6 +20,7 @@ import numpy as np
 from qfa.config import SubnetConfig
 from qfa.cost import METRIC_LABELS, CostModel
 from qfa.io import atomic_write_text
+from qfa.search import runtime
 from qfa.search.encoding import SubnetEncoder
 from qfa.search.nsga import SEARCH_METRICS, Constraints, NSGASettings, run_nsga2
 from qfa.search.objectives import predicted_accuracy, subnet_costs
@@ -27,20 +28,10 @@ from qfa.search.plots import plot_pareto
 from qfa.search.predictor import load_predictor
 from qfa.search.records import read_records
 from qfa.search.reevaluate import EarlyStop, measured_front, reevaluate_front
-from qfa.search.runtime import (
-    add_data_arguments,
-    add_flops_lut_arguments,
-    add_supernet_arguments,
-    load_model,
-    make_cost_model,
-    make_loaders,
-    resolve_device,
-)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_supernet_arguments(p)
-    add_data_arguments(p)
+    runtime.add_supernet_arguments(p)
     p.add_argument("--predictor", required=True, help="accuracy predictor (`qfa predictor --out`)")
     p.add_argument("--out", required=True, help="search result (JSON)")
     p.add_argument("--plot", default=None, help="Pareto plot (PNG); None: <out>.png")
@@ -56,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"cost objective, one of {', '.join(SEARCH_METRICS)}; None: published_lut_flops with --flops-lut, "
         "else lut_flops",
     )
-    add_flops_lut_arguments(p)
+    runtime.add_flops_lut_arguments(p)
     p.add_argument("--max-mflops", type=float, default=None, help="upper limit on the --metric, in millions")
     p.add_argument("--max-bitops", type=float, default=None, help="upper limit on BitOPs (raw count, e.g. 1.5e9)")
     p.add_argument("--bits", type=int, nargs="+", default=None, help="allowed bit-widths; None: all of the supernet's")
@@ -109,12 +100,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} and --plot {plot} must be different files")
     if args.samples and not Path(args.samples).is_file():
         raise FileNotFoundError(f"--samples: file not found: {args.samples}")
-    device = resolve_device(args.device)
-    model = load_model(args, device)
+    device = runtime.resolve_device(args.device)
+    model = runtime.load_model(args, device)
     predictor = load_predictor(args.predictor, map_location=device)
     predictor.encoder.check_space(model.space, what="supernet")  # a predictor of another supernet
     encoder = SubnetEncoder(model.space, bits_options=args.bits)
-    cost_model = make_cost_model(args, model)
+    cost_model = runtime.make_cost_model(args, model)
     metric = _metric(args, cost_model)
     constraints = Constraints(max_mflops=args.max_mflops, max_bitops=args.max_bitops, metric=metric)
     settings = NSGASettings(
@@ -138,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             # Evenly spread along the front (it is sorted by the metric), ends included.
             picks = np.linspace(0, len(front) - 1, max(args.max_reevaluate, 1)).round().astype(int)
             todo = [front[i] for i in np.unique(picks)]
-        calib, val = make_loaders(args, model, device)
+        calib, val = runtime.make_loaders(args, model, device)
         measured = reevaluate_front(
             model,
             [result.configs[i] for i in todo],

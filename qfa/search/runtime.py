@@ -16,9 +16,12 @@ from qfa.train.distributed import parse_device
 
 
 def add_supernet_arguments(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, ``--device``, ``--backend`` and the data flags (:func:`add_data_arguments`): what
+    :func:`load_model` and :func:`make_loaders` read."""
     add_checkpoint_arg(p)
     p.add_argument("--device", default=None, help="None: cuda (this rank's GPU under torchrun) if available, else cpu")
     p.add_argument("--backend", default=None, help="bquant_kernels backend (reference, cpu, triton, cuda)")
+    add_data_arguments(p)
 
 
 _RUN = "; None: the value stored by the run that wrote --checkpoint, else "

@@ -4,10 +4,11 @@ dispatcher layers cost per call.
 On a GPU a call whose kernels run shorter than its launch path is bound by that path (the small
 shapes; a supernet makes about 130 quantizer calls per subnet). For the backends registered in
 Python (``reference``, and ``triton`` where it runs) the backend's kernels are replaced by stubs that
-only allocate their outputs, and two routes are timed: the eager one that ``bquant_kernels.batchquant``
-takes (an autograd.Function calling the implementation) and the ``torch.library`` custom op that
-``torch.compile`` traces. The native op of the ``cpu`` backend (csrc/ops.cpp) is timed with its real
-kernels on the same tiny tensor. CPU tensors, interleaved timing.
+only allocate their outputs, and two ways to the same kernels are timed: the eager route that
+``bquant_kernels.batchquant`` takes (an autograd.Function calling the implementation) and the opaque
+``torch.library`` kernel ops that ``torch.compile`` traces inside that Function, called eagerly (the
+cost that made the eager route skip them: bquant_kernels/ops.py). The native op of the ``cpu``
+backend (csrc/ops.cpp) is timed with its real kernels on the same tiny tensor. CPU tensors, interleaved timing.
 
 Usage::
 
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 import bquant_kernels as bk  # noqa: E402
 from bench.kernels import environment  # noqa: E402
 from bench.timing import time_cpu_interleaved  # noqa: E402
-from bquant_kernels.backends import get as get_backend  # noqa: E402
+from bquant_kernels.backends import get_backend  # noqa: E402
 from bquant_kernels.qparams import NUM_QPARAMS  # noqa: E402
 from qfa.io import atomic_write_text  # noqa: E402
 
@@ -63,11 +64,17 @@ def routes(name: str, x: torch.Tensor, theta: torch.Tensor, offset: torch.Tensor
             "native fwd": lambda: bk.batchquant(x, theta, offset, 4, backend=name),
             "native fwd+bwd": lambda: grad(bk.batchquant(x, theta, offset, 4, backend=name)),
         }
+    xd, td, od = x.detach(), theta.detach(), offset.detach()
+
+    def custom_ops() -> tuple[torch.Tensor, ...]:
+        _, qp = torch.ops.bquant.batchquant_fwd(xd, td, od, None, 4, False, name)
+        return torch.ops.bquant.batchquant_bwd(g, xd, od, qp, 4, False, name)
+
     return {
         "eager fwd": lambda: bk.batchquant(x, theta, offset, 4, backend=name),
         "eager fwd+bwd": lambda: grad(bk.batchquant(x, theta, offset, 4, backend=name)),
-        "custom op fwd": lambda: torch.ops.bquant.batchquant_fwd(x, theta, offset, None, 4, False, name),
-        "custom op fwd+bwd": lambda: grad(torch.ops.bquant.batchquant_fwd(x, theta, offset, None, 4, False, name)[0]),
+        "custom op fwd": lambda: torch.ops.bquant.batchquant_fwd(xd, td, od, None, 4, False, name),
+        "custom op fwd+bwd": custom_ops,
     }
 
 

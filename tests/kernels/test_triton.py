@@ -27,10 +27,10 @@ import triton.language as tl  # noqa: E402
 import bquant_kernels as bk  # noqa: E402
 from bquant_kernels.backends import reference  # noqa: E402
 from bquant_kernels.backends import triton as triton_backend  # noqa: E402
-from bquant_kernels.qparams import DL_DTHETA, HI, LO, SCALE, ZERO, L  # noqa: E402
 from bquant_kernels.backends.triton import batchquant as tbq  # noqa: E402
 from bquant_kernels.backends.triton import launch  # noqa: E402
 from bquant_kernels.backends.triton.rounding import cast_rne, round_half_even, round_half_even_portable  # noqa: E402
+from bquant_kernels.qparams import DL_DTHETA, HI, LO, SCALE, ZERO, L  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 # The interpreter runs kernels in NumPy, which warns on the inf/NaN the tests feed in on purpose.
@@ -261,7 +261,7 @@ def test_finish_folds_partials_in_order(device):
     empty[0] = False  # every channel has data somewhere
     part = torch.stack([a.masked_fill(empty, math.inf), b.masked_fill(empty, -math.inf)]).to(device)
     out = torch.empty(2, device=device)
-    blocks = tbq._finish_blocks(n_splits, C)
+    blocks = tbq.range_finish_blocks(n_splits, C)
     _finish_range_kernel[(1,)](part, out, n_splits, C, BLOCK_S=blocks["FINISH_S"], BLOCK_C=blocks["FINISH_C"])
     lo = part[0].cpu().double().amin(0).mean()
     hi = part[1].cpu().double().amax(0).mean()
@@ -308,7 +308,7 @@ def test_every_output_element_written(device, monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned(empty))
     monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
     for xi in xs:
-        _, C, inner = bk.ops._layout(xi)
+        _, C, inner = bk.ops.dense_activation(xi)
         outs = [triton_backend.batch_range(xi, C, inner)]
         for lo_hi in (None, torch.tensor([-1.0, 1.0], device=device)):
             y, qp = triton_backend.batchquant_forward(xi, theta, offset, lo_hi, 4, False, C, inner)
@@ -348,7 +348,8 @@ def test_unavailable_without_gpu_or_interpreter_or_triton():
         "import importlib, sys\n"
         "from bquant_kernels.backends import triton as t\n"
         "print(t.DEVICES, t.available())\n"
-        "for name in [m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'bquant_kernels.backends.triton'))]:\n"
+        "prefixes = ('triton.', 'bquant_kernels.backends.triton')\n"
+        "for name in [m for m in sys.modules if m == 'triton' or m.startswith(prefixes)]:\n"
         "    del sys.modules[name]\n"
         "del sys.modules['bquant_kernels.backends'].triton\n"
         "sys.modules['triton'] = None  # makes `import triton` raise ImportError\n"

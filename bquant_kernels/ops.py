@@ -146,12 +146,15 @@ class _BatchQuantFunction(torch.autograd.Function):
         ctx.save_for_backward(x, theta, offset, qp)
         ctx.args = (bits, signed, backend)
         ctx.mark_non_differentiable(qp)
+        ctx.set_materialize_grads(False)  # no zeros for the qparams output, which never has a gradient
         return y, qp
 
     @staticmethod
     def backward(ctx, grad_y, _grad_qparams):
         x, theta, offset, qp = ctx.saved_tensors
         bits, signed, backend = ctx.args
+        if grad_y is None:  # only the range was used
+            grad_y = torch.zeros_like(x)
         backward = _kernel(_batchquant_bwd_impl, torch.ops.bquant.batchquant_bwd)
         gx, gt, go = backward(grad_y, x, offset, qp, bits, signed, backend)
         return gx, _as_param(gt, theta), _as_param(go, offset), None, None, None, None

@@ -432,26 +432,23 @@ TORCH_LIBRARY_IMPL(bquant, CompositeExplicitAutograd, m) {
   m.impl("native_lsq_multi", &lsq_multi_no_grad);
 }
 
-TORCH_LIBRARY_IMPL(bquant, CPU, m) {
-  m.impl("native_batchquant_fwd", &batchquant_fwd<cpu_batchquant_forward>);
-  m.impl("native_batchquant_bwd", &batchquant_bwd<cpu_batchquant_backward>);
-  m.impl("native_batch_range", &batch_range<cpu_batch_range>);
-  m.impl("native_lsq_fwd", &lsq_fwd<cpu_lsq_forward>);
-  m.impl("native_lsq_bwd", &lsq_bwd<cpu_lsq_backward>);
-  m.impl("native_lsq_multi_fwd", &lsq_multi_fwd_cpu);
-  m.impl("native_lsq_multi_bwd", &lsq_multi_bwd_cpu);
-}
+// The kernel ops of one compiled backend: `prefix` is cpu or cuda (the kernels of csrc/bquant.h and
+// the lsq_multi_*_<prefix> loops above).
+#define BQUANT_IMPL_KERNEL_OPS(m, prefix)                                             \
+  m.impl("native_batchquant_fwd", &batchquant_fwd<prefix##_batchquant_forward>);      \
+  m.impl("native_batchquant_bwd", &batchquant_bwd<prefix##_batchquant_backward>);     \
+  m.impl("native_batch_range", &batch_range<prefix##_batch_range>);                   \
+  m.impl("native_lsq_fwd", &lsq_fwd<prefix##_lsq_forward>);                           \
+  m.impl("native_lsq_bwd", &lsq_bwd<prefix##_lsq_backward>);                          \
+  m.impl("native_lsq_multi_fwd", &lsq_multi_fwd_##prefix);                           \
+  m.impl("native_lsq_multi_bwd", &lsq_multi_bwd_##prefix)
+
+TORCH_LIBRARY_IMPL(bquant, CPU, m) { BQUANT_IMPL_KERNEL_OPS(m, cpu); }
 
 #ifdef BQUANT_WITH_CUDA
-TORCH_LIBRARY_IMPL(bquant, CUDA, m) {
-  m.impl("native_batchquant_fwd", &batchquant_fwd<cuda_batchquant_forward>);
-  m.impl("native_batchquant_bwd", &batchquant_bwd<cuda_batchquant_backward>);
-  m.impl("native_batch_range", &batch_range<cuda_batch_range>);
-  m.impl("native_lsq_fwd", &lsq_fwd<cuda_lsq_forward>);
-  m.impl("native_lsq_bwd", &lsq_bwd<cuda_lsq_backward>);
-  m.impl("native_lsq_multi_fwd", &lsq_multi_fwd_cuda);
-  m.impl("native_lsq_multi_bwd", &lsq_multi_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(bquant, CUDA, m) { BQUANT_IMPL_KERNEL_OPS(m, cuda); }
 #endif
+
+#undef BQUANT_IMPL_KERNEL_OPS
 
 }  // namespace bquant

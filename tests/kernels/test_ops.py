@@ -3,6 +3,9 @@ torch.compile without graph breaks), straight-through gradients, host-sync freed
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import spec_oracle as oracle
@@ -347,3 +350,14 @@ def test_property_output_on_grid(n, c, hw, bits, signed, scale, theta, offset, s
         x.double().numpy(), np.ones(x.shape), float(t), float(o), bits, signed, scale_dtype=np.float32
     )
     assert_quant_close(y, ref.y, ref.scale / ref.l, torch.float32)
+
+
+def test_kernel_package_imports_nothing_of_qfa():
+    """bquant_kernels is the lower layer: importing it (and every backend) must not import qfa."""
+    code = (
+        "import sys, bquant_kernels\n"
+        "from bquant_kernels.backends import NAMES, get_backend\n"
+        "[get_backend(n) for n in NAMES]\n"
+        "assert not [m for m in sys.modules if m == 'qfa' or m.startswith('qfa.')], 'qfa was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

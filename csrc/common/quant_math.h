@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define BQ_HD __host__ __device__ __forceinline__
@@ -59,18 +60,12 @@ BQ_HD Grid lsq_grid(int bits, bool is_signed) {
   return {-half, half - 1.0f};
 }
 
-// Round half to even (the default rounding mode), on host and device.
-BQ_HD float round_half_even(float v) {
+// Round half to even (the default rounding mode), on host and device, in float or double.
+template <typename T>
+BQ_HD T round_half_even(T v) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "round_half_even: float or double");
 #if defined(__CUDA_ARCH__)
-  return rintf(v);
-#else
-  return std::nearbyint(v);
-#endif
-}
-
-BQ_HD double round_half_even(double v) {
-#if defined(__CUDA_ARCH__)
-  return rint(v);
+  return rint(v);  // CUDA's C++ overloads: rintf for float
 #else
   return std::nearbyint(v);
 #endif

@@ -8,6 +8,8 @@ imported (Triton's NumPy interpreter: slow, for tests). The per-element math mir
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = [
@@ -31,6 +33,18 @@ try:
 except ImportError as err:  # triton not installed (or not importable here): available() says why
     _missing_reason = f"triton cannot be imported ({err})"
     INTERPRET = False
+
+    def _unavailable(name: str) -> Callable[..., None]:
+        def missing(*_args, **_kwargs) -> None:
+            raise RuntimeError(f"the triton backend's {name} cannot run: {_missing_reason}")
+
+        return missing
+
+    batch_range = _unavailable("batch_range")
+    batchquant_forward = _unavailable("batchquant_forward")
+    batchquant_backward = _unavailable("batchquant_backward")
+    lsq_forward = _unavailable("lsq_forward")
+    lsq_backward = _unavailable("lsq_backward")
 
 
 DEVICES = ("cuda", "cpu") if INTERPRET else ("cuda",)

@@ -4,10 +4,11 @@ dispatcher layers cost per call.
 On a GPU a call whose kernels run shorter than its launch path is bound by that path (the small
 shapes; a supernet makes about 130 quantizer calls per subnet). For the backends registered in
 Python (``reference``, and ``triton`` where it runs) the backend's kernels are replaced by stubs that
-only allocate their outputs, and two ways to the same kernels are timed: the eager route that
-``bquant_kernels.batchquant`` takes (an autograd.Function calling the implementation) and the opaque
-``torch.library`` kernel ops that ``torch.compile`` traces inside that Function, called eagerly (the
-cost that made the eager route skip them: bquant_kernels/ops.py). The native op of the ``cpu``
+only allocate their outputs, and the ways to the same kernels are timed: the eager route that
+``bquant_kernels.batchquant`` takes (an autograd.Function calling the implementation), the same Function
+calling the opaque ``torch.library`` kernel ops that ``torch.compile`` traces ("via ops":
+``bquant_kernels.ops.KERNEL_OPS_EAGERLY``; the cost that made the eager route skip them), and those
+kernel ops alone. The native op of the ``cpu``
 backend (csrc/ops.cpp) is timed with its real kernels on the same tiny tensor. CPU tensors, interleaved timing.
 
 Usage::
@@ -70,9 +71,21 @@ def routes(name: str, x: torch.Tensor, theta: torch.Tensor, offset: torch.Tensor
         _, qp = torch.ops.bquant.batchquant_fwd(xd, td, od, None, 4, False, name)
         return torch.ops.bquant.batchquant_bwd(g, xd, od, qp, 4, False, name)
 
+    def via_ops(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            bk.ops.KERNEL_OPS_EAGERLY = True
+            try:
+                return fn()
+            finally:
+                bk.ops.KERNEL_OPS_EAGERLY = False
+
+        return run
+
     return {
         "eager fwd": lambda: bk.batchquant(x, theta, offset, 4, backend=name),
         "eager fwd+bwd": lambda: grad(bk.batchquant(x, theta, offset, 4, backend=name)),
+        "eager via ops fwd": via_ops(lambda: bk.batchquant(x, theta, offset, 4, backend=name)),
+        "eager via ops fwd+bwd": via_ops(lambda: grad(bk.batchquant(x, theta, offset, 4, backend=name))),
         "custom op fwd": lambda: torch.ops.bquant.batchquant_fwd(xd, td, od, None, 4, False, name),
         "custom op fwd+bwd": custom_ops,
     }
@@ -102,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env["command"] = env["command"].replace("bench/kernels.py", "bench/host_overhead.py")
     print(f"{env['device']['name']} | torch {env['torch']} | one call on {'x'.join(map(str, SHAPE))}, 1 thread")
     for r in rows:
-        print(f"  {r['backend']:<10} {r['route']:<18} {r['median_s'] * 1e6:8.1f} us")
+        print(f"  {r['backend']:<10} {r['route']:<22} {r['median_s'] * 1e6:8.1f} us")
     if args.json is not None:
         atomic_write_text(args.json, json.dumps({**env, "shape": list(SHAPE), "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")

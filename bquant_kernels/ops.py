@@ -13,9 +13,9 @@ Every call is validated once here (``bquant_kernels.checks``), then takes one of
    and does not trace into Triton launch code). Eagerly the ops are skipped because each call of a
    Python ``torch.library`` op crosses between Python and the dispatcher: with the kernels stubbed out, a
    ``batchquant`` call took 11.0 us forward and 39.6 us forward+backward calling the backend directly,
-   17.4 and 56.8 us through the ops (CPU, 1 thread, interleaved, 2026-12-06). A single route through
-   ``torch.library`` with its own autograd, as before, cost 60-70 us per call and direction
-   (``bench/host_overhead.py``).
+   17.4 and 56.8 us through the ops (``KERNEL_OPS_EAGERLY``; ``python bench/host_overhead.py``, CPU,
+   1 thread, interleaved, 2026-12-06). A single route through ``torch.library`` with its own
+   autograd, as before, cost 60-70 us per call and direction.
 """
 
 from __future__ import annotations
@@ -130,9 +130,14 @@ def _(grad, w, step, bits, signed, numel_full, backend):
     return torch.empty_like(w), w.new_empty(1, dtype=_qparams_dtype(w))
 
 
+# True: route 2 calls the kernel ops eagerly too, as torch.compile does (bench/host_overhead.py times
+# both; also a way to debug the compiled path without compiling).
+KERNEL_OPS_EAGERLY = False
+
+
 def _kernel(eager, op):
     """The eager implementation, or under ``torch.compile`` its opaque custom op."""
-    return op if torch.compiler.is_compiling() else eager
+    return op if KERNEL_OPS_EAGERLY or torch.compiler.is_compiling() else eager
 
 
 # ----------------------------------------------------------------------------- autograd (route 2)

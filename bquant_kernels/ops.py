@@ -12,10 +12,11 @@ Every call is validated once here (``bquant_kernels.checks``), then takes one of
    lsq_bwd}`` (fake implementations, no autograd of their own: dynamo traces the Function around them,
    and does not trace into Triton launch code). Eagerly the ops are skipped because each call of a
    Python ``torch.library`` op crosses between Python and the dispatcher: with the kernels stubbed out, a
-   ``batchquant`` call took 11.0 us forward and 39.6 us forward+backward calling the backend directly,
-   17.4 and 56.8 us through the ops (``KERNEL_OPS_EAGERLY``; ``python bench/host_overhead.py``, CPU,
-   1 thread, interleaved, 2026-12-06). A single route through ``torch.library`` with its own
-   autograd, as before, cost 60-70 us per call and direction.
+   ``batchquant`` call took 8.0-14.1 us forward and 36.3-65.7 us forward+backward calling the backend
+   directly, against 13.6-41.6 and 50.4-94.5 us through the ops (``KERNEL_OPS_EAGERLY``; three runs of
+   ``python bench/host_overhead.py``, CPU VM, 1 thread, interleaved, 2026-12-06; the last one in
+   ``bench/results/host-overhead-cpu-2026-12-06.json``). One route through ``torch.library`` ops with
+   their own autograd, as before, cost 60-70 us per call and direction.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The one script run on a lent GPU machine: environment, in-place CUDA build, the whole test
-# suite, the kernel (and, if present, training-step) benchmarks, the device-to-device copy
-# bandwidth, and a JSON summary. Every stage has its own time limit and a failed stage does not
-# stop the next one, so one run yields as much as it can. Whole run: under 8 minutes.
+# GPU check of bquant on one CUDA machine: records the environment, builds the extension in place
+# with its CUDA kernels, runs the GPU tests (tests/kernels/, tests/qfa/; the argument-check test first,
+# alone, then a probe of C++ throws), the kernel benchmarks (bench/kernels.py, bench/lsq_multi.py and,
+# if present, bench/train_step.py) and a profile, measures the device-to-device copy bandwidth and
+# writes a JSON summary of every stage. Each stage has its own time limit and a failed stage does
+# not stop the next, so one run yields as much as it can. Whole run: under 8 minutes.
 #
 # Usage: OUT=/some/dir bash bench/gpu_check.sh        (OUT defaults to ./gpu_out)
 #        STAGES="build kernels" bash bench/gpu_check.sh   (a subset, e.g. for a second, shorter run)
-# Files under $OUT (8, the most the device tool brings back: write nothing else there): env.txt build.log
-# pytest.log bench.log kernels.json lsq_multi.json train_step.json gpu_check.json
+# Files under $OUT (these 8 only, so that the results stay small): env.txt build.log pytest.log
+# bench.log kernels.json lsq_multi.json train_step.json gpu_check.json
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -71,8 +73,8 @@ timeout 60 $PY -c "import bquant_kernels as bk; print(bk.backends())" 2>&1 | tee
 # then leaves its stack in the log instead of a lost worker.
 stage isolated 25 340 "$OUT/pytest.log" $PY -X faulthandler -m pytest -q -s -p no:cacheprovider -p no:xdist \
   tests/kernels/test_cuda.py -k "bad_input"
-# One C++ throw per path (torch itself, CPU code via pybind and via the dispatcher, nvcc-compiled
-# code, each before and after CUDA is initialised, and a minimal extension built on the spot), each in
+# One C++ throw per path (torch itself, the CPU kernel and autograd ops, the nvcc-compiled kernel op,
+# each before and after CUDA is initialised, and a minimal extension built on the spot), each in
 # its own process, with the compilers and C++ runtime: which throws crash, and so where the fault lies
 # (it never happens on a CPU machine).
 stage throw_probe 50 310 "$OUT/pytest.log" $PY bench/throw_probe.py

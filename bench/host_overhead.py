@@ -4,10 +4,12 @@ dispatcher layers cost per call.
 On a GPU a call whose kernels run shorter than its launch path is bound by that path (the small
 shapes; a supernet makes about 130 quantizer calls per subnet). For the backends registered in
 Python (``reference``, and ``triton`` where it runs) the backend's kernels are replaced by stubs that
-only allocate their outputs, and two routes are timed: the eager one that ``bquant_kernels.batchquant``
-takes (an autograd.Function calling the implementation) and the ``torch.library`` custom op that
-``torch.compile`` traces. The native op of the ``cpu`` backend (csrc/ops.cpp) is timed with its real
-kernels on the same tiny tensor. CPU tensors, interleaved timing.
+only allocate their outputs, and the ways to the same kernels are timed: the eager route that
+``bquant_kernels.batchquant`` takes (an autograd.Function calling the implementation), the same Function
+calling the opaque ``torch.library`` kernel ops that ``torch.compile`` traces ("via ops":
+``bquant_kernels.ops.KERNEL_OPS_EAGERLY``; the cost that made the eager route skip them), and those
+kernel ops alone. The native op of the ``cpu``
+backend (csrc/ops.cpp) is timed with its real kernels on the same tiny tensor. CPU tensors, interleaved timing.
 
 Usage::
 
@@ -30,7 +32,7 @@ import torch  # noqa: E402
 import bquant_kernels as bk  # noqa: E402
 from bench.kernels import environment  # noqa: E402
 from bench.timing import time_cpu_interleaved  # noqa: E402
-from bquant_kernels.backends import get as get_backend  # noqa: E402
+from bquant_kernels.backends import get_backend  # noqa: E402
 from bquant_kernels.qparams import NUM_QPARAMS  # noqa: E402
 from qfa.io import atomic_write_text  # noqa: E402
 
@@ -63,11 +65,29 @@ def routes(name: str, x: torch.Tensor, theta: torch.Tensor, offset: torch.Tensor
             "native fwd": lambda: bk.batchquant(x, theta, offset, 4, backend=name),
             "native fwd+bwd": lambda: grad(bk.batchquant(x, theta, offset, 4, backend=name)),
         }
+    xd, td, od = x.detach(), theta.detach(), offset.detach()
+
+    def custom_ops() -> tuple[torch.Tensor, ...]:
+        _, qp = torch.ops.bquant.batchquant_fwd(xd, td, od, None, 4, False, name)
+        return torch.ops.bquant.batchquant_bwd(g, xd, od, qp, 4, False, name)
+
+    def via_ops(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            bk.ops.KERNEL_OPS_EAGERLY = True
+            try:
+                return fn()
+            finally:
+                bk.ops.KERNEL_OPS_EAGERLY = False
+
+        return run
+
     return {
         "eager fwd": lambda: bk.batchquant(x, theta, offset, 4, backend=name),
         "eager fwd+bwd": lambda: grad(bk.batchquant(x, theta, offset, 4, backend=name)),
-        "custom op fwd": lambda: torch.ops.bquant.batchquant_fwd(x, theta, offset, None, 4, False, name),
-        "custom op fwd+bwd": lambda: grad(torch.ops.bquant.batchquant_fwd(x, theta, offset, None, 4, False, name)[0]),
+        "eager via ops fwd": via_ops(lambda: bk.batchquant(x, theta, offset, 4, backend=name)),
+        "eager via ops fwd+bwd": via_ops(lambda: grad(bk.batchquant(x, theta, offset, 4, backend=name))),
+        "custom op fwd": lambda: torch.ops.bquant.batchquant_fwd(xd, td, od, None, 4, False, name),
+        "custom op fwd+bwd": custom_ops,
     }
 
 
@@ -95,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env["command"] = env["command"].replace("bench/kernels.py", "bench/host_overhead.py")
     print(f"{env['device']['name']} | torch {env['torch']} | one call on {'x'.join(map(str, SHAPE))}, 1 thread")
     for r in rows:
-        print(f"  {r['backend']:<10} {r['route']:<18} {r['median_s'] * 1e6:8.1f} us")
+        print(f"  {r['backend']:<10} {r['route']:<22} {r['median_s'] * 1e6:8.1f} us")
     if args.json is not None:
         atomic_write_text(args.json, json.dumps({**env, "shape": list(SHAPE), "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -48,7 +48,7 @@ import bquant_kernels as bk  # noqa: E402
 from bench.autograd_reference import batchquant_autograd, lsq_autograd  # noqa: E402
 from bench.eager_published import batchquant_published, lsq_published  # noqa: E402
 from bench.timing import time_cpu_interleaved, time_cuda_graph, time_fn  # noqa: E402
-from bquant_kernels.backends import get as get_backend  # noqa: E402
+from bquant_kernels.backends import get_backend  # noqa: E402
 from bquant_kernels.qparams import LN2, batchquant_grid, lsq_grid  # noqa: E402
 from qfa.io import atomic_write_text  # noqa: E402
 

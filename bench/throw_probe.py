@@ -21,15 +21,14 @@ import sys
 # name -> (what it needs: "" | "cuda build" | "gpu" | "ninja", code that must raise an exception in Python)
 PROBES: dict[str, tuple[str, str]] = {
     "torch_builtin": ("", "torch.ones(2) + torch.ones(3)"),
-    "pybind_cpu": ("", "_C.cpu_lsq_backward(w, w, s, 4, True, 1)"),
-    "dispatcher_cpu": ("", "torch.ops.bquant.native_lsq_multi([w], [s], [4], True, [1])"),
-    "pybind_cuda_code_cpu_tensor": ("cuda build", "_C.cuda_lsq_forward(w, s, 4, True)"),
-    "pybind_cpu_after_cuda_init": ("gpu", "torch.cuda.init(); _C.cpu_lsq_backward(w, w, s, 4, True, 1)"),
-    "dispatcher_cpu_after_cuda_init": (
+    "cpu_kernel_op": ("", "torch.ops.bquant.native_lsq_bwd(w, w, s, 4, True, 1)"),
+    "cpu_autograd_op": ("", "torch.ops.bquant.native_lsq_multi([w], [s], [4], True, [1])"),
+    "cpu_kernel_op_after_cuda_init": ("gpu", "torch.cuda.init(); torch.ops.bquant.native_lsq_bwd(w, w, s, 4, True, 1)"),
+    "cpu_autograd_op_after_cuda_init": (
         "gpu",
         "torch.cuda.init(); torch.ops.bquant.native_lsq_multi([w], [s], [4], True, [1])",
     ),
-    "pybind_cuda": ("gpu", "_C.cuda_lsq_forward(w.cuda().double(), s.cuda(), 4, True)"),
+    "cuda_kernel_op": ("gpu", "torch.ops.bquant.native_lsq_fwd(w.cuda().double(), s.cuda(), 4, True, 12)"),
     # A minimal extension built here and now (pybind11 + c10 only, torch's default flags): whether any
     # extension built on this machine crashes on a throw, or only ours.
     "fresh_extension": ("ninja", "fresh_extension().throw_check(-1)"),
@@ -45,9 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("throw_check", &throw_check); }
 PRELUDE = """
 import torch
 import bquant_kernels
-from bquant_kernels import _ext
-_C = _ext.ext
-assert _C is not None, _ext.unavailable_reason
+from bquant_kernels import extension
+assert extension.ext is not None, extension.unavailable_reason
 w, s = torch.randn(4, 3), torch.ones(1)
 
 
@@ -103,8 +101,8 @@ def toolchain() -> list[str]:
             lines.append(f"{var}={os.environ[var]}")
     code = (
         "import torch, bquant_kernels, re\n"
-        "from bquant_kernels import _ext\n"
-        "print('extension:', getattr(_ext.ext, '__file__', None))\n"
+        "from bquant_kernels import extension\n"
+        "print('extension:', getattr(extension.ext, '__file__', None))\n"
         "maps = open('/proc/self/maps').read().splitlines()\n"
         "libs = sorted({ln.split()[-1] for ln in maps if re.search(r'lib(stdc\\+\\+|gcc_s|c10)[.-]', ln)})\n"
         "print('loaded:', ' '.join(libs))\n"
@@ -122,12 +120,12 @@ def toolchain() -> list[str]:
 def main() -> int:
     import torch
 
-    from bquant_kernels import _ext
+    from bquant_kernels import extension
 
     have = {
         "": True,
         "gpu": torch.cuda.is_available(),
-        "cuda build": _ext.ext is not None and _ext.has_cuda(),
+        "cuda build": extension.ext is not None and extension.has_cuda(),
         "ninja": shutil.which("ninja") is not None,
     }
     print("# toolchain")

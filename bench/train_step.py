@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 
 import bquant_kernels as bk  # noqa: E402
-from bquant_kernels.backends import get as get_backend  # noqa: E402
+from bquant_kernels.backends import get_backend  # noqa: E402
 from qfa.io import atomic_write_text  # noqa: E402
 
 FUSED = ("cpu", "cuda", "triton")

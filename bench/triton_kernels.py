@@ -35,7 +35,7 @@ def bench_case(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool) 
     x = torch.randn(shape, device="cuda").to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    x, C, inner = bk.ops._layout(x)
+    x, C, inner = bk.ops.dense_activation(x)
     g = torch.randn_like(x)
     theta = torch.zeros(1, device="cuda")
     offset = torch.zeros(1, device="cuda")

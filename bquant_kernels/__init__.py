@@ -6,10 +6,10 @@ Modules: :class:`BatchQuantizer`, :class:`LSQQuantizer` (:func:`lsq_quantize_wei
 Backends: :func:`backends` reports what is available here.
 """
 
-from . import _ext  # noqa: F401  (loads the compiled extension, warns once if it is missing)
+from . import extension  # noqa: F401  (loads the compiled extension, warns once if it is missing)
 from .backends import backends
+from .lsq_multi import lsq_multi
 from .modules import BatchQuantizer, LSQQuantizer, lsq_quantize_weights
-from .multi_tensor import lsq_multi
 from .ops import batch_range, batchquant, lsq, lsq_grad_scale
 from .recalibrate import recalibrate
 

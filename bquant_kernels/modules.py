@@ -8,12 +8,28 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .multi_tensor import lsq_multi
-from .ops import _check_bits, batchquant, lsq
+from .checks import check_bits
+from .lsq_multi import lsq_multi
+from .ops import batchquant, lsq
 from .qparams import lsq_grid
 
 
-class BatchQuantizer(nn.Module):
+class FakeQuantizer(nn.Module):
+    """What both quantizers hold: a bit-width (checked against ``BITS``), signedness and a backend name."""
+
+    BITS: tuple[int, int]
+
+    def __init__(self, bits: int, signed: bool, backend: str | None) -> None:
+        super().__init__()
+        self.bits = check_bits("bits", bits, *self.BITS)
+        self.signed = signed
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
+
+
+class BatchQuantizer(FakeQuantizer):
     """BatchQuant activation fake-quantizer (spec 1).
 
     Parameters ``theta`` (raw scale, init 0 so ``l = 1``) and ``offset`` (init 0). Buffer ``lo_hi``
@@ -21,15 +37,14 @@ class BatchQuantizer(nn.Module):
     Training mode quantizes with the batch statistics; eval mode with ``lo_hi``.
     """
 
+    BITS = (2, 8)
+
     def __init__(self, bits: int, signed: bool = False, backend: str | None = None) -> None:
-        super().__init__()
-        self.bits = _check_bits("bits", bits, 2, 8)
-        self.signed = signed
-        self.backend = backend
+        super().__init__(bits, signed, backend)
         self.theta = nn.Parameter(torch.zeros(1))
         self.offset = nn.Parameter(torch.zeros(1))
         self.register_buffer("lo_hi", torch.zeros(2))
-        self._range_sink = None  # set by recalibrate(): collects the batch ranges
+        self.range_sink = None  # set by bquant_kernels.recalibrate: collects the batch ranges
         # Whether lo_hi holds a range (recalibrated, set, or loaded non-zero): a Python bool, no device sync.
         self.calibrated = False
 
@@ -46,25 +61,22 @@ class BatchQuantizer(nn.Module):
             self.calibrated = bool(loaded.ne(0).any())
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training and not self.calibrated and self._range_sink is None:
+        if not self.training and not self.calibrated and self.range_sink is None:
             raise RuntimeError(
                 f"BatchQuantizer(bits={self.bits}) in eval mode was never calibrated (its range is [0, 0]): run "
                 "a few batches through bquant_kernels.recalibrate(model) (qfa.calibrate) first, or set_range()"
             )
-        if self._range_sink is not None:
+        if self.range_sink is not None:
             y, used = batchquant(
                 x, self.theta, self.offset, self.bits, signed=self.signed, return_range=True, backend=self.backend
             )
-            self._range_sink.add(used, x.shape[0])
+            self.range_sink.add(used, x.shape[0])
             return y
         lo_hi = None if self.training else self.lo_hi
         return batchquant(x, self.theta, self.offset, self.bits, signed=self.signed, lo_hi=lo_hi, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}"
 
-
-class LSQQuantizer(nn.Module):
+class LSQQuantizer(FakeQuantizer):
     """LSQ weight fake-quantizer (spec 2).
 
     The step is initialised on first use to ``2 * mean(|W_full|) / sqrt(Qp)`` from the full shared
@@ -72,11 +84,10 @@ class LSQQuantizer(nn.Module):
     re-initialises the step.
     """
 
+    BITS = (1, 8)
+
     def __init__(self, bits: int, signed: bool = True, backend: str | None = None) -> None:
-        super().__init__()
-        self.bits = _check_bits("bits", bits, 1, 8)
-        self.signed = signed
-        self.backend = backend
+        super().__init__(bits, signed, backend)
         self.step = nn.Parameter(torch.ones(1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._initialized = False  # host mirror of the buffer: no sync in forward
@@ -104,9 +115,6 @@ class LSQQuantizer(nn.Module):
         full = w if w_full is None else w_full
         self.initialize_once(full)
         return lsq(w, self.step, self.bits, signed=self.signed, numel_full=full.numel(), backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}"
 
 
 def lsq_quantize_weights(

@@ -1,9 +1,22 @@
-"""Functional ops: validation, memory layout, the ``torch.library`` custom ops and their autograd.
+"""Functional ops (:func:`batch_range`, :func:`batchquant`, :func:`lsq`) and the two routes a call takes.
 
-The custom ops (``torch.ops.bquant.*``) take a resolved backend name and dispatch to
-``bquant_kernels.backends``; their fake implementations let ``torch.compile`` trace a model that
-uses them without graph breaks. Eager calls of the Python-registered backends go through
-autograd.Functions that call the same implementations without the dispatcher round trips.
+Every call is validated once here (``bquant_kernels.checks``), then takes one of two routes:
+
+1. Compiled backends (``cpu``, ``cuda``): the native ops ``torch.ops.bquant.native_*`` of
+   ``csrc/ops.cpp``, with layout handling and autograd in C++, so that a call crosses from Python into
+   C++ once each way (the per-call cost that small activations and a slow host bound). Their fake
+   implementations for ``torch.compile`` are registered below.
+2. Python backends (``reference``, ``triton``): the autograd.Functions below, with the layout handling
+   of this module. Eagerly they call the backend directly; under ``torch.compile`` the kernel calls go
+   through the opaque custom ops ``torch.ops.bquant.{batch_range,batchquant_fwd,batchquant_bwd,lsq_fwd,
+   lsq_bwd}`` (fake implementations, no autograd of their own: dynamo traces the Function around them,
+   and does not trace into Triton launch code). Eagerly the ops are skipped because each call of a
+   Python ``torch.library`` op crosses between Python and the dispatcher: with the kernels stubbed out, a
+   ``batchquant`` call took 8.0-14.1 us forward and 36.3-65.7 us forward+backward calling the backend
+   directly, against 13.6-41.6 and 50.4-94.5 us through the ops (``KERNEL_OPS_EAGERLY``; three runs of
+   ``python bench/host_overhead.py``, CPU VM, 1 thread, interleaved, 2026-12-06; the last one in
+   ``bench/results/host-overhead-cpu-2026-12-06.json``). One route through ``torch.library`` ops with
+   their own autograd, as before, cost 60-70 us per call and direction.
 """
 
 from __future__ import annotations
@@ -13,48 +26,17 @@ import math
 import torch
 from torch import Tensor
 
-from . import _ext
-from .backends import get as _get_backend
-from .backends import resolve as _resolve_backend
+from . import extension
+from .backends import NATIVE, get_backend, resolve
+from .checks import check_bits, check_numel_full, check_param, check_tensor
 from .qparams import NUM_QPARAMS, lsq_grid
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# ----------------------------------------------------------------------------- layout (route 2)
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_tensor(name: str, t: object, *, min_dim: int = 0) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
-    if t.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimensions (N, C, ...), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
-    return t
-
-
-def _check_param(name: str, t: object, ref: Tensor, numel: int = 1) -> Tensor:
-    t = _check_tensor(name, t)
-    if t.numel() != numel:
-        raise ValueError(f"{name} must have exactly {numel} element(s), got shape {tuple(t.shape)}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but the input is on {ref.device}")
-    return t
-
-
-def _check_bits(name: str, bits: object, lo: int, hi: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"{name} must be an int, got {type(bits).__name__}")
-    if not lo <= bits <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {bits}")
-    return bits
-
-
-def _layout(x: Tensor) -> tuple[Tensor, int, int]:
-    """``x`` as a dense contiguous or channels_last tensor, with its ``(C, inner)`` (see backends)."""
+def dense_activation(x: Tensor) -> tuple[Tensor, int, int]:
+    """``x`` as the kernels walk it, with its ``(C, inner)`` (backend contract, ``backends/__init__.py``):
+    itself when contiguous or channels-innermost, else a contiguous copy."""
     C = x.shape[1]
     if x.is_contiguous():
         return x, C, x.numel() // (x.shape[0] * C)
@@ -76,50 +58,46 @@ def _qparams_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-# ----------------------------------------------------------------------------- custom ops
+def _as_param(grad: Tensor, param: Tensor) -> Tensor:
+    """A kernel's ``[1]`` scalar gradient in the shape and dtype of its 1-element parameter."""
+    return grad.reshape(param.shape).to(param.dtype)
 
 
-# The Python-registered backends (reference, triton) have their implementations here, each used two
-# ways: eagerly through an autograd.Function that calls it directly, and as a torch.library custom op
-# (fake implementation, registered autograd) that torch.compile traces. The custom op alone would do
-# for both, but each eager call of it crosses between Python and the dispatcher several times: 60-70
-# us per call and direction on this repository's CPU machine, against about 10 for the Function.
+# ----------------------------------------------------------------------------- kernel calls (route 2)
 
 
 def _batch_range_impl(x: Tensor, backend: str) -> Tensor:
-    xl, C, inner = _layout(x)
-    return _get_backend(backend).batch_range(xl, C, inner)
+    xl, C, inner = dense_activation(x)
+    return get_backend(backend).batch_range(xl, C, inner)
 
 
 def _batchquant_fwd_impl(
     x: Tensor, theta: Tensor, offset: Tensor, lo_hi: Tensor | None, bits: int, signed: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
-    xl, C, inner = _layout(x)
-    y, qp = _get_backend(backend).batchquant_forward(xl, theta, offset, lo_hi, bits, signed, C, inner)
+    xl, C, inner = dense_activation(x)
+    y, qp = get_backend(backend).batchquant_forward(xl, theta, offset, lo_hi, bits, signed, C, inner)
     return _like(y, x), qp
 
 
 def _batchquant_bwd_impl(
     grad_y: Tensor, x: Tensor, offset: Tensor, qparams: Tensor, bits: int, signed: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    xl, _, _ = _layout(x)
-    gx, gt, go = _get_backend(backend).batchquant_backward(_like(grad_y, xl), xl, offset, qparams, bits, signed)
+    xl, _, _ = dense_activation(x)
+    gx, gt, go = get_backend(backend).batchquant_backward(_like(grad_y, xl), xl, offset, qparams, bits, signed)
     return _like(gx, x), gt, go
 
 
 def _lsq_fwd_impl(w: Tensor, step: Tensor, bits: int, signed: bool, numel_full: int, backend: str) -> Tensor:
-    return _like(_get_backend(backend).lsq_forward(w.contiguous(), step, bits, signed), w)
+    return _like(get_backend(backend).lsq_forward(w.contiguous(), step, bits, signed), w)
 
 
 def _lsq_bwd_impl(
     grad: Tensor, w: Tensor, step: Tensor, bits: int, signed: bool, numel_full: int, backend: str
 ) -> tuple[Tensor, Tensor]:
     wc = w.contiguous()
-    gw, gs = _get_backend(backend).lsq_backward(_like(grad, wc), wc, step, bits, signed, numel_full)
+    gw, gs = get_backend(backend).lsq_backward(_like(grad, wc), wc, step, bits, signed, numel_full)
     return _like(gw, w), gs
 
-
-# ----------------------------------------------------------------------------- custom ops (torch.compile)
 
 _batch_range_op = torch.library.custom_op("bquant::batch_range", _batch_range_impl, mutates_args=())
 _batchquant_fwd_op = torch.library.custom_op("bquant::batchquant_fwd", _batchquant_fwd_impl, mutates_args=())
@@ -153,84 +131,64 @@ def _(grad, w, step, bits, signed, numel_full, backend):
     return torch.empty_like(w), w.new_empty(1, dtype=_qparams_dtype(w))
 
 
-# ----------------------------------------------------------------------------- autograd (both ways)
+# True: route 2 calls the kernel ops eagerly too, as torch.compile does (bench/host_overhead.py times
+# both; also a way to debug the compiled path without compiling).
+KERNEL_OPS_EAGERLY = False
 
 
-def _batchquant_setup(ctx, inputs, output) -> None:
-    x, theta, offset, _lo_hi, bits, signed, backend = inputs
-    ctx.save_for_backward(x, offset, output[1])
-    ctx.args = (bits, signed, backend, theta.dtype, offset.dtype)
+def _kernel(eager, op):
+    """The eager implementation, or under ``torch.compile`` its opaque custom op."""
+    return op if KERNEL_OPS_EAGERLY or torch.compiler.is_compiling() else eager
 
 
-def _batchquant_grads(ctx, grad_y: Tensor | None, backward) -> tuple:
-    x, offset, qp = ctx.saved_tensors
-    bits, signed, backend, theta_dtype, offset_dtype = ctx.args
-    if grad_y is None:  # only the range was used
-        grad_y = torch.zeros_like(x)
-    gx, gt, go = backward(grad_y, x, offset, qp, bits, signed, backend)
-    return gx, gt.to(theta_dtype), go.to(offset_dtype), None, None, None, None
-
-
-def _lsq_setup(ctx, inputs, output) -> None:
-    w, step, bits, signed, numel_full, backend = inputs
-    ctx.save_for_backward(w, step)
-    ctx.args = (bits, signed, numel_full, backend)
-
-
-def _lsq_grads(ctx, grad: Tensor, backward) -> tuple:
-    w, step = ctx.saved_tensors
-    bits, signed, numel_full, backend = ctx.args
-    gw, gs = backward(grad, w, step, bits, signed, numel_full, backend)
-    return gw, gs.to(step.dtype), None, None, None, None
-
-
-_batchquant_fwd_op.register_autograd(
-    lambda ctx, grad_y, _grad_qparams: _batchquant_grads(ctx, grad_y, torch.ops.bquant.batchquant_bwd),
-    setup_context=_batchquant_setup,
-)
-_lsq_fwd_op.register_autograd(
-    lambda ctx, grad: _lsq_grads(ctx, grad, torch.ops.bquant.lsq_bwd), setup_context=_lsq_setup
-)
+# ----------------------------------------------------------------------------- autograd (route 2)
 
 
 class _BatchQuantFunction(torch.autograd.Function):
-    """Eager BatchQuant of the Python-registered backends: the implementation called directly."""
+    """BatchQuant of the Python backends. Saves x, offset and the qparams; the backward recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x, theta, offset, lo_hi, bits, signed, backend):
-        y, qp = _batchquant_fwd_impl(x, theta, offset, lo_hi, bits, signed, backend)
-        _batchquant_setup(ctx, (x, theta, offset, lo_hi, bits, signed, backend), (y, qp))
+        forward = _kernel(_batchquant_fwd_impl, torch.ops.bquant.batchquant_fwd)
+        y, qp = forward(x, theta, offset, lo_hi, bits, signed, backend)
+        ctx.save_for_backward(x, theta, offset, qp)
+        ctx.args = (bits, signed, backend)
         ctx.mark_non_differentiable(qp)
-        ctx.set_materialize_grads(False)  # no zeros for the qparams output
+        ctx.set_materialize_grads(False)  # no zeros for the qparams output, which never has a gradient
         return y, qp
 
     @staticmethod
     def backward(ctx, grad_y, _grad_qparams):
-        return _batchquant_grads(ctx, grad_y, _batchquant_bwd_impl)
+        x, theta, offset, qp = ctx.saved_tensors
+        bits, signed, backend = ctx.args
+        if grad_y is None:  # only the range was used
+            grad_y = torch.zeros_like(x)
+        backward = _kernel(_batchquant_bwd_impl, torch.ops.bquant.batchquant_bwd)
+        gx, gt, go = backward(grad_y, x, offset, qp, bits, signed, backend)
+        return gx, _as_param(gt, theta), _as_param(go, offset), None, None, None, None
 
 
 class _LSQFunction(torch.autograd.Function):
-    """Eager LSQ of the Python-registered backends: the implementation called directly."""
+    """LSQ of the Python backends."""
 
     @staticmethod
     def forward(ctx, w, step, bits, signed, numel_full, backend):
-        out = _lsq_fwd_impl(w, step, bits, signed, numel_full, backend)
-        _lsq_setup(ctx, (w, step, bits, signed, numel_full, backend), out)
+        out = _kernel(_lsq_fwd_impl, torch.ops.bquant.lsq_fwd)(w, step, bits, signed, numel_full, backend)
+        ctx.save_for_backward(w, step)
+        ctx.args = (bits, signed, numel_full, backend)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return _lsq_grads(ctx, grad, _lsq_bwd_impl)
+        w, step = ctx.saved_tensors
+        bits, signed, numel_full, backend = ctx.args
+        gw, gs = _kernel(_lsq_bwd_impl, torch.ops.bquant.lsq_bwd)(grad, w, step, bits, signed, numel_full, backend)
+        return gw, _as_param(gs, step), None, None, None, None
 
 
-# ----------------------------------------------------------------------------- native ops (csrc/ops.cpp)
+# ----------------------------------------------------------------------------- native ops (route 1)
 
-# The cpu and cuda backends are also registered with the dispatcher from C++, layout handling and
-# autograd included, so that a call crosses from Python into C++ once: torch.ops.bquant.native_*.
-# These are their shapes for torch.compile.
-_NATIVE = ("cpu", "cuda")
-
-if _ext.ext is not None:
+if extension.ext is not None:
 
     def _fake_batchquant(x, theta, offset, lo_hi, bits, signed):
         return torch.empty_like(x), x.new_empty(NUM_QPARAMS, dtype=_qparams_dtype(x))
@@ -277,14 +235,12 @@ def batch_range(x: Tensor, *, backend: str | None = None) -> Tensor:
 
     A NaN anywhere in ``x`` makes the range NaN, like ``torch.amin``/``torch.amax``.
     """
-    _check_tensor("x", x, min_dim=2)
-    name = _resolve_backend(backend, x.device, x.dtype)
+    check_tensor("x", x, min_dim=2)
+    name = resolve(backend, x.device, x.dtype)
     x = x.detach()  # statistics are constants for autograd
-    if name in _NATIVE:
+    if name in NATIVE:
         return torch.ops.bquant.native_batch_range(x)
-    if torch.compiler.is_compiling():
-        return torch.ops.bquant.batch_range(x, name)
-    return _batch_range_impl(x, name)
+    return _kernel(_batch_range_impl, torch.ops.bquant.batch_range)(x, name)
 
 
 def batchquant(
@@ -303,8 +259,8 @@ def batchquant(
     Args:
         x: ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)`` activations, contiguous or channels_last,
             float16/bfloat16/float32 (and float64 on the reference and cpu backends).
-        theta: 1-element raw scale parameter; the multiplier is ``softplus(theta; beta=ln 2)``.
-        offset: 1-element offset parameter, in quantization steps.
+        theta: 1-element raw scale parameter (any shape); the multiplier is ``softplus(theta; beta=ln 2)``.
+        offset: 1-element offset parameter (any shape), in quantization steps.
         bits: bit-width, 2..8.
         signed: signed integer grid (identical output for ``bits >= 2`` except all-zero input).
         lo_hi: optional ``[lo, hi]`` used instead of the batch statistics (evaluation).
@@ -315,21 +271,20 @@ def batchquant(
     Returns:
         ``y`` (same shape, dtype and memory format as ``x``), or ``(y, lo_hi_used)``.
         Differentiable in ``x``, ``theta`` and ``offset`` (straight-through rounding, inclusive
-        clamp mask). NaN in ``x`` propagates: in training mode it makes the batch range and so all
-        of ``y`` NaN (like ``torch.amin``); with ``lo_hi`` only the NaN elements become NaN.
+        clamp mask); the gradients have the shapes of the parameters. NaN in ``x`` propagates: in
+        training mode it makes the batch range and so all of ``y`` NaN (like ``torch.amin``); with
+        ``lo_hi`` only the NaN elements become NaN. For ±inf see docs/spec-batchquant.md, 1.7.
     """
-    _check_tensor("x", x, min_dim=2)
-    _check_param("theta", theta, x)
-    _check_param("offset", offset, x)
-    _check_bits("bits", bits, 2, 8)
+    check_tensor("x", x, min_dim=2)
+    check_param("theta", theta, x)
+    check_param("offset", offset, x)
+    check_bits("bits", bits, 2, 8)
     if lo_hi is not None:
-        _check_param("lo_hi", lo_hi, x, numel=2)
+        check_param("lo_hi", lo_hi, x, numel=2)
         lo_hi = lo_hi.reshape(2)
-    name = _resolve_backend(backend, x.device, x.dtype)
-    if name in _NATIVE:
+    name = resolve(backend, x.device, x.dtype)
+    if name in NATIVE:
         y, qp = torch.ops.bquant.native_batchquant(x, theta, offset, lo_hi, bits, bool(signed))
-    elif torch.compiler.is_compiling():
-        y, qp = torch.ops.bquant.batchquant_fwd(x, theta, offset, lo_hi, bits, bool(signed), name)
     else:
         y, qp = _BatchQuantFunction.apply(x, theta, offset, lo_hi, bits, bool(signed), name)
     return (y, qp[:2].detach()) if return_range else y  # the range is a constant for autograd
@@ -346,22 +301,22 @@ def lsq(
 ) -> Tensor:
     """LSQ fake-quantization of a weight tensor (spec 2), differentiable in ``w`` and ``step``.
 
-    ``numel_full`` is the element count of the full shared weight when ``w`` is a slice of it
-    (the gradient scale is ``1 / sqrt(numel_full * Qp)``); it defaults to ``w.numel()``.
+    ``step`` is a 1-element tensor of any shape (its gradient has that shape). ``numel_full`` is the
+    element count of the full shared weight when ``w`` is a slice of it (the gradient scale is
+    ``1 / sqrt(numel_full * Qp)``); it defaults to ``w.numel()``.
     """
-    _check_tensor("w", w)
-    _check_param("step", step, w)
-    _check_bits("bits", bits, 1, 8)
-    if numel_full is None:
-        numel_full = w.numel()
-    elif not isinstance(numel_full, int) or numel_full < w.numel():
-        raise ValueError(f"numel_full must be an int >= w.numel() ({w.numel()}), got {numel_full!r}")
-    name = _resolve_backend(backend, w.device, w.dtype)
-    if name in _NATIVE:
-        return torch.ops.bquant.native_lsq(w, step, bits, bool(signed), numel_full)
-    if torch.compiler.is_compiling():
-        return torch.ops.bquant.lsq_fwd(w, step, bits, bool(signed), numel_full, name)
-    return _LSQFunction.apply(w, step, bits, bool(signed), numel_full, name)
+    check_tensor("w", w)
+    check_param("step", step, w, "w")
+    check_bits("bits", bits, 1, 8)
+    numel_full = w.numel() if numel_full is None else check_numel_full("numel_full", numel_full, w)
+    return lsq_checked(w, step, bits, bool(signed), numel_full, resolve(backend, w.device, w.dtype))
+
+
+def lsq_checked(w: Tensor, step: Tensor, bits: int, signed: bool, numel_full: int, backend: str) -> Tensor:
+    """:func:`lsq` on arguments already checked, with a resolved backend name (for ``lsq_multi``)."""
+    if backend in NATIVE:
+        return torch.ops.bquant.native_lsq(w, step, bits, signed, numel_full)
+    return _LSQFunction.apply(w, step, bits, signed, numel_full, backend)
 
 
 def lsq_grad_scale(numel_full: int, bits: int, signed: bool = True) -> float:

@@ -37,12 +37,12 @@ def recalibrate(model: nn.Module, *, process_group: dist.ProcessGroup | None = N
     quantizers = [m for m in model.modules() if isinstance(m, BatchQuantizer)]
     sinks = [_RangeMean() for _ in quantizers]
     for q, s in zip(quantizers, sinks, strict=True):
-        q._range_sink = s
+        q.range_sink = s
     try:
         yield
     finally:
         for q in quantizers:
-            q._range_sink = None
+            q.range_sink = None
     seen = [(q, s) for q, s in zip(quantizers, sinks, strict=True) if s.count > 0]
     if not seen and not (dist.is_available() and dist.is_initialized()):
         return

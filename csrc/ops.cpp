@@ -11,7 +11,7 @@
 //   native_lsq_multi(weights[], steps[], bits[], signed, numel_full[]) -> w_hat[] differentiable
 //   native_lsq_multi_fwd / native_lsq_multi_bwd                                   one launch each on CUDA
 //
-// Fake (meta) implementations for torch.compile are registered in bquant_kernels/native.py.
+// Fake (meta) implementations for torch.compile are registered in bquant_kernels/ops.py.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -94,6 +94,8 @@ template <auto Backward>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batchquant_bwd(const at::Tensor& grad_y, const at::Tensor& x,
                                                               const at::Tensor& offset, const at::Tensor& qparams,
                                                               int64_t bits, bool is_signed) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "bquant: grad_y must have the shape of x (", x.sizes(), "), got ",
+                    grad_y.sizes());
   const Dense d = dense_activation(x);
   auto [grad_x, grad_theta, grad_offset] =
       Backward(with_strides_of(grad_y, d.x), d.x, offset, qparams, bits, is_signed);
@@ -114,6 +116,8 @@ at::Tensor lsq_fwd(const at::Tensor& w, const at::Tensor& step, int64_t bits, bo
 template <auto Backward>
 std::tuple<at::Tensor, at::Tensor> lsq_bwd(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& step,
                                            int64_t bits, bool is_signed, int64_t numel_full) {
+  TORCH_CHECK_VALUE(grad.sizes() == w.sizes(), "bquant: grad must have the shape of w (", w.sizes(), "), got ",
+                    grad.sizes());
   const at::Tensor wc = w.contiguous();
   auto [grad_w, grad_step] = Backward(with_strides_of(grad, wc), wc, step, bits, is_signed, numel_full);
   return {restride_like(grad_w, w), grad_step};
@@ -143,6 +147,8 @@ void check_lsq_multi(at::TensorList weights, at::TensorList steps, at::IntArrayR
                       "] must have exactly 1 element, got shape ", steps[i].sym_sizes());
     TORCH_CHECK_VALUE(steps[i].device() == w.device(), "steps[", i, "] is on ", steps[i].device(),
                       " but weights[", i, "] is on ", w.device());
+    TORCH_CHECK_TYPE(at::isFloatingType(steps[i].scalar_type()), "steps[", i, "] must be a floating tensor, got ",
+                     steps[i].scalar_type());
     TORCH_CHECK_VALUE(bits[i] >= 1 && bits[i] <= 8, "bits[", i, "] must be in [1, 8], got ", bits[i]);
   }
 }
@@ -154,6 +160,19 @@ void check_numel_full(at::TensorList weights, at::IntArrayRef numel_full) {
     TORCH_CHECK_VALUE(!concrete_sizes(weights[i]) || numel_full[i] >= weights[i].numel(), "numel_full[", i,
                       "] must be an int >= weights[", i, "].numel() (", weights[i].sym_numel(), "), got ",
                       numel_full[i]);
+  }
+}
+
+void check_lsq_multi_backward(at::TensorList grads, at::TensorList weights, at::TensorList steps, at::IntArrayRef bits,
+                              at::IntArrayRef numel_full) {
+  check_lsq_multi(weights, steps, bits);
+  check_numel_full(weights, numel_full);
+  TORCH_CHECK_VALUE(grads.size() == weights.size(), "grads must have one entry per weight (", weights.size(),
+                    "), got ", grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK_VALUE(!concrete_sizes(grads[i]) || !concrete_sizes(weights[i]) || grads[i].sizes() == weights[i].sizes(), "grads[", i,
+                      "] must have the shape of weights[", i, "] (", weights[i].sym_sizes(), "), got ",
+                      grads[i].sym_sizes());
   }
 }
 
@@ -172,9 +191,7 @@ std::vector<at::Tensor> lsq_multi_fwd_cpu(at::TensorList weights, at::TensorList
 std::tuple<std::vector<at::Tensor>, at::Tensor> lsq_multi_bwd_cpu(at::TensorList grads, at::TensorList weights,
                                                                   at::TensorList steps, at::IntArrayRef bits,
                                                                   bool is_signed, at::IntArrayRef numel_full) {
-  check_lsq_multi(weights, steps, bits);
-  check_numel_full(weights, numel_full);
-  TORCH_CHECK_VALUE(grads.size() == weights.size(), "grads must have one entry per weight");
+  check_lsq_multi_backward(grads, weights, steps, bits, numel_full);
   std::vector<at::Tensor> grad_ws, grad_steps;
   for (size_t i = 0; i < weights.size(); ++i) {
     auto [gw, gs] = lsq_bwd<cpu_lsq_backward>(grads[i], weights[i], steps[i], bits[i], is_signed, numel_full[i]);
@@ -211,9 +228,7 @@ std::vector<at::Tensor> lsq_multi_fwd_cuda(at::TensorList weights, at::TensorLis
 std::tuple<std::vector<at::Tensor>, at::Tensor> lsq_multi_bwd_cuda(at::TensorList grads, at::TensorList weights,
                                                                    at::TensorList steps, at::IntArrayRef bits,
                                                                    bool is_signed, at::IntArrayRef numel_full) {
-  check_lsq_multi(weights, steps, bits);
-  check_numel_full(weights, numel_full);
-  TORCH_CHECK_VALUE(grads.size() == weights.size(), "grads must have one entry per weight");
+  check_lsq_multi_backward(grads, weights, steps, bits, numel_full);
   const std::vector<at::Tensor> dense = dense_weights(weights);
   std::vector<at::Tensor> dense_grads;
   dense_grads.reserve(grads.size());
@@ -247,9 +262,13 @@ BQ_OP(lsq_multi_fwd_op, "native_lsq_multi_fwd", decltype(lsq_multi_fwd_cpu))
 BQ_OP(lsq_multi_bwd_op, "native_lsq_multi_bwd", decltype(lsq_multi_bwd_cpu))
 #undef BQ_OP
 
-// `t` in `dtype`: itself when it already is (Tensor::to would still be a dispatched op, and the
-// backward of every quantizer call returns two such scalars).
-at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+// A kernel's [1] scalar gradient in the shape and dtype of its 1-element parameter (any shape: 0-d,
+// [1], [1, 1]...). Itself when it already has them: a view and Tensor::to would still be dispatched
+// ops, and the backward of every quantizer call returns two such scalars.
+at::Tensor as_param(at::Tensor grad, at::IntArrayRef sizes, at::ScalarType dtype) {
+  if (grad.sizes() != sizes) grad = grad.view(sizes);
+  return grad.scalar_type() == dtype ? grad : grad.to(dtype);
+}
 
 // Saves x, offset and the device scalars (qparams) only; the backward recomputes the rest from x.
 class BatchQuantFunction : public torch::autograd::Function<BatchQuantFunction> {
@@ -263,6 +282,7 @@ class BatchQuantFunction : public torch::autograd::Function<BatchQuantFunction> 
     ctx->set_materialize_grads(false);  // no zeros for the qparams output, which never has a gradient
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["signed"] = is_signed;
+    ctx->saved_data["theta_sizes"] = theta.sizes().vec();
     ctx->saved_data["theta_dtype"] = static_cast<int64_t>(theta.scalar_type());
     ctx->mark_non_differentiable({qparams});
     return {y, qparams};
@@ -276,7 +296,8 @@ class BatchQuantFunction : public torch::autograd::Function<BatchQuantFunction> 
     auto [grad_x, grad_theta, grad_offset] = batchquant_bwd_op().call(
         grad_y, x, offset, saved[2], ctx->saved_data["bits"].toInt(), ctx->saved_data["signed"].toBool());
     const auto theta_dtype = static_cast<at::ScalarType>(ctx->saved_data["theta_dtype"].toInt());
-    return {grad_x, as_dtype(grad_theta, theta_dtype), as_dtype(grad_offset, offset.scalar_type()), {}, {}, {}};
+    return {grad_x, as_param(grad_theta, ctx->saved_data["theta_sizes"].toIntVector(), theta_dtype),
+            as_param(grad_offset, offset.sizes(), offset.scalar_type()), {}, {}, {}};
   }
 };
 
@@ -299,7 +320,7 @@ class LSQFunction : public torch::autograd::Function<LSQFunction> {
     auto [grad_w, grad_step] =
         lsq_bwd_op().call(grads[0], saved[0], step, ctx->saved_data["bits"].toInt(),
                           ctx->saved_data["signed"].toBool(), ctx->saved_data["numel_full"].toInt());
-    return {grad_w, as_dtype(grad_step, step.scalar_type()), {}, {}, {}};
+    return {grad_w, as_param(grad_step, step.sizes(), step.scalar_type()), {}, {}, {}};
   }
 };
 
@@ -334,14 +355,9 @@ class LSQMultiFunction : public torch::autograd::Function<LSQMultiFunction> {
     auto [grad_ws, grad_steps] =
         lsq_multi_bwd_op().call(grads, weights, steps, bits, ctx->saved_data["signed"].toBool(), numel_full);
     variable_list out(grad_ws.begin(), grad_ws.end());
-    // One split for all steps; a reshape or cast only for a step that is not a float32 [1] like the kernels'.
+    // One split for all steps; a view or cast only for a step that is not a float32 [1] like the kernels'.
     std::vector<at::Tensor> per_step = grad_steps.split(1);
-    for (size_t i = 0; i < n; ++i) {
-      at::Tensor g = std::move(per_step[i]);
-      if (steps[i].dim() != 1) g = g.view(steps[i].sizes());
-      g = as_dtype(g, steps[i].scalar_type());
-      out.push_back(std::move(g));
-    }
+    for (size_t i = 0; i < n; ++i) out.push_back(as_param(per_step[i], steps[i].sizes(), steps[i].scalar_type()));
     out.resize(2 * n + 3);  // bits, signed, numel_full: no gradient
     return out;
   }
@@ -416,26 +432,23 @@ TORCH_LIBRARY_IMPL(bquant, CompositeExplicitAutograd, m) {
   m.impl("native_lsq_multi", &lsq_multi_no_grad);
 }
 
-TORCH_LIBRARY_IMPL(bquant, CPU, m) {
-  m.impl("native_batchquant_fwd", &batchquant_fwd<cpu_batchquant_forward>);
-  m.impl("native_batchquant_bwd", &batchquant_bwd<cpu_batchquant_backward>);
-  m.impl("native_batch_range", &batch_range<cpu_batch_range>);
-  m.impl("native_lsq_fwd", &lsq_fwd<cpu_lsq_forward>);
-  m.impl("native_lsq_bwd", &lsq_bwd<cpu_lsq_backward>);
-  m.impl("native_lsq_multi_fwd", &lsq_multi_fwd_cpu);
-  m.impl("native_lsq_multi_bwd", &lsq_multi_bwd_cpu);
-}
+// The kernel ops of one compiled backend: `prefix` is cpu or cuda (the kernels of csrc/bquant.h and
+// the lsq_multi_*_<prefix> loops above).
+#define BQUANT_IMPL_KERNEL_OPS(m, prefix)                                             \
+  m.impl("native_batchquant_fwd", &batchquant_fwd<prefix##_batchquant_forward>);      \
+  m.impl("native_batchquant_bwd", &batchquant_bwd<prefix##_batchquant_backward>);     \
+  m.impl("native_batch_range", &batch_range<prefix##_batch_range>);                   \
+  m.impl("native_lsq_fwd", &lsq_fwd<prefix##_lsq_forward>);                           \
+  m.impl("native_lsq_bwd", &lsq_bwd<prefix##_lsq_backward>);                          \
+  m.impl("native_lsq_multi_fwd", &lsq_multi_fwd_##prefix);                           \
+  m.impl("native_lsq_multi_bwd", &lsq_multi_bwd_##prefix)
+
+TORCH_LIBRARY_IMPL(bquant, CPU, m) { BQUANT_IMPL_KERNEL_OPS(m, cpu); }
 
 #ifdef BQUANT_WITH_CUDA
-TORCH_LIBRARY_IMPL(bquant, CUDA, m) {
-  m.impl("native_batchquant_fwd", &batchquant_fwd<cuda_batchquant_forward>);
-  m.impl("native_batchquant_bwd", &batchquant_bwd<cuda_batchquant_backward>);
-  m.impl("native_batch_range", &batch_range<cuda_batch_range>);
-  m.impl("native_lsq_fwd", &lsq_fwd<cuda_lsq_forward>);
-  m.impl("native_lsq_bwd", &lsq_bwd<cuda_lsq_backward>);
-  m.impl("native_lsq_multi_fwd", &lsq_multi_fwd_cuda);
-  m.impl("native_lsq_multi_bwd", &lsq_multi_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(bquant, CUDA, m) { BQUANT_IMPL_KERNEL_OPS(m, cuda); }
 #endif
+
+#undef BQUANT_IMPL_KERNEL_OPS
 
 }  // namespace bquant

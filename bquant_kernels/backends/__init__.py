@@ -1,17 +1,25 @@
-"""Backend registry and selection.
+"""Backend registry, selection, and the backend contract.
 
-A backend is a module exposing the same functions, all taking tensors already validated and laid
-out by ``bquant_kernels.ops`` (``x`` dense, either contiguous or channels_last, viewed as
-``(outer, C, inner)`` in memory so that element ``i`` belongs to channel ``(i // inner) % C``):
+Two kinds of backend (``bquant_kernels/ops.py`` says which route each takes):
 
-- ``available() -> (bool, str)``; ``DTYPES``; ``DEVICES``
-- ``batch_range(x, C, inner) -> float32[2]``
-- ``batchquant_forward(x, theta, offset, lo_hi | None, bits, signed, C, inner) -> (y, qparams)``
-  (``y`` with the strides of ``x``; ``qparams`` per ``bquant_kernels.qparams``)
-- ``batchquant_backward(grad_y, x, offset, qparams, bits, signed) -> (grad_x, grad_theta[1], grad_offset[1])``
-  (``grad_y`` has the strides of ``x``; scalar gradients in the dtype of ``qparams``)
-- ``lsq_forward(w, step, bits, signed) -> w_hat``
-- ``lsq_backward(grad, w, step, bits, signed, numel_full) -> (grad_w, grad_step[1])``
+- The compiled backends ``cpu`` and ``cuda`` (``NATIVE``) are the native ops ``torch.ops.bquant.native_*``
+  of ``csrc/ops.cpp``; their modules here only report ``available()``, ``DTYPES`` and ``DEVICES``.
+- The Python backends ``reference`` and ``triton`` are modules with, besides those three, the functions
+  named in ``FUNCTIONS``, all taking tensors already validated and laid out by ``bquant_kernels.ops``
+  (``x`` dense, either contiguous or channels_last, viewed as ``(outer, C, inner)`` in memory so that
+  element ``i`` belongs to channel ``(i // inner) % C``; parameters with one element, of any shape):
+
+  - ``batch_range(x, C, inner) -> float32[2]``
+  - ``batchquant_forward(x, theta, offset, lo_hi | None, bits, signed, C, inner) -> (y, qparams)``
+    (``y`` with the strides of ``x``; ``qparams`` per ``bquant_kernels.qparams``)
+  - ``batchquant_backward(grad_y, x, offset, qparams, bits, signed) -> (grad_x, grad_theta[1], grad_offset[1])``
+    (``grad_y`` has the strides of ``x``; scalar gradients in the dtype of ``qparams``)
+  - ``lsq_forward(w, step, bits, signed) -> w_hat``
+  - ``lsq_backward(grad, w, step, bits, signed, numel_full) -> (grad_w, grad_step[1])``
+
+  The native ops ``native_batch_range``, ``native_batchquant_fwd``/``_bwd`` and ``native_lsq_fwd``/``_bwd``
+  are the same five functions for the compiled backends, with the layout handling inside (no ``C``,
+  ``inner``; ``native_lsq_fwd`` also takes ``numel_full``).
 """
 
 from __future__ import annotations
@@ -23,11 +31,14 @@ from types import ModuleType
 import torch
 
 NAMES = ("reference", "cpu", "triton", "cuda")
+NATIVE = ("cpu", "cuda")  # the compiled backends: csrc/, behind torch.ops.bquant.native_*
+FUNCTIONS = ("batch_range", "batchquant_forward", "batchquant_backward", "lsq_forward", "lsq_backward")
 # Default preference per device type, fastest first (see README, "Backends").
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
-def _load(name: str) -> ModuleType:
+def get_backend(name: str) -> ModuleType:
+    """The module of backend ``name`` (one of ``NAMES``)."""
     if name not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
     return importlib.import_module(f"{__name__}.{name}")
@@ -35,7 +46,7 @@ def _load(name: str) -> ModuleType:
 
 def backends() -> dict[str, tuple[bool, str]]:
     """Every backend with ``(available, reason)``."""
-    return {name: _load(name).available() for name in NAMES}
+    return {name: get_backend(name).available() for name in NAMES}
 
 
 _RESOLVED: dict[tuple[str | None, str, torch.dtype], str] = {}
@@ -61,11 +72,11 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> st
 def _resolve_uncached(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
     if requested is None:
         for name in _PREFERENCE.get(device.type, ("reference",)):
-            mod = _load(name)
+            mod = get_backend(name)
             if device.type in mod.DEVICES and dtype in mod.DTYPES and mod.available()[0]:
                 return name
         return "reference"
-    mod = _load(requested)
+    mod = get_backend(requested)
     ok, why = mod.available()
     if not ok:
         raise RuntimeError(f"backend={requested!r} is not available: {why}")
@@ -74,7 +85,3 @@ def _resolve_uncached(requested: str | None, device: torch.device, dtype: torch.
     if dtype not in mod.DTYPES:
         raise TypeError(f"backend={requested!r} does not support dtype {dtype}; supported: {mod.DTYPES}")
     return requested
-
-
-def get(name: str) -> ModuleType:
-    return _load(name)

@@ -1,21 +1,18 @@
-"""Fused CPU backend: the kernels of ``csrc/cpu/`` (one pass for the statistics, one for the
-quantization, one for the backward; parallel, vectorized, deterministic for any thread count)."""
+"""Fused CPU backend: the kernels of ``csrc/cpu/`` behind the native ops ``torch.ops.bquant.native_*``
+(one pass for the statistics, one for the quantization, one for the backward; parallel, vectorized,
+deterministic for any thread count)."""
 
 from __future__ import annotations
 
 import torch
 
-from .. import _ext
-from ._native import bind
+from .. import extension
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEVICES = ("cpu",)
 
 
 def available() -> tuple[bool, str]:
-    if _ext.ext is None:
-        return False, _ext.unavailable_reason
+    if extension.ext is None:
+        return False, extension.unavailable_reason
     return True, "compiled C++ kernels (csrc/cpu)"
-
-
-globals().update(bind("cpu"))

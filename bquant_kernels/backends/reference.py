@@ -38,7 +38,7 @@ def batch_range(x: Tensor, C: int, inner: int) -> Tensor:
     return torch.stack([m.double().mean(), M.double().mean()]).float()
 
 
-def _qparams(lo: Tensor, hi: Tensor, theta: Tensor, bits: int, signed: bool, dtype: torch.dtype) -> Tensor:
+def make_qparams(lo: Tensor, hi: Tensor, theta: Tensor, bits: int, signed: bool, dtype: torch.dtype) -> Tensor:
     """Observer (spec 1.2) and softplus (spec 1.3), in float64, stored in ``dtype``."""
     qmin, qmax = batchquant_grid(bits, signed)
     lo, hi = lo.double(), hi.double()
@@ -58,7 +58,7 @@ def _qparams(lo: Tensor, hi: Tensor, theta: Tensor, bits: int, signed: bool, dty
     return torch.stack(parts).to(dtype)
 
 
-def _element_pass(x: Tensor, offset: Tensor, qp: Tensor, bits: int, signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+def element_pass(x: Tensor, offset: Tensor, qp: Tensor, bits: int, signed: bool) -> tuple[Tensor, Tensor, Tensor]:
     """u and the spec 1.4 forward in the compute dtype: returns (xf, y, inside).
 
     For 16-bit ``x``, y = (q - z - o) * (S / l), as every backend computes it (a multiply where the
@@ -85,15 +85,15 @@ def batchquant_forward(
         lo, hi = m.double().mean(), M.double().mean()
     else:
         lo, hi = lo_hi[0], lo_hi[1]
-    qp = _qparams(lo, hi, theta, bits, signed, dt)
-    _, y, _ = _element_pass(x, offset, qp, bits, signed)
+    qp = make_qparams(lo, hi, theta, bits, signed, dt)
+    _, y, _ = element_pass(x, offset, qp, bits, signed)
     return y.to(x.dtype), qp
 
 
 def batchquant_backward(
     grad_y: Tensor, x: Tensor, offset: Tensor, qp: Tensor, bits: int, signed: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    xf, y, inside = _element_pass(x, offset, qp, bits, signed)
+    xf, y, inside = element_pass(x, offset, qp, bits, signed)
     g = grad_y.to(qp.dtype)
     l, scale, dl_dtheta = qp[L], qp[SCALE], qp[DL_DTHETA]
     grad_x = torch.where(inside, g, torch.zeros_like(g)).to(x.dtype)
@@ -101,7 +101,9 @@ def batchquant_backward(
     dy_do = torch.where(inside, torch.zeros_like(y), (-scale / l).expand_as(y))
     grad_l = (g * dy_dl).sum(dtype=torch.float64)
     grad_theta = (grad_l * dl_dtheta.double()).to(qp.dtype).reshape(1)
-    grad_offset = (g * dy_do).sum(dtype=torch.float64).to(qp.dtype).reshape(1)
+    grad_offset = (g * dy_do).sum(dtype=torch.float64)
+    # An infinite S (a +-inf in the batch range) makes grad_offset NaN whatever the signs of g (spec 1.7).
+    grad_offset = torch.where(torch.isfinite(scale), grad_offset, torch.nan).to(qp.dtype).reshape(1)
     return grad_x, grad_theta, grad_offset
 
 

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define BQ_HD __host__ __device__ __forceinline__
@@ -21,7 +22,7 @@
 namespace bquant {
 
 // Layout of the small float32 (float64 for float64 inputs) "qparams" tensor every BatchQuant
-// forward returns and its backward consumes. Keep in sync with bquant_kernels/_qparams.py.
+// forward returns and its backward consumes. Keep in sync with bquant_kernels/qparams.py.
 enum QParam : int {
   kLo = 0,        // batch (or stored) range, before the zero clamp
   kHi = 1,
@@ -59,18 +60,12 @@ BQ_HD Grid lsq_grid(int bits, bool is_signed) {
   return {-half, half - 1.0f};
 }
 
-// Round half to even (the default rounding mode), on host and device.
-BQ_HD float round_half_even(float v) {
+// Round half to even (the default rounding mode), on host and device, in float or double.
+template <typename T>
+BQ_HD T round_half_even(T v) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "round_half_even: float or double");
 #if defined(__CUDA_ARCH__)
-  return rintf(v);
-#else
-  return std::nearbyint(v);
-#endif
-}
-
-BQ_HD double round_half_even(double v) {
-#if defined(__CUDA_ARCH__)
-  return rint(v);
+  return rint(v);  // CUDA's C++ overloads: rintf for float
 #else
   return std::nearbyint(v);
 #endif
@@ -197,6 +192,20 @@ BQ_HD BQGradT<T> batchquant_elem_backward(T g, T x, const BQScalarsT<T>& p) {
   const T y = batchquant_y<true>(u, p);
   if (u >= p.qmin && u <= p.qmax) return {g, g * (x - y), T(0)};
   return {T(0), -g * y, g};
+}
+
+// The scalar gradients from the backward's two sums (spec 1.5), in double: grad_theta =
+// sum_dl / l * dl/dtheta, grad_offset = -sum_do * S / l. When S is not finite (a +-inf in the batch
+// range) each outside element's dy/do is infinite and the spec's sum of g * dy/do is NaN whatever the
+// signs of g (spec 1.7): every backend returns NaN there, not the +-inf of the factored product.
+struct BQScalarGrads {
+  double theta;
+  double offset;
+};
+
+BQ_HD BQScalarGrads batchquant_scalar_grads(double sum_dl, double sum_do, double l, double scale, double dl_dtheta) {
+  const bool finite_scale = scale - scale == 0.0;  // false for +-inf and NaN
+  return {sum_dl / l * dl_dtheta, finite_scale ? -sum_do * scale / l : scale - scale};
 }
 
 // LSQ (spec 2). v = w / |s| ; w_hat = |s| * round(clamp(v, Qn, Qp)).

@@ -216,9 +216,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_batchquant_backward(const at:
       sum_dl += s.dl;
       sum_do += s.dout;
     }
-    const double l = static_cast<double>(qp[kL]);
-    grad_theta.data_ptr<A>()[0] = static_cast<A>(sum_dl / l * static_cast<double>(qp[kDlDtheta]));
-    grad_offset.data_ptr<A>()[0] = static_cast<A>(-sum_do * static_cast<double>(qp[kScale]) / l);
+    const BQScalarGrads grads = batchquant_scalar_grads(sum_dl, sum_do, static_cast<double>(qp[kL]),
+                                                        static_cast<double>(qp[kScale]), static_cast<double>(qp[kDlDtheta]));
+    grad_theta.data_ptr<A>()[0] = static_cast<A>(grads.theta);
+    grad_offset.data_ptr<A>()[0] = static_cast<A>(grads.offset);
   });
   return {grad_x, grad_theta, grad_offset};
 }

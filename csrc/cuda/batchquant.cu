@@ -378,10 +378,9 @@ __global__ void __launch_bounds__(kThreads) batchquant_backward_kernel(const T* 
   dl = block_reduce(dl, SumOp{}, 0.0, dscratch);
   d_o = block_reduce(d_o, SumOp{}, 0.0, dscratch);
   if (threadIdx.x == 0) {
-    const double l = a.qparams[kL];
-    const double scale = a.qparams[kScale];
-    *a.grad_theta = static_cast<float>(dl / l * static_cast<double>(a.qparams[kDlDtheta]));
-    *a.grad_offset = static_cast<float>(-d_o * scale / l);
+    const BQScalarGrads grads = batchquant_scalar_grads(dl, d_o, a.qparams[kL], a.qparams[kScale], a.qparams[kDlDtheta]);
+    *a.grad_theta = static_cast<float>(grads.theta);
+    *a.grad_offset = static_cast<float>(grads.offset);
   }
 }
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bquant_kernels as bk
-from bquant_kernels.backends import get as get_backend
+from bquant_kernels.backends import get_backend
 
 # (backend, device) pairs the parity suite runs; unavailable ones are skipped with the reason.
 BACKEND_DEVICES = [

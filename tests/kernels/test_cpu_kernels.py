@@ -2,7 +2,8 @@
 
 Determinism across thread counts (bitwise), work-chunk and vector tails, NaN propagation, float64
 exactness against the reference, channels_last vs contiguous, the portable vs the AVX2 kernels, and
-input checks. The tests call the backend functions directly (the layer below ``bquant_kernels.ops``).
+input checks. The tests call the kernel ops directly (``torch.ops.bquant.native_*_fwd``/``_bwd``, the
+layer below ``bquant_kernels.ops`` and the native autograd op).
 
 Element outputs are compared bitwise with the reference backend's element pass run on the qparams
 the kernel returned: the kernel must evaluate the spec's float32 (float64) operations in the same
@@ -20,8 +21,8 @@ import pytest
 import torch
 from helpers import make_activation, poison_heap, require
 
-from bquant_kernels.backends import get as get_backend
-from bquant_kernels.ops import _layout
+from bquant_kernels.backends import get_backend
+from bquant_kernels.ops import dense_activation
 from bquant_kernels.qparams import DL_DTHETA, HI, LO, SCALE, L, batchquant_grid
 
 CHUNK = 8192  # kChunk of csrc/cpu/cpu_common.h: the fixed work unit of every parallel pass
@@ -38,7 +39,7 @@ INT_VIEW = {
 }
 
 ref = get_backend("reference")
-cpu = get_backend("cpu")
+native = torch.ops.bquant
 
 
 @pytest.fixture(autouse=True)
@@ -72,20 +73,19 @@ def _params(theta=0.3, offset=0.2):
 
 def _batchquant(x, g, theta, offset, bits=4, signed=False, lo_hi=None):
     """The CPU kernels on x (already dense): (y, qparams, grad_x, grad_theta, grad_offset)."""
-    xl, C, inner = _layout(x)
-    assert xl is x, "tests pass dense tensors"
+    assert dense_activation(x)[0] is x, "tests pass dense tensors"
     poison_heap(x.numel() * x.element_size(), "cpu")
-    y, qp = cpu.batchquant_forward(x, theta, offset, lo_hi, bits, signed, C, inner)
+    y, qp = native.native_batchquant_fwd(x, theta, offset, lo_hi, bits, signed)
     poison_heap(x.numel() * x.element_size(), "cpu")
-    gx, gt, go = cpu.batchquant_backward(g.as_strided(x.shape, x.stride()), x, offset, qp, bits, signed)
+    gx, gt, go = native.native_batchquant_bwd(g.as_strided(x.shape, x.stride()), x, offset, qp, bits, signed)
     return y, qp, gx, gt, go
 
 
 def _lsq(w, g, step, bits=4, signed=True, numel_full=None):
     numel_full = w.numel() if numel_full is None else numel_full
     poison_heap(w.numel() * w.element_size(), "cpu")
-    out = cpu.lsq_forward(w, step, bits, signed)
-    gw, gs = cpu.lsq_backward(g, w, step, bits, signed, numel_full)
+    out = native.native_lsq_fwd(w, step, bits, signed, numel_full)
+    gw, gs = native.native_lsq_bwd(g, w, step, bits, signed, numel_full)
     return out, gw, gs
 
 
@@ -113,7 +113,7 @@ def check_against_reference(x, g, offset, bits, signed, y, qp, gx, gt, go):
     gradients close to the reference's double sums, relative to the sum of |terms| (the kernel adds
     float32 terms in float32 within a chunk, float64 ones in float64)."""
     scalar_rtol = 1e-13 if qp.dtype == torch.float64 else 2e-5
-    xf, y_ref, inside = ref._element_pass(x, offset, qp, bits, signed)
+    xf, y_ref, inside = ref.element_pass(x, offset, qp, bits, signed)
     assert_bitwise(y, y_ref.to(x.dtype), "y")
     gx_ref, gt_ref, go_ref = ref.batchquant_backward(g, x, offset, qp, bits, signed)
     assert_bitwise(gx, gx_ref, "grad_x")
@@ -220,7 +220,7 @@ def test_vector_tail_sizes(dtype, per_channel):
         y, qp, gx, gt, go = _batchquant(x, g, theta, offset, bits=4)
         lo, hi = expected_range(x)
         assert_bitwise(qp[LO : HI + 1], torch.tensor([lo, hi], dtype=qp.dtype), "qparams lo, hi")
-        rng = cpu.batch_range(*_layout(x))
+        rng = native.native_batch_range(x)
         assert_bitwise(rng, torch.tensor([lo, hi], dtype=torch.float32), "batch_range")
         check_against_reference(x, g, offset, 4, False, y, qp, gx, gt, go)
         w = x.reshape(-1)
@@ -235,7 +235,7 @@ def test_channels_last_matches_contiguous(dtype):
     for shape in ((5, 12, 9, 11), (7, 20, 33)):
         x = _activation(shape, dtype, seed=7)
         x_cl = _channels_last(x)
-        assert _layout(x)[2] > 1 and _layout(x_cl)[2] == 1
+        assert dense_activation(x)[2] > 1 and dense_activation(x_cl)[2] == 1
         g = _randn_like(x, 8)
         a = _batchquant(x, g, theta, offset)
         b = _batchquant(x_cl, _channels_last(g), theta, offset)
@@ -282,7 +282,7 @@ def test_nan_propagates(shape, channels_last, where):
     g = _randn_like(x, 12)
     theta, offset = _params()
 
-    rng = cpu.batch_range(*_layout(x))
+    rng = native.native_batch_range(x)
     assert torch.isnan(rng).all(), "a NaN anywhere makes lo and hi NaN (like torch.amin / amax)"
     y, qp, gx, gt, go = _batchquant(x, g, theta, offset)
     assert torch.isnan(qp[LO : HI + 1]).all() and torch.isnan(y).all()
@@ -290,7 +290,7 @@ def test_nan_propagates(shape, channels_last, where):
     lo_hi = torch.tensor([-1.0, 2.0])
     y, qp, gx, gt, go = _batchquant(x, g, theta, offset, lo_hi=lo_hi)
     assert torch.equal(torch.isnan(y), torch.isnan(x)), "with lo_hi only the NaN element is NaN"
-    _, y_ref, _ = ref._element_pass(x, offset, qp, 4, False)
+    _, y_ref, _ = ref.element_pass(x, offset, qp, 4, False)
     assert_bitwise(y, y_ref, "y with lo_hi")
     gx_ref, gt_ref, go_ref = ref.batchquant_backward(g.as_strided(x.shape, x.stride()), x, offset, qp, 4, False)
     assert_bitwise(gx, gx_ref, "grad_x")
@@ -319,7 +319,7 @@ def test_float64_matches_reference(kind, shape, channels_last):
     theta = torch.tensor([0.45], dtype=torch.float64)
     offset = torch.tensor([-0.27], dtype=torch.float64)
     y, qp, gx, gt, go = _batchquant(x, g, theta, offset, bits=6)
-    _, C, inner = _layout(x)
+    _, C, inner = dense_activation(x)
     y_ref, qp_ref = ref.batchquant_forward(x, theta, offset, None, 6, False, C, inner)
     assert qp.dtype == torch.float64
     torch.testing.assert_close(qp, qp_ref, rtol=1e-13, atol=0.0)  # lo/hi: channel sums in another order
@@ -345,11 +345,11 @@ def test_float64_matches_reference(kind, shape, channels_last):
 _ISA_CODE = textwrap.dedent(
     """
     import torch
-    from bquant_kernels.backends import get
-    from bquant_kernels.ops import _layout
+
+    import bquant_kernels  # noqa: F401  (loads the extension, which registers torch.ops.bquant)
 
     def outputs():
-        cpu = get("cpu")
+        native = torch.ops.bquant
         out = []
         cases = [((7, 9, 11, 13), False), ((7, 9, 11, 13), True), ((45, 301), False), ((2, 300, 21), False)]
         for i, dtype in enumerate([torch.float32, torch.float64, torch.float16, torch.bfloat16]):
@@ -359,10 +359,11 @@ _ISA_CODE = textwrap.dedent(
                 x = x.contiguous(memory_format=torch.channels_last) if cl else x
                 g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).as_strided(x.shape, x.stride())
                 th, of = torch.tensor([0.6]), torch.tensor([0.15])
-                y, qp = cpu.batchquant_forward(x, th, of, None, 3, True, *_layout(x)[1:])
-                out += [cpu.batch_range(*_layout(x)), y, qp, *cpu.batchquant_backward(g, x, of, qp, 3, True)]
+                y, qp = native.native_batchquant_fwd(x, th, of, None, 3, True)
+                out += [native.native_batch_range(x), y, qp, *native.native_batchquant_bwd(g, x, of, qp, 3, True)]
                 w, gw = x.contiguous(), g.contiguous()
-                out += [cpu.lsq_forward(w, th, 4, True), *cpu.lsq_backward(gw, w, th, 4, True, 2 * w.numel())]
+                out += [native.native_lsq_fwd(w, th, 4, True, w.numel())]
+                out += native.native_lsq_bwd(gw, w, th, 4, True, 2 * w.numel())
         return out
     """
 )
@@ -389,34 +390,30 @@ def test_portable_and_avx2_kernels_agree(tmp_path):
 
 
 def test_invalid_inputs_raise_clear_errors():
+    """The C++ checks of the kernel ops, for callers of torch.ops.bquant that bypass bquant_kernels.checks
+    (the layout arguments C and inner of the kernels are computed by the op, so they cannot be wrong)."""
     x = _activation((2, 3, 4, 5), torch.float32)
     t, o = _params()
     with pytest.raises(RuntimeError, match="x must be float16, bfloat16, float32 or float64"):
-        cpu.batchquant_forward(x.int(), t, o, None, 4, False, 3, 20)
-    with pytest.raises(RuntimeError, match="C must equal x.size"):
-        cpu.batchquant_forward(x, t, o, None, 4, False, 4, 20)
-    with pytest.raises(RuntimeError, match="inner = 1 does not match"):
-        cpu.batch_range(x, 3, 1)
-    with pytest.raises(RuntimeError, match="x must be dense"):
-        cpu.batchquant_forward(x[:, ::2], t, o, None, 4, False, 2, 20)
+        native.native_batchquant_fwd(x.int(), t, o, None, 4, False)
+    with pytest.raises(RuntimeError, match="x must have at least 2 dimensions"):
+        native.native_batch_range(x.reshape(-1))
     with pytest.raises(RuntimeError, match="theta must have 1 element"):
-        cpu.batchquant_forward(x, torch.zeros(2), o, None, 4, False, 3, 20)
+        native.native_batchquant_fwd(x, torch.zeros(2), o, None, 4, False)
     with pytest.raises(RuntimeError, match="lo_hi must have 2 element"):
-        cpu.batchquant_forward(x, t, o, torch.zeros(3), 4, False, 3, 20)
+        native.native_batchquant_fwd(x, t, o, torch.zeros(3), 4, False)
     with pytest.raises(RuntimeError, match="bits must be in"):
-        cpu.batchquant_forward(x, t, o, None, 0, False, 3, 20)
-    _, qp = cpu.batchquant_forward(x, t, o, None, 4, False, 3, 20)
-    with pytest.raises(RuntimeError, match="grad_y must have the sizes and strides of x"):
-        cpu.batchquant_backward(x.contiguous(memory_format=torch.channels_last), x, o, qp, 4, False)
+        native.native_batchquant_fwd(x, t, o, None, 0, False)
+    _, qp = native.native_batchquant_fwd(x, t, o, None, 4, False)
     with pytest.raises(RuntimeError, match="grad_y must have the dtype of x"):
-        cpu.batchquant_backward(x.double(), x, o, qp, 4, False)
+        native.native_batchquant_bwd(x.double(), x, o, qp, 4, False)
     with pytest.raises(RuntimeError, match="qparams must be Float"):
-        cpu.batchquant_backward(x, x, o, qp.double(), 4, False)
+        native.native_batchquant_bwd(x, x, o, qp.double(), 4, False)
     with pytest.raises(RuntimeError, match="qparams must have 6 element"):
-        cpu.batchquant_backward(x, x, o, qp[:5], 4, False)
+        native.native_batchquant_bwd(x, x, o, qp[:5], 4, False)
     with pytest.raises(RuntimeError, match="numel_full must be >= w.numel"):
-        cpu.lsq_backward(x, x, t, 4, True, x.numel() - 1)
+        native.native_lsq_bwd(x, x, t, 4, True, x.numel() - 1)
     with pytest.raises(RuntimeError, match="step must have 1 element"):
-        cpu.lsq_forward(x, torch.ones(2), 4, True)
+        native.native_lsq_fwd(x, torch.ones(2), 4, True, x.numel())
     with pytest.raises(RuntimeError, match="w must not be empty"):
-        cpu.lsq_forward(torch.empty(0), t, 4, True)
+        native.native_lsq_fwd(torch.empty(0), t, 4, True, 0)

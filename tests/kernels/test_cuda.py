@@ -15,10 +15,9 @@ import torch
 from helpers import allowed_flips, assert_quant_close, make_activation
 
 import bquant_kernels as bk
-from bquant_kernels import _ext
-from bquant_kernels.backends import get as get_backend
-from bquant_kernels.backends.reference import _element_pass
-from bquant_kernels.ops import _layout
+from bquant_kernels.backends import get_backend
+from bquant_kernels.backends.reference import element_pass
+from bquant_kernels.ops import dense_activation
 from bquant_kernels.qparams import DL_DTHETA, HI, LO, SCALE, ZERO, L
 
 
@@ -31,7 +30,8 @@ def _cuda_unavailable() -> str | None:
 
 _SKIP = _cuda_unavailable()
 REF = get_backend("reference")
-CUDA = get_backend("cuda")
+CUDA = "cuda"  # _forward of the cuda backend: its kernel op (below the autograd op)
+NATIVE = torch.ops.bquant
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
@@ -92,7 +92,9 @@ def _poison(nbytes: int) -> int:
 
 
 def _forward(backend, x, theta, offset, bits, signed, lo_hi=None):
-    xl, C, inner = _layout(x)
+    if backend == CUDA:
+        return NATIVE.native_batchquant_fwd(x, theta, offset, lo_hi, bits, signed)
+    xl, C, inner = dense_activation(x)
     return backend.batchquant_forward(xl, theta, offset, lo_hi, bits, signed, C, inner)
 
 
@@ -110,7 +112,7 @@ def _assert_forward_matches_reference(x, y, qp, theta, offset, bits, signed, lo_
 def _grad_scales(g, x, offset, qp, bits, signed) -> tuple[float, float]:
     """Natural scales of grad_theta and grad_offset (sums of |terms|): their rounding error is relative
     to these, not to the (possibly cancelling) sums themselves."""
-    y = _element_pass(x, offset, qp, bits, signed)[1]
+    y = element_pass(x, offset, qp, bits, signed)[1]
     gd, xd, yd = g.double(), x.double(), y.double()
     l, scale = float(qp[L]), float(qp[SCALE])
     dl_scale = float((gd.abs() * (xd.abs() + yd.abs())).sum()) / l * float(qp[DL_DTHETA])
@@ -179,7 +181,7 @@ def test_batchquant_outputs_written_and_match_reference(dtype, case, stored_rang
 
     g = _grad_like(x, seed=case)
     address = _poison(nbytes)
-    grads = CUDA.batchquant_backward(g, x, offset, qp, bits, signed)
+    grads = NATIVE.native_batchquant_bwd(g, x, offset, qp, bits, signed)
     assert grads[0].data_ptr() == address, "grad_x did not reuse the poisoned block"
     assert not torch.isnan(grads[0]).any(), "grad_x has unwritten (NaN-poisoned) elements"
     _assert_backward_matches_reference(g, x, offset, qp, bits, signed, grads)
@@ -193,13 +195,13 @@ def test_lsq_outputs_written_and_match_reference(dtype, shape, misalign):
     step = torch.tensor([-0.04], device="cuda")  # |s| is used; sign(s) enters the step gradient
     bits, numel_full = 3, 2 * w.numel()
     address = _poison(w.numel() * w.element_size())
-    w_hat = CUDA.lsq_forward(w, step, bits, True)
+    w_hat = NATIVE.native_lsq_fwd(w, step, bits, True, w.numel())
     assert w_hat.data_ptr() == address and not torch.isnan(w_hat).any()
     torch.testing.assert_close(w_hat, REF.lsq_forward(w, step, bits, True), rtol=0, atol=0)
 
     g = _grad_like(w)
     address = _poison(w.numel() * w.element_size())
-    gw, gs = CUDA.lsq_backward(g, w, step, bits, True, numel_full)
+    gw, gs = NATIVE.native_lsq_bwd(g, w, step, bits, True, numel_full)
     assert gw.data_ptr() == address and not torch.isnan(gw).any()
     gw_ref, gs_ref = REF.lsq_backward(g, w, step, bits, True, numel_full)
     torch.testing.assert_close(gw, gw_ref, rtol=0, atol=0)
@@ -222,8 +224,8 @@ def test_misaligned_storage_gives_the_aligned_numbers(dtype):
         g = _grad_like(aligned)
         gs_ = torch.empty_like(shifted).copy_(g)
         ga, gb = (
-            CUDA.batchquant_backward(g, aligned, offset, qa, 4, False),
-            CUDA.batchquant_backward(gs_, shifted, offset, qs, 4, False),
+            NATIVE.native_batchquant_bwd(g, aligned, offset, qa, 4, False),
+            NATIVE.native_batchquant_bwd(gs_, shifted, offset, qs, 4, False),
         )
         assert torch.equal(ga[0], gb[0])
         _assert_scalar_grads_close(ga[1:], gb[1:], _grad_scales(g, aligned, offset, qa, 4, False))
@@ -277,13 +279,13 @@ def test_bitwise_deterministic(dtype, layout):
 
 def _graph_workload(x, g, theta, offset, lo_hi, w, gw, step, ws, gws, steps):
     y, qp = _forward(CUDA, x, theta, offset, 4, False)
-    gx, gt, go = CUDA.batchquant_backward(g, x, offset, qp, 4, False)
+    gx, gt, go = NATIVE.native_batchquant_bwd(g, x, offset, qp, 4, False)
     y_eval, _ = _forward(CUDA, x, theta, offset, 4, False, lo_hi=lo_hi)
-    r = CUDA.batch_range(*_layout(x))
-    w_hat = CUDA.lsq_forward(w, step, 3, True)
-    gw_out, gs = CUDA.lsq_backward(gw, w, step, 3, True, w.numel())
-    multi = _ext.ext.cuda_lsq_multi_forward(ws, steps, [2, 4, 8], True)
-    multi_gw, multi_gs = _ext.ext.cuda_lsq_multi_backward(gws, ws, steps, [2, 4, 8], True, [t.numel() for t in ws])
+    r = NATIVE.native_batch_range(x)
+    w_hat = NATIVE.native_lsq_fwd(w, step, 3, True, w.numel())
+    gw_out, gs = NATIVE.native_lsq_bwd(gw, w, step, 3, True, w.numel())
+    multi = NATIVE.native_lsq_multi_fwd(ws, steps, [2, 4, 8], True)
+    multi_gw, multi_gs = NATIVE.native_lsq_multi_bwd(gws, ws, steps, [2, 4, 8], True, [t.numel() for t in ws])
     return [y, qp, gx, gt, go, y_eval, r, w_hat, gw_out, gs, *multi, *multi_gw, multi_gs]
 
 
@@ -340,7 +342,7 @@ def test_concurrent_streams():
 
     def work(x, g, theta, offset):
         y, qp = _forward(CUDA, x, theta, offset, 4, False)
-        return [y, qp, *CUDA.batchquant_backward(g, x, offset, qp, 4, False)]
+        return [y, qp, *NATIVE.native_batchquant_bwd(g, x, offset, qp, 4, False)]
 
     expected = [work(*inp) for inp in inputs]
     streams = [torch.cuda.Stream() for _ in inputs]
@@ -388,13 +390,13 @@ def test_launch_counts():
     assert len(launches) == 2, launches
     assert len(_kernel_launches(lambda: _forward(CUDA, x, theta, offset, 4, False, lo_hi))) == 1
     _, qp = _forward(CUDA, x, theta, offset, 4, False)
-    assert len(_kernel_launches(lambda: CUDA.batchquant_backward(x, x, offset, qp, 4, False))) == 1
+    assert len(_kernel_launches(lambda: NATIVE.native_batchquant_bwd(x, x, offset, qp, 4, False))) == 1
     ws = [torch.randn(17 * (i + 1), device="cuda") for i in range(100)]
     steps = [torch.tensor([0.1], device="cuda") for _ in ws]
     bits = [2 + i % 7 for i in range(100)]
-    assert len(_kernel_launches(lambda: _ext.ext.cuda_lsq_multi_forward(ws, steps, bits, True))) == 1
+    assert len(_kernel_launches(lambda: NATIVE.native_lsq_multi_fwd(ws, steps, bits, True))) == 1
     full = [t.numel() for t in ws]
-    assert len(_kernel_launches(lambda: _ext.ext.cuda_lsq_multi_backward(ws, ws, steps, bits, True, full))) == 1
+    assert len(_kernel_launches(lambda: NATIVE.native_lsq_multi_bwd(ws, ws, steps, bits, True, full))) == 1
 
 
 # ----------------------------------------------------------------------------- 64-bit indexing
@@ -413,11 +415,11 @@ def test_more_than_2_pow_31_elements():
     lo_hi_ref = REF.batch_range(x, 64, 64 * 64)
     torch.testing.assert_close(qp[[LO, HI]], lo_hi_ref, rtol=1e-6, atol=0)
     tail = slice(-3, None)  # elements past index 2^31
-    y_tail = _element_pass(x[tail], offset, qp, 4, False)[1].to(x.dtype)
+    y_tail = element_pass(x[tail], offset, qp, 4, False)[1].to(x.dtype)
     assert int((y[tail] != y_tail).sum()) <= allowed_flips(y_tail.numel())
     del y
-    gx, gt, go = CUDA.batchquant_backward(x, x, offset, qp, 4, False)
-    inside = _element_pass(x[tail], offset, qp, 4, False)[2]
+    gx, gt, go = NATIVE.native_batchquant_bwd(x, x, offset, qp, 4, False)
+    inside = element_pass(x[tail], offset, qp, 4, False)[2]
     assert torch.equal(gx[tail], torch.where(inside, x[tail], torch.zeros_like(x[tail])))
     assert torch.isfinite(gt).all() and torch.isfinite(go).all()
 
@@ -438,12 +440,12 @@ def test_bad_input_is_rejected_with_the_argument_name():
     with pytest.raises(RuntimeError, match="theta must be float32, float64, float16 or bfloat16"):
         _forward(CUDA, x, torch.zeros(1, device="cuda", dtype=torch.int32), offset, 4, False)
     y, qp = _forward(CUDA, x, theta, offset, 4, False)
-    with pytest.raises(RuntimeError, match="grad_y must have the shape and strides of x"):
-        CUDA.batchquant_backward(y.contiguous(memory_format=torch.channels_last), x, offset, qp, 4, False)
+    with pytest.raises(RuntimeError, match="grad_y must have the shape of x"):
+        NATIVE.native_batchquant_bwd(y[:, :2], x, offset, qp, 4, False)
     with pytest.raises(RuntimeError, match="qparams must be a contiguous float32 tensor"):
-        CUDA.batchquant_backward(y, x, offset, qp[:4], 4, False)
+        NATIVE.native_batchquant_bwd(y, x, offset, qp[:4], 4, False)
     with pytest.raises(RuntimeError, match="numel_full must be >= w.numel"):
-        CUDA.lsq_backward(x, x, theta, 4, True, 3)
+        NATIVE.native_lsq_bwd(x, x, theta, 4, True, 3)
     with pytest.raises(ValueError, match="share one device and dtype"):
         bk.lsq_multi([x, x.half()], [theta, theta], 4)
 

@@ -152,7 +152,7 @@ def test_recalibration_is_batch_size_weighted_mean():
     torch.testing.assert_close(model.a.lo_hi.double(), exp_a, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(model.b.lo_hi.double(), exp_b, rtol=1e-6, atol=1e-7)
     assert torch.equal(model.unused.lo_hi, torch.zeros(2)), "inactive quantizers keep their values"
-    assert all(q._range_sink is None for q in (model.a, model.b, model.unused))
+    assert all(q.range_sink is None for q in (model.a, model.b, model.unused))
 
 
 def test_recalibration_writes_nothing_on_error():
@@ -161,7 +161,7 @@ def test_recalibration_writes_nothing_on_error():
         model(make_activation((2, 3, 4, 4)).float())
         raise RuntimeError("boom")
     assert torch.equal(model.a.lo_hi, torch.zeros(2))
-    assert model.a._range_sink is None
+    assert model.a.range_sink is None
 
 
 def test_recalibration_under_distributed_single_rank(tmp_path):

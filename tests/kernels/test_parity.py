@@ -23,7 +23,7 @@ from helpers import (
 )
 
 import bquant_kernels as bk
-from bquant_kernels.backends import get as get_backend
+from bquant_kernels.backends import get_backend
 from bquant_kernels.qparams import SCALE, ZERO, L
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

@@ -261,7 +261,7 @@ def test_finish_folds_partials_in_order(device):
     empty[0] = False  # every channel has data somewhere
     part = torch.stack([a.masked_fill(empty, math.inf), b.masked_fill(empty, -math.inf)]).to(device)
     out = torch.empty(2, device=device)
-    blocks = tbq._finish_blocks(n_splits, C)
+    blocks = tbq.range_finish_blocks(n_splits, C)
     _finish_range_kernel[(1,)](part, out, n_splits, C, BLOCK_S=blocks["FINISH_S"], BLOCK_C=blocks["FINISH_C"])
     lo = part[0].cpu().double().amin(0).mean()
     hi = part[1].cpu().double().amax(0).mean()
@@ -308,7 +308,7 @@ def test_every_output_element_written(device, monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned(empty))
     monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
     for xi in xs:
-        _, C, inner = bk.ops._layout(xi)
+        _, C, inner = bk.ops.dense_activation(xi)
         outs = [triton_backend.batch_range(xi, C, inner)]
         for lo_hi in (None, torch.tensor([-1.0, 1.0], device=device)):
             y, qp = triton_backend.batchquant_forward(xi, theta, offset, lo_hi, 4, False, C, inner)

@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 from bquant_kernels import BatchQuantizer, LSQQuantizer, lsq
-from bquant_kernels.backends.reference import _qparams as reference_qparams
+from bquant_kernels.backends.reference import make_qparams as reference_qparams
 from bquant_kernels.qparams import SCALE, ZERO, L
 from qfa.export.onnx_export import (
     IR_VERSION,

@@ -12,6 +12,17 @@ from collections.abc import Callable
 
 import torch
 
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "available",
+    "batch_range",
+    "batchquant_backward",
+    "batchquant_forward",
+    "lsq_backward",
+    "lsq_forward",
+]
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _missing_reason = ""
@@ -19,12 +30,12 @@ try:
     from .batchquant import batch_range, batchquant_backward, batchquant_forward
     from .launch import INTERPRET
     from .lsq import lsq_backward, lsq_forward
-except ImportError as err:  # triton not installed (or not importable here)
+except ImportError as err:  # triton not installed (or not importable here): available() says why
     _missing_reason = f"triton cannot be imported ({err})"
     INTERPRET = False
 
-    def _unavailable(name: str) -> Callable:
-        def missing(*_args, **_kwargs):
+    def _unavailable(name: str) -> Callable[..., None]:
+        def missing(*_args, **_kwargs) -> None:
             raise RuntimeError(f"the triton backend's {name} cannot run: {_missing_reason}")
 
         return missing
@@ -34,6 +45,7 @@ except ImportError as err:  # triton not installed (or not importable here)
     batchquant_backward = _unavailable("batchquant_backward")
     lsq_forward = _unavailable("lsq_forward")
     lsq_backward = _unavailable("lsq_backward")
+
 
 DEVICES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 

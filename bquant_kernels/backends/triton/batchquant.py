@@ -44,8 +44,6 @@ _QP_SCALE: tl.constexpr = tl.constexpr(SCALE)
 _QP_ZERO: tl.constexpr = tl.constexpr(ZERO)
 _QP_L: tl.constexpr = tl.constexpr(L)
 _QP_DL_DTHETA: tl.constexpr = tl.constexpr(DL_DTHETA)
-_FINISH_BLOCK: tl.constexpr = tl.constexpr(FINISH_BLOCK)
-
 _TILE_CONFIGS = [
     triton.Config({"TILE": 2048}, num_warps=4),
     triton.Config({"TILE": 4096}, num_warps=4),
@@ -286,19 +284,21 @@ def _quantize_backward(
     tl.store(part_ptr + pid, tl.sum(acc_dl, axis=0))
     tl.store(part_ptr + n_programs + pid, tl.sum(acc_do, axis=0))
     if last_program(counter_ptr):
-        finish_grads(part_ptr, qp_ptr, grad_theta_ptr, grad_offset_ptr, n_programs, _FINISH_BLOCK)
+        finish_grads(part_ptr, qp_ptr, grad_theta_ptr, grad_offset_ptr, n_programs, FINISH_BLOCK)
 
 
 @triton.jit
 def finish_grads(part_ptr, qp_ptr, grad_theta_ptr, grad_offset_ptr, n_programs, BLOCK: tl.constexpr):
-    """Run by one program: grad_theta = sum_dl / l * dl/dtheta, grad_offset = -sum_do * S / l, in float64."""
+    """Run by one program: grad_theta = sum_dl / l * dl/dtheta, grad_offset = -sum_do * S / l, in float64;
+    grad_offset is NaN when S is not finite (csrc/common/quant_math.h, batchquant_scalar_grads)."""
     sum_dl = sum_partials(part_ptr, n_programs, BLOCK)
     sum_do = sum_partials(part_ptr + n_programs, n_programs, BLOCK)
     scale = tl.load(qp_ptr + _QP_SCALE).to(tl.float64)
     l = tl.load(qp_ptr + _QP_L).to(tl.float64)
     dl_dtheta = tl.load(qp_ptr + _QP_DL_DTHETA).to(tl.float64)
     tl.store(grad_theta_ptr, (sum_dl / l * dl_dtheta).to(tl.float32))
-    tl.store(grad_offset_ptr, (-sum_do * scale / l).to(tl.float32))
+    finite_scale = scale - scale == 0.0  # false for +-inf and NaN
+    tl.store(grad_offset_ptr, tl.where(finite_scale, -sum_do * scale / l, scale - scale).to(tl.float32))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -312,7 +312,7 @@ def _inner_block(inner: int) -> int:
     return max(candidates, key=lambda b: (inner / (triton.cdiv(inner, b) * b), b))
 
 
-def _finish_blocks(n_splits: int, C: int) -> dict[str, int]:
+def range_finish_blocks(n_splits: int, C: int) -> dict[str, int]:
     """Tile of the range finish: (split, channel) partials per iteration, about _RANGE_FINISH_TILE."""
     block_s = min(triton.next_power_of_2(n_splits), 64)
     return {"FINISH_S": block_s, "FINISH_C": min(triton.next_power_of_2(C), max(16, _RANGE_FINISH_TILE // block_s))}
@@ -331,7 +331,7 @@ def _range(x: Tensor, C: int, inner: int, out: Tensor, theta: Tensor, grid: tupl
         part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
         _channel_minmax_rows[lambda meta: (triton.cdiv(C, block_c), n_splits)](
             x, part, out, theta, counter, rows, C, n_splits, size_class(numel), grid[0], grid[1],
-            BLOCK_C=block_c, WITH_QPARAMS=with_qparams, **_finish_blocks(n_splits, C),
+            BLOCK_C=block_c, WITH_QPARAMS=with_qparams, **range_finish_blocks(n_splits, C),
         )  # fmt: skip
         return
     outer = numel // (C * inner)
@@ -344,7 +344,7 @@ def _range(x: Tensor, C: int, inner: int, out: Tensor, theta: Tensor, grid: tupl
     part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
     _channel_minmax_planes[(C, n_splits)](
         x, part, out, theta, counter, C, inner, C * inner, n_rows, n_inner_blocks, n_splits, size_class(numel),
-        grid[0], grid[1], BLOCK_I=block_i, WITH_QPARAMS=with_qparams, **_finish_blocks(n_splits, C),
+        grid[0], grid[1], BLOCK_I=block_i, WITH_QPARAMS=with_qparams, **range_finish_blocks(n_splits, C),
     )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 import triton.testing
 
 
@@ -33,8 +34,9 @@ ELEMENTWISE_CONFIGS = [
     triton.Config({"BLOCK": 4096}, num_warps=8),
 ]
 ELEMENTWISE_INTERPRET = triton.Config({"BLOCK": 1024})
-# Partials per iteration of the one-program finishing kernels (float64 accumulators).
-FINISH_BLOCK = 1024
+# Partials per iteration of the one-program finishing kernels (float64 accumulators); a constexpr
+# global, which the kernels of batchquant.py and lsq.py read as such.
+FINISH_BLOCK: tl.constexpr = tl.constexpr(1024)
 
 
 def size_class(n: int) -> int:

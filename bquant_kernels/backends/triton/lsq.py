@@ -22,8 +22,6 @@ from .quant_math import lsq_elem, lsq_elem_backward
 from .reductions import last_program, sum_partials
 from .rounding import cast_rne
 
-_FINISH_BLOCK: tl.constexpr = tl.constexpr(FINISH_BLOCK)
-
 
 @tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)
 @triton.jit
@@ -68,7 +66,7 @@ def _lsq_quantize_backward(
         acc += ds_term  # masked lanes have g = 0
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
     if last_program(counter_ptr):
-        finish_grad_step(part_ptr, step_ptr, grad_step_ptr, n_programs, numel_full, qp, _FINISH_BLOCK)
+        finish_grad_step(part_ptr, step_ptr, grad_step_ptr, n_programs, numel_full, qp, FINISH_BLOCK)
 
 
 @triton.jit

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .backends import resolve as _resolve_backend
-from .ops import _NATIVE, lsq
+from .backends import NATIVE, resolve
+from .checks import check_lsq_multi
+from .ops import lsq_checked
 
 __all__ = ["lsq_multi"]
 
@@ -53,29 +54,13 @@ def lsq_multi(
     bits = [bits] * n if isinstance(bits, int) and not isinstance(bits, bool) else list(bits)
     if len(bits) != n:
         raise ValueError(f"bits must be an int or have one entry per weight ({n}), got {len(bits)}")
-    full = [w.numel() for w in weights] if numel_full is None else list(numel_full)
-    if len(full) != n:
-        raise ValueError(f"numel_full must have one entry per weight ({n}), got {len(full)}")
+    if numel_full is not None and len(numel_full) != n:
+        raise ValueError(f"numel_full must have one entry per weight ({n}), got {len(numel_full)}")
     if n == 0:
         return []
-    w0 = weights[0]
-    if not isinstance(w0, Tensor):
-        raise TypeError(f"weights[0] must be a torch.Tensor, got {type(w0).__name__}")
-    name = _resolve_backend(backend, w0.device, w0.dtype)
-    # The integer arguments are checked here for every backend (the native op checks them again, with
-    # the tensors' properties, in C++; a C++ check that throws has crashed one GPU machine: README).
-    for i, (w, b, nf) in enumerate(zip(weights, bits, full, strict=True)):
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
-            raise ValueError(f"bits[{i}] must be in [1, 8], got {b!r}")
-        if isinstance(w, Tensor) and (isinstance(nf, bool) or not isinstance(nf, int) or nf < w.numel()):
-            raise ValueError(f"numel_full[{i}] must be an int >= weights[{i}].numel() ({w.numel()}), got {nf!r}")
-    if name in _NATIVE:
+    full = check_lsq_multi(weights, steps, bits, numel_full)  # every entry, before any kernel runs
+    name = resolve(backend, weights[0].device, weights[0].dtype)
+    if name in NATIVE:
         return list(torch.ops.bquant.native_lsq_multi(weights, steps, bits, bool(signed), full))
-    for i, w in enumerate(weights):
-        if isinstance(w, Tensor) and (w.device != w0.device or w.dtype != w0.dtype):
-            raise ValueError(
-                f"weights must share one device and dtype: weights[{i}] is {w.dtype} on {w.device}, "
-                f"weights[0] is {w0.dtype} on {w0.device}"
-            )
     per_tensor = zip(weights, steps, bits, full, strict=True)
-    return [lsq(w, s, b, signed=signed, numel_full=nf, backend=name) for w, s, b, nf in per_tensor]
+    return [lsq_checked(w, s, b, bool(signed), nf, name) for w, s, b, nf in per_tensor]

@@ -8,8 +8,8 @@ from types import ModuleType
 
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
-# Bumped whenever the C++/CUDA binding signatures change; a build with another value is stale.
-API_VERSION = 3
+# Must equal kApiVersion of csrc/bquant.h (bump both when an op changes); a build with another value is stale.
+API_VERSION = 4
 
 ext: ModuleType | None = None
 unavailable_reason: str = ""

@@ -14,7 +14,7 @@ import json
 import sys
 
 from qfa.checkpoint import load_any
-from qfa.commands.flags import add_checkpoint_arg
+from qfa.commands.flags import add_checkpoint_arg, add_subnets_arg
 from qfa.cost import CostModel
 from qfa.flops_lut import table_to_json
 from qfa.io import atomic_write_text
@@ -34,9 +34,8 @@ LUT_METRICS = {"published_lut_flops": "the published table", "lut_flops": "ours,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--subnets",
-        default=None,
+    add_subnets_arg(
+        p,
         help="configs: a .json/.jsonl file of SubnetConfig dicts (or {'config': ...} records), any of min, max, "
         "fp (comma-separated), or published-pareto (the published Pareto front, shipped)",
     )

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -75,6 +76,42 @@ inline A act_bwd(A z, A g) {
     return z < A(-3) ? A(0) : (z <= A(3) ? g * (z / A(3) + A(0.5)) : g);
   } else {
     return g;
+  }
+}
+
+// NaN-propagating min / max as two selects (if-converted and vectorized, unlike nan_min's `||`).
+template <typename A>
+inline A vmin(A acc, A v) {
+  const A m = v < acc ? v : acc;
+  return v != v ? v : m;
+}
+template <typename A>
+inline A vmax(A acc, A v) {
+  const A m = v > acc ? v : acc;
+  return v != v ? v : m;
+}
+
+// Sums of v[j] and v[j] * (w[j] - m) over a segment, in kLanes double accumulators (the fixed inner
+// loop vectorizes), added to *s1 and *s2.
+template <typename T, typename A>
+inline void lane_sums(const T* __restrict v, const T* __restrict w, double m, int64_t n, double* s1, double* s2) {
+  std::array<double, kLanes> l1{}, l2{};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double a = static_cast<double>(static_cast<A>(v[j + l]));
+      l1[l] += a;
+      l2[l] += a * (static_cast<double>(static_cast<A>(w[j + l])) - m);
+    }
+  }
+  for (; j < n; ++j) {
+    const double a = static_cast<double>(static_cast<A>(v[j]));
+    l1[0] += a;
+    l2[0] += a * (static_cast<double>(static_cast<A>(w[j])) - m);
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    *s1 += l1[l];
+    *s2 += l2[l];
   }
 }
 
@@ -148,9 +185,9 @@ std::vector<double> read_vector(const at::Tensor& t, const char* name, int64_t n
   return out;
 }
 
-// Per-channel affine form of BN: z = y * k + b, with k = gamma / sqrt(var + eps), b = beta - mean * k
-// (in double, used in A). `mean`/`var` are the stored (A-rounded) statistics, so the backward
-// recomputes the forward's k and b bit for bit.
+// Per-channel form of BN: z = (y - mean) * k + beta, k = gamma / sqrt(var + eps) (in double, used in
+// A): no cancellation of large terms when |mean| >> std, and z = beta exactly where y == mean. `mean`
+// and `var` are the stored (A-rounded) statistics, so the backward recomputes the forward's z bit for bit.
 template <typename A>
 struct Affine {
   std::vector<A> k, b, mean;
@@ -165,29 +202,117 @@ Affine<A> affine_of(const A* mean, const A* var, const std::vector<double>& gamm
     a.invstd[c] = 1.0 / std::sqrt(static_cast<double>(var[c]) + eps);
     const double k = gamma[c] * a.invstd[c];
     a.k[c] = static_cast<A>(k);
-    a.b[c] = static_cast<A>(beta[c] - static_cast<double>(mean[c]) * k);
+    a.b[c] = static_cast<A>(beta[c]);
   }
   return a;
 }
 
-// z = round_T(y * k + b) and a = round_T(act(z)) of one segment.
+// BN of one element.
+template <typename T, typename A>
+inline A bn_elem(A y, A m, A k, A b) {
+  return round_to<T>((y - m) * k + b);
+}
+
+// z = round_T((y - m) * k + b) and a = round_T(act(z)) of one segment (af's arrays from its channel c).
 template <int64_t kAct, typename T, typename A>
-void bn_act_segment(const T* y, int64_t n, const A* k, const A* b, bool per_elem, A* z, T* a) {
+void bn_act_segment(const T* __restrict y, int64_t n, const Affine<A>& af, int64_t c, bool per_elem,
+                    A* __restrict z, T* __restrict a) {
   if (per_elem) {
+    const A* __restrict m = af.mean.data() + c;
+    const A* __restrict k = af.k.data() + c;
+    const A* __restrict b = af.b.data() + c;
     for (int64_t j = 0; j < n; ++j) {
-      z[j] = round_to<T>(static_cast<A>(y[j]) * k[j] + b[j]);
+      z[j] = bn_elem<T>(static_cast<A>(y[j]), m[j], k[j], b[j]);
       a[j] = static_cast<T>(act_fwd<kAct>(z[j]));
     }
   } else {
-    const A kc = k[0], bc = b[0];
+    const A mc = af.mean[c], kc = af.k[c], bc = af.b[c];
     for (int64_t j = 0; j < n; ++j) {
-      z[j] = round_to<T>(static_cast<A>(y[j]) * kc + bc);
+      z[j] = bn_elem<T>(static_cast<A>(y[j]), mc, kc, bc);
       a[j] = static_cast<T>(act_fwd<kAct>(z[j]));
     }
   }
 }
 
 // ----------------------------------------------------------------------------- forward
+
+constexpr int64_t kTile = 8;  // channels per register tile (channels-innermost statistics)
+
+// Shifted sums, min and max of W adjacent channels over `rows` rows `stride` elements apart. Plain
+// selects (vectorized); a NaN, which they may skip, makes the channel's sum NaN, and then its min/max.
+template <typename T, typename A, int W>
+void stats_tile(const T* __restrict y, int64_t rows, int64_t stride, const double* shift, double* s, double* q,
+                A* mn, A* mx) {
+  std::array<double, W> ls{}, lq{}, sh;
+  std::array<A, W> lmn, lmx;
+  for (int l = 0; l < W; ++l) {
+    sh[l] = shift[l];
+    lmn[l] = mn[l];
+    lmx[l] = mx[l];
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict p = y + r * stride;
+    for (int l = 0; l < W; ++l) {
+      const A v = static_cast<A>(p[l]);
+      const double d = static_cast<double>(v) - sh[l];
+      ls[l] += d;
+      lq[l] += d * d;
+      lmn[l] = v < lmn[l] ? v : lmn[l];
+      lmx[l] = v > lmx[l] ? v : lmx[l];
+    }
+  }
+  for (int l = 0; l < W; ++l) {
+    s[l] += ls[l];
+    q[l] += lq[l];
+    const bool nan = ls[l] != ls[l];
+    mn[l] = nan ? static_cast<A>(ls[l]) : lmn[l];
+    mx[l] = nan ? static_cast<A>(ls[l]) : lmx[l];
+  }
+}
+
+// float32, 8 channels: the same operations in GCC vector types (the compiler's SLP pass does not
+// vectorize the generic form's float -> double mix).
+using vf4 = float __attribute__((vector_size(16)));
+using vd4 = double __attribute__((vector_size(32)));
+
+template <>
+void stats_tile<float, float, 8>(const float* __restrict y, int64_t rows, int64_t stride, const double* shift,
+                                 double* s, double* q, float* mn, float* mx) {
+  vd4 s0{}, s1{}, q0{}, q1{}, h0, h1;
+  vf4 mn0, mn1, mx0, mx1;
+  std::memcpy(&h0, shift, sizeof(h0));
+  std::memcpy(&h1, shift + 4, sizeof(h1));
+  std::memcpy(&mn0, mn, sizeof(mn0));
+  std::memcpy(&mn1, mn + 4, sizeof(mn1));
+  std::memcpy(&mx0, mx, sizeof(mx0));
+  std::memcpy(&mx1, mx + 4, sizeof(mx1));
+  for (int64_t r = 0; r < rows; ++r) {
+    vf4 v0, v1;
+    std::memcpy(&v0, y + r * stride, sizeof(v0));
+    std::memcpy(&v1, y + r * stride + 4, sizeof(v1));
+    const vd4 d0 = __builtin_convertvector(v0, vd4) - h0;
+    const vd4 d1 = __builtin_convertvector(v1, vd4) - h1;
+    s0 += d0;
+    s1 += d1;
+    q0 += d0 * d0;
+    q1 += d1 * d1;
+    mn0 = v0 < mn0 ? v0 : mn0;
+    mn1 = v1 < mn1 ? v1 : mn1;
+    mx0 = v0 > mx0 ? v0 : mx0;
+    mx1 = v1 > mx1 ? v1 : mx1;
+  }
+  for (int l = 0; l < 4; ++l) {
+    const double sums[2] = {s0[l], s1[l]};
+    for (int h = 0; h < 2; ++h) {
+      const int i = l + 4 * h;
+      s[i] += sums[h];
+      q[i] += h == 0 ? q0[l] : q1[l];
+      const bool nan = sums[h] != sums[h];
+      mn[i] = nan ? static_cast<float>(sums[h]) : (h == 0 ? mn0[l] : mn1[l]);
+      mx[i] = nan ? static_cast<float>(sums[h]) : (h == 0 ? mx0[l] : mx1[l]);
+    }
+  }
+}
 
 // Per-channel batch statistics of y: mean and biased variance (shifted sums in double, shift = the
 // channel's first element) and min / max.
@@ -201,35 +326,36 @@ void channel_stats(const Layout& L, const T* y, double* mean, double* var, A* mn
     mx[c] = mn[c];
   }
   const auto& kern = cpu::kernels<T>();
-  parallel_channels(L, [&](int64_t c0, int64_t c1) {
-    for_segments(L, c0, c1, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
-      const T* p = y + off;
-      if (per_elem) {
-        for (int64_t j = 0; j < n; ++j) {
-          const double d = static_cast<double>(p[j]) - shift[c + j];
-          s[c + j] += d;
-          q[c + j] += d * d;
-          const A v = static_cast<A>(p[j]);
-          mn[c + j] = nan_min(mn[c + j], v);
-          mx[c + j] = nan_max(mx[c + j], v);
+  if (L.inner == 1) {  // channels innermost: tiles of kTile channels down all rows, sums in registers
+    parallel_channels(L, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; c += kTile) {
+        if (c + kTile <= c1) {
+          stats_tile<T, A, kTile>(y + c, L.outer, C, &shift[c], &s[c], &q[c], mn + c, mx + c);
+        } else {
+          for (int64_t t = c; t < c1; ++t) stats_tile<T, A, 1>(y + t, L.outer, C, &shift[t], &s[t], &q[t], mn + t, mx + t);
         }
-        return;
       }
+    });
+  } else {
+    parallel_channels(L, [&](int64_t c0, int64_t c1) {
+      for_segments(L, c0, c1, [&](int64_t off, int64_t n, int64_t c, bool) {
+      const T* __restrict p = y + off;
       A lo, hi;
       kern.row_minmax(p, 1, n, n, &lo, &hi);
       mn[c] = nan_min(mn[c], lo);
       mx[c] = nan_max(mx[c], hi);
       std::array<double, kLanes> ls{}, lq{};
+      const double sh = shift[c];
       int64_t j = 0;
       for (; j + kLanes <= n; j += kLanes) {
         for (int l = 0; l < kLanes; ++l) {
-          const double d = static_cast<double>(p[j + l]) - shift[c];
+          const double d = static_cast<double>(static_cast<A>(p[j + l])) - sh;
           ls[l] += d;
           lq[l] += d * d;
         }
       }
       for (; j < n; ++j) {
-        const double d = static_cast<double>(p[j]) - shift[c];
+        const double d = static_cast<double>(static_cast<A>(p[j])) - sh;
         ls[0] += d;
         lq[0] += d * d;
       }
@@ -237,8 +363,9 @@ void channel_stats(const Layout& L, const T* y, double* mean, double* var, A* mn
         s[c] += ls[l];
         q[c] += lq[l];
       }
+      });
     });
-  });
+  }
   const double m = static_cast<double>(L.outer * L.inner);
   for (int64_t c = 0; c < C; ++c) {
     const double ds = s[c] / m;
@@ -254,16 +381,25 @@ void activated_minmax(const Layout& L, const T* y, const Affine<A>& af, A* amin,
     amin[c] = std::numeric_limits<A>::infinity();
     amax[c] = -std::numeric_limits<A>::infinity();
   }
+  const auto& kern = cpu::kernels<T>();
   parallel_channels(L, [&](int64_t c0, int64_t c1) {
     std::array<A, kSeg> z;
     std::array<T, kSeg> a;
     for_segments(L, c0, c1, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
-      bn_act_segment<kAct, T, A>(y + off, n, &af.k[c], &af.b[c], per_elem, z.data(), a.data());
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t ch = per_elem ? c + j : c;
-        amin[ch] = nan_min(amin[ch], static_cast<A>(a[j]));
-        amax[ch] = nan_max(amax[ch], static_cast<A>(a[j]));
+      bn_act_segment<kAct, T, A>(y + off, n, af, c, per_elem, z.data(), a.data());
+      if (per_elem) {
+        A* __restrict mnc = amin + c;
+        A* __restrict mxc = amax + c;
+        for (int64_t j = 0; j < n; ++j) {
+          mnc[j] = vmin(mnc[j], static_cast<A>(a[j]));
+          mxc[j] = vmax(mxc[j], static_cast<A>(a[j]));
+        }
+        return;
       }
+      A lo, hi;
+      kern.row_minmax(a.data(), 1, n, n, &lo, &hi);
+      amin[c] = nan_min(amin[c], lo);
+      amax[c] = nan_max(amax[c], hi);
     });
   });
 }
@@ -308,8 +444,8 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
         activated_minmax<kAct, T, A>(L, y, af, amin.data(), amax.data());
       } else {  // monotone: the extremes of act(y * k + b) are those of y's extremes
         for (int64_t c = 0; c < C; ++c) {
-          const A z0 = round_to<T>(ymin[c] * af.k[c] + af.b[c]);
-          const A z1 = round_to<T>(ymax[c] * af.k[c] + af.b[c]);
+          const A z0 = bn_elem<T>(ymin[c], af.mean[c], af.k[c], af.b[c]);
+          const A z1 = bn_elem<T>(ymax[c], af.mean[c], af.k[c], af.b[c]);
           const bool down = af.k[c] < A(0);
           amin[c] = round_to<T>(act_fwd<kAct>(down ? z1 : z0));
           amax[c] = round_to<T>(act_fwd<kAct>(down ? z0 : z1));
@@ -333,7 +469,7 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
     std::array<T, kSeg> a;
     for_segments(L, c0, c1, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
       T* dst = quantize ? a.data() : po + off;
-      bn_act_segment<kAct, T, A>(y + off, n, &af.k[c], &af.b[c], per_elem, z.data(), dst);
+      bn_act_segment<kAct, T, A>(y + off, n, af, c, per_elem, z.data(), dst);
       if (quantize) kern.bq_forward(a.data(), po + off, n, p);
     });
   });
@@ -377,8 +513,8 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
     std::array<A, kSeg> z;
     std::array<T, kSeg> a;
     for_segments(L, c0, c1, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
-      bn_act_segment<kAct, T, A>(y + off, n, &af.k[c], &af.b[c], per_elem, z.data(), a.data());
-      T* gz = grad_y + off;
+      bn_act_segment<kAct, T, A>(y + off, n, af, c, per_elem, z.data(), a.data());
+      T* __restrict gz = grad_y + off;
       if (quantize) {
         const cpu::BQChunkSums q = kern.bq_backward(g + off, a.data(), gz, n, p);
         dl[c] += q.dl;
@@ -386,27 +522,21 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
       } else {
         std::copy_n(g + off, n, gz);
       }
+      const A* __restrict zz = z.data();
+      for (int64_t j = 0; j < n; ++j) gz[j] = static_cast<T>(round_to<T>(act_bwd<kAct>(zz[j], static_cast<A>(gz[j]))));
       if (per_elem) {
+        double* __restrict s1 = sums.s1.data() + c;
+        double* __restrict s2 = sums.s2.data() + c;
+        const A* __restrict m = af.mean.data() + c;
+        const T* __restrict py = y + off;
         for (int64_t j = 0; j < n; ++j) {
-          const A v = round_to<T>(act_bwd<kAct>(z[j], static_cast<A>(gz[j])));
-          gz[j] = static_cast<T>(v);
-          sums.s1[c + j] += static_cast<double>(v);
-          sums.s2[c + j] += static_cast<double>(v) * (static_cast<double>(y[off + j]) - af.mean[c + j]);
+          const double v = static_cast<double>(static_cast<A>(gz[j]));
+          s1[j] += v;
+          s2[j] += v * (static_cast<double>(static_cast<A>(py[j])) - static_cast<double>(m[j]));
         }
         return;
       }
-      std::array<double, kLanes> l1{}, l2{};
-      const double m = static_cast<double>(af.mean[c]);
-      for (int64_t j = 0; j < n; ++j) {
-        const A v = round_to<T>(act_bwd<kAct>(z[j], static_cast<A>(gz[j])));
-        gz[j] = static_cast<T>(v);
-        l1[j % kLanes] += static_cast<double>(v);
-        l2[j % kLanes] += static_cast<double>(v) * (static_cast<double>(y[off + j]) - m);
-      }
-      for (int l = 0; l < kLanes; ++l) {
-        sums.s1[c] += l1[l];
-        sums.s2[c] += l2[l];
-      }
+      lane_sums<T, A>(gz, y + off, static_cast<double>(af.mean[c]), n, &sums.s1[c], &sums.s2[c]);
     });
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -426,8 +556,8 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
   }
   parallel_channels(L, [&](int64_t c0, int64_t c1_) {
     for_segments(L, c0, c1_, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
-      T* gz = grad_y + off;
-      const T* py = y + off;
+      T* __restrict gz = grad_y + off;
+      const T* __restrict py = y + off;
       if (per_elem) {
         for (int64_t j = 0; j < n; ++j) {
           const A v = af.k[c + j] * static_cast<A>(gz[j]) - c1[c + j] - (static_cast<A>(py[j]) - af.mean[c + j]) * c2[c + j];

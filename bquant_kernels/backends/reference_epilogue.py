@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..ops import batchquant
 
+
 def activation(a: Tensor, act: str | None) -> Tensor:
     """PyTorch's activation of the supernet layers (``None``: identity)."""
     if act == "relu":

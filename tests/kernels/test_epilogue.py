@@ -98,14 +98,14 @@ def test_cpu_matches_float64_composition(shape, layout, act, bits, mode, dtype):
     torch.testing.assert_close(var.double(), ref[3].double(), rtol=1e-5, atol=1e-7)
     # Gradients. float64: no bin flips, every gradient tight. float32: a flip moves a whole channel's
     # BN gradient by about g / count, so grad_y, gamma, beta are compared in norm.
-    for name, got, want in zip(("y", "gamma", "beta"), grads[:3], ref[1][:3]):
+    for name, got, want in zip(("y", "gamma", "beta"), grads[:3], ref[1][:3], strict=True):
         got, want = got.double(), want.double()
         assert torch.isfinite(got).all(), f"grad {name}: non-finite (unwritten?) elements"
         err = (got - want).norm() / want.norm().clamp_min(1e-30)
         assert err <= (1e-10 if dtype == torch.float64 else 1e-4), f"grad {name}: relative error {err:.3g}"
     if bits is not None:
         scale = float(ref[1][0].abs().sum())  # sum of |terms| order of magnitude
-        for name, got, want in zip(("theta", "offset"), grads[3:], ref[1][3:]):
+        for name, got, want in zip(("theta", "offset"), grads[3:], ref[1][3:], strict=True):
             assert_scalar_close(got, float(want), max(scale, 1.0) * 1e-3, 1e-4, f"grad {name}")
 
 
@@ -126,7 +126,7 @@ def test_cpu_16bit_matches_the_composition_in_that_dtype(dtype, act, layout):
     flips = int((diff > rounding + 1e-6 * step).sum())
     assert (diff <= rounding + step * 1.01).all()
     assert flips <= allowed_flips(y.numel()), f"{flips} one-step flips"
-    for name, a, b in zip(("y", "gamma", "beta", "theta", "offset"), got[1], ref[1]):
+    for name, a, b in zip(("y", "gamma", "beta", "theta", "offset"), got[1], ref[1], strict=True):
         err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
         assert err <= 2e-2, f"grad {name}: relative error {err:.3g}"
 
@@ -143,7 +143,7 @@ def test_post_relu_zeros_and_constant_channels():
         if backend == "reference":
             ref = out
     torch.testing.assert_close(out[0], ref[0], rtol=1e-12, atol=1e-12)
-    for a, b in zip(out[1], ref[1]):
+    for a, b in zip(out[1], ref[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
@@ -158,7 +158,7 @@ def test_result_does_not_depend_on_the_thread_count():
                          lo_hi=None, backend="cpu"))  # fmt: skip
     torch.set_num_threads(1)
     assert torch.equal(outs[0][0], outs[1][0])
-    for a, b in zip(outs[0][1], outs[1][1]):
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
         assert torch.equal(a, b)
 
 

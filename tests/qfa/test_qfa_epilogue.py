@@ -23,8 +23,10 @@ def _model(dtype: torch.dtype, w_bits: int) -> QFAMobileNetV3:
 
 def _images(dtype: torch.dtype, n: int = 6, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=gen, dtype=torch.float64).to(dtype).contiguous(
-        memory_format=torch.channels_last
+    return (
+        torch.randn(n, 3, 32, 32, generator=gen, dtype=torch.float64)
+        .to(dtype)
+        .contiguous(memory_format=torch.channels_last)
     )
 
 

@@ -14,9 +14,9 @@
 //
 // Passes over the activation (identity / ReLU): forward 2 reads + 1 write (statistics: BN's sums and
 // the per-channel min/max of y, from which the activated range follows exactly, every float step of
-// act(y * k + b) being monotone in y; then the element pass); h_swish, not monotone, reads once more
-// for its per-channel extremes. Backward: read y and the gradient, store the activation's gradient
-// in grad_y's memory with BN's per-channel sums; then rewrite grad_y in place. Each channel's sums are
+// act((y - mean) * k + beta) being monotone in y; then the element pass); h_swish, not monotone, reads
+// once more for its per-channel extremes. Backward: read y and the gradient, store the activation's
+// gradient in grad_y's memory with BN's per-channel sums; then rewrite grad_y in place. Each channel's sums are
 // accumulated in a fixed order on one thread: results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -234,6 +234,20 @@ void bn_act_segment(const T* __restrict y, int64_t n, const Affine<A>& af, int64
   }
 }
 
+// Runs f(off, n, c, per_elem, z, a) on every segment of y (channel blocks in parallel) with the
+// segment's BN output z and activation a computed in local buffers.
+template <int64_t kAct, typename T, typename A, typename F>
+void for_bn_act_segments(const Layout& L, const T* y, const Affine<A>& af, const F& f) {
+  parallel_channels(L, [&](int64_t c0, int64_t c1) {
+    std::array<A, kSeg> z;
+    std::array<T, kSeg> a;
+    for_segments(L, c0, c1, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
+      bn_act_segment<kAct, T, A>(y + off, n, af, c, per_elem, z.data(), a.data());
+      f(off, n, c, per_elem, z.data(), a.data());
+    });
+  });
+}
+
 // ----------------------------------------------------------------------------- forward
 
 constexpr int64_t kTile = 8;  // channels per register tile (channels-innermost statistics)
@@ -332,7 +346,9 @@ void channel_stats(const Layout& L, const T* y, double* mean, double* var, A* mn
         if (c + kTile <= c1) {
           stats_tile<T, A, kTile>(y + c, L.outer, C, &shift[c], &s[c], &q[c], mn + c, mx + c);
         } else {
-          for (int64_t t = c; t < c1; ++t) stats_tile<T, A, 1>(y + t, L.outer, C, &shift[t], &s[t], &q[t], mn + t, mx + t);
+          for (int64_t t = c; t < c1; ++t) {
+            stats_tile<T, A, 1>(y + t, L.outer, C, &shift[t], &s[t], &q[t], mn + t, mx + t);
+          }
         }
       }
     });
@@ -382,25 +398,20 @@ void activated_minmax(const Layout& L, const T* y, const Affine<A>& af, A* amin,
     amax[c] = -std::numeric_limits<A>::infinity();
   }
   const auto& kern = cpu::kernels<T>();
-  parallel_channels(L, [&](int64_t c0, int64_t c1) {
-    std::array<A, kSeg> z;
-    std::array<T, kSeg> a;
-    for_segments(L, c0, c1, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
-      bn_act_segment<kAct, T, A>(y + off, n, af, c, per_elem, z.data(), a.data());
-      if (per_elem) {
-        A* __restrict mnc = amin + c;
-        A* __restrict mxc = amax + c;
-        for (int64_t j = 0; j < n; ++j) {
-          mnc[j] = vmin(mnc[j], static_cast<A>(a[j]));
-          mxc[j] = vmax(mxc[j], static_cast<A>(a[j]));
-        }
-        return;
+  for_bn_act_segments<kAct>(L, y, af, [&](int64_t, int64_t n, int64_t c, bool per_elem, const A*, const T* a) {
+    if (per_elem) {
+      A* __restrict mnc = amin + c;
+      A* __restrict mxc = amax + c;
+      for (int64_t j = 0; j < n; ++j) {
+        mnc[j] = vmin(mnc[j], static_cast<A>(a[j]));
+        mxc[j] = vmax(mxc[j], static_cast<A>(a[j]));
       }
-      A lo, hi;
-      kern.row_minmax(a.data(), 1, n, n, &lo, &hi);
-      amin[c] = nan_min(amin[c], lo);
-      amax[c] = nan_max(amax[c], hi);
-    });
+      return;
+    }
+    A lo, hi;
+    kern.row_minmax(a, 1, n, n, &lo, &hi);
+    amin[c] = nan_min(amin[c], lo);
+    amax[c] = nan_max(amax[c], hi);
   });
 }
 
@@ -442,7 +453,7 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
       std::vector<A> amin(C), amax(C);
       if (kAct == kHSwish || !args.batch_stats) {
         activated_minmax<kAct, T, A>(L, y, af, amin.data(), amax.data());
-      } else {  // monotone: the extremes of act(y * k + b) are those of y's extremes
+      } else {  // monotone: the extremes of act((y - mean) * k + beta) are those of y's extremes
         for (int64_t c = 0; c < C; ++c) {
           const A z0 = bn_elem<T>(ymin[c], af.mean[c], af.k[c], af.b[c]);
           const A z1 = bn_elem<T>(ymax[c], af.mean[c], af.k[c], af.b[c]);
@@ -464,14 +475,12 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
   }
   const auto& kern = cpu::kernels<T>();
   T* po = out.data_ptr<T>();
-  parallel_channels(L, [&](int64_t c0, int64_t c1) {
-    std::array<A, kSeg> z;
-    std::array<T, kSeg> a;
-    for_segments(L, c0, c1, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
-      T* dst = quantize ? a.data() : po + off;
-      bn_act_segment<kAct, T, A>(y + off, n, af, c, per_elem, z.data(), dst);
-      if (quantize) kern.bq_forward(a.data(), po + off, n, p);
-    });
+  for_bn_act_segments<kAct>(L, y, af, [&](int64_t off, int64_t n, int64_t, bool, const A*, const T* a) {
+    if (quantize) {
+      kern.bq_forward(a, po + off, n, p);
+    } else {
+      std::copy_n(a, n, po + off);
+    }
   });
 }
 
@@ -509,35 +518,30 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
   std::vector<double> dl(C, 0.0), dout(C, 0.0);  // the quantizer's sums, per channel (then in channel order)
   const auto& kern = cpu::kernels<T>();
   // Pass 1: gz = act'(z) * dBatchQuant/da * g into grad_y (exact in T), and the per-channel sums.
-  parallel_channels(L, [&](int64_t c0, int64_t c1) {
-    std::array<A, kSeg> z;
-    std::array<T, kSeg> a;
-    for_segments(L, c0, c1, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
-      bn_act_segment<kAct, T, A>(y + off, n, af, c, per_elem, z.data(), a.data());
-      T* __restrict gz = grad_y + off;
-      if (quantize) {
-        const cpu::BQChunkSums q = kern.bq_backward(g + off, a.data(), gz, n, p);
-        dl[c] += q.dl;
-        dout[c] += q.dout;
-      } else {
-        std::copy_n(g + off, n, gz);
+  for_bn_act_segments<kAct>(L, y, af, [&](int64_t off, int64_t n, int64_t c, bool per_elem, const A* z, const T* a) {
+    T* __restrict gz = grad_y + off;
+    if (quantize) {
+      const cpu::BQChunkSums q = kern.bq_backward(g + off, a, gz, n, p);
+      dl[c] += q.dl;
+      dout[c] += q.dout;
+    } else {
+      std::copy_n(g + off, n, gz);
+    }
+    const A* __restrict zz = z;
+    for (int64_t j = 0; j < n; ++j) gz[j] = static_cast<T>(round_to<T>(act_bwd<kAct>(zz[j], static_cast<A>(gz[j]))));
+    if (per_elem) {
+      double* __restrict s1 = sums.s1.data() + c;
+      double* __restrict s2 = sums.s2.data() + c;
+      const A* __restrict m = af.mean.data() + c;
+      const T* __restrict py = y + off;
+      for (int64_t j = 0; j < n; ++j) {
+        const double v = static_cast<double>(static_cast<A>(gz[j]));
+        s1[j] += v;
+        s2[j] += v * (static_cast<double>(static_cast<A>(py[j])) - static_cast<double>(m[j]));
       }
-      const A* __restrict zz = z.data();
-      for (int64_t j = 0; j < n; ++j) gz[j] = static_cast<T>(round_to<T>(act_bwd<kAct>(zz[j], static_cast<A>(gz[j]))));
-      if (per_elem) {
-        double* __restrict s1 = sums.s1.data() + c;
-        double* __restrict s2 = sums.s2.data() + c;
-        const A* __restrict m = af.mean.data() + c;
-        const T* __restrict py = y + off;
-        for (int64_t j = 0; j < n; ++j) {
-          const double v = static_cast<double>(static_cast<A>(gz[j]));
-          s1[j] += v;
-          s2[j] += v * (static_cast<double>(static_cast<A>(py[j])) - static_cast<double>(m[j]));
-        }
-        return;
-      }
-      lane_sums<T, A>(gz, y + off, static_cast<double>(af.mean[c]), n, &sums.s1[c], &sums.s2[c]);
-    });
+      return;
+    }
+    lane_sums<T, A>(gz, y + off, static_cast<double>(af.mean[c]), n, &sums.s1[c], &sums.s2[c]);
   });
   for (int64_t c = 0; c < C; ++c) {
     sums.dl += dl[c];
@@ -560,13 +564,15 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
       const T* __restrict py = y + off;
       if (per_elem) {
         for (int64_t j = 0; j < n; ++j) {
-          const A v = af.k[c + j] * static_cast<A>(gz[j]) - c1[c + j] - (static_cast<A>(py[j]) - af.mean[c + j]) * c2[c + j];
-          gz[j] = static_cast<T>(v);
+          const A d = static_cast<A>(py[j]) - af.mean[c + j];
+          gz[j] = static_cast<T>(af.k[c + j] * static_cast<A>(gz[j]) - c1[c + j] - d * c2[c + j]);
         }
         return;
       }
       const A k = af.k[c], a1 = c1[c], a2 = c2[c], m = af.mean[c];
-      for (int64_t j = 0; j < n; ++j) gz[j] = static_cast<T>(k * static_cast<A>(gz[j]) - a1 - (static_cast<A>(py[j]) - m) * a2);
+      for (int64_t j = 0; j < n; ++j) {
+        gz[j] = static_cast<T>(k * static_cast<A>(gz[j]) - a1 - (static_cast<A>(py[j]) - m) * a2);
+      }
     });
   });
   return sums;

@@ -8,6 +8,11 @@ spec's 1e-4: the fused kernels round at the same places).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +22,7 @@ from bquant_kernels.epilogue import bn_act_quant, fused_backend
 from bquant_kernels.qparams import batchquant_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[2]
 
 ACTS = (None, "relu", "h_swish")
 SHAPES = ((4, 6, 5, 7), (3, 5, 1, 1), (7, 9), (2, 3, 11), (16, 40, 4, 4))
@@ -217,3 +223,47 @@ def test_compiled_call_has_no_graph_breaks():
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(y), fn(y), rtol=0, atol=0)
+
+
+_ISA_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import torch
+import bquant_kernels.epilogue as E
+outs = []
+for y, w, b, th, of, g in torch.load(sys.argv[1]):
+    for act in (None, "relu", "h_swish"):
+        leaves = [t.clone().requires_grad_() for t in (y, w, b, th, of)]
+        out = E.bn_act_quant(*leaves[:3], act=act, theta=leaves[3], offset=leaves[4], bits=4, backend="cpu")
+        outs += [out.detach(), *torch.autograd.grad(out, leaves, g)]
+torch.save(outs, sys.argv[2])
+"""
+
+
+def test_portable_and_avx2_instances_agree(tmp_path):
+    """ATEN_CPU_CAPABILITY=default runs the baseline instance of the epilogue kernels: the same bits as
+    the instance this process runs (AVX2 where the CPU has it). Inputs are made here: torch's own
+    random generators differ between capabilities."""
+    _require_cpu_kernel()
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for layout in ("contiguous", "channels_last"):
+            y = to_layout(make_activation((16, 24, 6, 6), kind="shifted", seed=6).to(dtype), layout)
+            gamma, beta, theta, offset, *_ = (t.float() for t in _params(24, 6))
+            g = to_layout(make_activation((16, 24, 6, 6), seed=7).to(dtype), layout)
+            cases.append((y, gamma, beta, theta, offset, g))
+    inputs = tmp_path / "inputs.pt"
+    torch.save(cases, inputs)
+    outputs = {}
+    for name, capability in (("portable", "default"), ("native", None)):
+        env = dict(os.environ)
+        if capability is not None:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        path = tmp_path / f"{name}.pt"
+        cmd = [sys.executable, "-c", _ISA_SCRIPT, str(inputs), str(path), str(REPO)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[name] = torch.load(path)
+    assert len(outputs["portable"]) == len(outputs["native"]) > 0
+    for i, (a, b) in enumerate(zip(outputs["portable"], outputs["native"], strict=True)):
+        assert torch.equal(a, b), f"output {i}: portable and native instances differ"

@@ -65,9 +65,13 @@ def _copy_quantizers(
 
 def _finish(layer: nn.Module, y: Tensor, next_quantizer: BatchQuantizer | None) -> Tensor:
     """``next_quantizer(act(bn(y)))`` of a conv layer (each part optional): one fused op when the layer's
-    ``fused_epilogue`` is set and it has BN and an activation or quantizer to fuse, else the modules."""
-    fusable = layer.fused_epilogue and y.dtype in (torch.float32, torch.float64)  # 16-bit (autocast): see docs
-    if layer.bn is not None and fusable and (next_quantizer is not None or layer.act_name is not None):
+    ``fused_epilogue`` is set and it has BN with batch statistics (training, recalibration) and an
+    activation or quantizer to fuse, else the modules. Evaluation keeps the modules, so that a supernet
+    and its exported static subnet give the same bits; 16-bit (autocast) too, see docs/epilogue.md."""
+    bn = layer.bn
+    fusable = layer.fused_epilogue and bn is not None and (bn.training or bn._stats_sink is not None)
+    fusable = fusable and y.dtype in (torch.float32, torch.float64)
+    if fusable and (next_quantizer is not None or layer.act_name is not None):
         return fused_epilogue(y, layer.bn, layer.act_name, next_quantizer, layer.backend)
     if layer.bn is not None:
         y = layer.bn(y)

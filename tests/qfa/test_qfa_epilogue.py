@@ -75,8 +75,8 @@ def test_same_logits_float32_w4a4():
 
 
 def test_calibration_and_eval_agree():
-    """Recalibration (batch statistics into BN's and BatchQuant's sinks) and evaluation (running
-    statistics) through the fused op give the unfused path's statistics and logits."""
+    """Recalibration (batch statistics into BN's and BatchQuant's sinks) through the fused op gives the
+    unfused path's running statistics and ranges, and so its evaluation logits."""
     base = _model(torch.float64, 32)
     batches = [(_images(torch.float64, 5, seed=s), None) for s in range(3)]
     results = []

@@ -1,6 +1,7 @@
 """bquant_kernels: fused BatchQuant and LSQ fake-quantization kernels (CPU, CUDA, Triton).
 
-Functional ops: :func:`batchquant`, :func:`batch_range`, :func:`lsq`.
+Functional ops: :func:`batchquant`, :func:`batch_range`, :func:`lsq`; :func:`bn_act_quant` (fused
+BatchNorm + activation + BatchQuant, docs/epilogue.md).
 Modules: :class:`BatchQuantizer`, :class:`LSQQuantizer` (:func:`lsq_quantize_weights` for many at once);
 :func:`recalibrate`.
 Backends: :func:`backends` reports what is available here.
@@ -8,6 +9,7 @@ Backends: :func:`backends` reports what is available here.
 
 from . import extension  # noqa: F401  (loads the compiled extension, warns once if it is missing)
 from .backends import backends
+from .epilogue import bn_act_quant
 from .lsq_multi import lsq_multi
 from .modules import BatchQuantizer, LSQQuantizer, lsq_quantize_weights
 from .ops import batch_range, batchquant, lsq, lsq_grad_scale
@@ -21,6 +23,7 @@ __all__ = [
     "backends",
     "batch_range",
     "batchquant",
+    "bn_act_quant",
     "lsq",
     "lsq_grad_scale",
     "lsq_multi",

@@ -72,9 +72,20 @@ class DynamicMBConv(nn.Module):
         self.active_expand = expand
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.depth_conv.fused_epilogue:
+            if self.inverted_bottleneck is not None:
+                x = self.inverted_bottleneck(x)
+            return self.point_linear(self.depth_conv(x))
+        # Fused epilogues: each layer's output that is exactly the next layer's input is quantized in
+        # the same op as its BN and activation (not after SE).
+        dw_quantizer = self.depth_conv.input_quantizer()
+        pl_quantizer = None if self.depth_conv.se is not None else self.point_linear.input_quantizer()
+        dw_input_quantized = False
         if self.inverted_bottleneck is not None:
-            x = self.inverted_bottleneck(x)
-        return self.point_linear(self.depth_conv(x))
+            x = self.inverted_bottleneck(x, dw_quantizer)
+            dw_input_quantized = dw_quantizer is not None
+        x = self.depth_conv(x, pl_quantizer, input_quantized=dw_input_quantized)
+        return self.point_linear(x, input_quantized=pl_quantizer is not None)
 
     @torch.no_grad()
     def to_static(self) -> MBConv:

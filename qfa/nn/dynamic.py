@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from bquant_kernels import BatchQuantizer, LSQQuantizer
 
 from .batchnorm import DynamicBatchNorm2d
+from .epilogue import fused_epilogue
 from .quantizers import FULL_PRECISION, activation_bank, bank_key, weight_bank
 from .se import DynamicSE, se_mid_channels
 from .static import QConv2d, QLinear
@@ -71,6 +72,25 @@ def _fill_static(dst: QConv2d | QLinear, src: _ActiveBits, weight: Tensor, w_ful
     return dst
 
 
+def _finish(layer: nn.Module, y: Tensor, next_quantizer: BatchQuantizer | None) -> Tensor:
+    """``next_quantizer(act(bn(y)))`` of a conv layer (each part optional): one fused op when the layer's
+    ``fused_epilogue`` is set and it has BN with batch statistics (training, recalibration) and an
+    activation or quantizer to fuse, else the modules. Evaluation keeps the modules, so that a supernet
+    and its exported static subnet give the same bits; 16-bit (autocast) too, see docs/epilogue.md."""
+    bn = layer.bn
+    fusable = layer.fused_epilogue and bn is not None and (bn.training or bn._stats_sink is not None)
+    fusable = fusable and y.dtype in (torch.float32, torch.float64)
+    if fusable and (next_quantizer is not None or layer.act_name is not None):
+        # The backend of the layer's own input quantizers (qfa.nn.BackendOwner sets them all alike).
+        any_quantizer = next(iter(layer._banks()[1].values()), None)
+        backend = None if any_quantizer is None else any_quantizer.backend
+        return fused_epilogue(y, layer.bn, layer.act_name, next_quantizer, backend)
+    if layer.bn is not None:
+        y = layer.bn(y)
+    y = layer.act(y)
+    return y if next_quantizer is None else next_quantizer(y)
+
+
 class _ActiveBits:
     """Active weight / activation bit-widths of a layer, and their quantizers in its banks."""
 
@@ -79,6 +99,10 @@ class _ActiveBits:
     a_quantizer: nn.ModuleDict
     # This forward's quantized weight rows, set by qfa.nn.quantized_weights (None: quantize here).
     _w_quantized: Tensor | None = None
+
+    def input_quantizer(self) -> BatchQuantizer | None:
+        """The active quantizer of this layer's input (None in full precision)."""
+        return None if self._a_key is None else self.a_quantizer[self._a_key]
 
     def _init_bits(self) -> None:
         self.w_bits = FULL_PRECISION
@@ -136,6 +160,7 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, kernel_size // 2
         self.act_name = act
+        self.fused_epilogue = False  # BN + activation (+ the next quantizer) in one op; set by the network
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bn = DynamicBatchNorm2d(out_channels) if bn else None
         self.act = build_activation(act)
@@ -144,16 +169,19 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
         self.active_out_channels = out_channels
         self._init_bits()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, next_quantizer: BatchQuantizer | None = None, *, input_quantized: bool = False
+    ) -> Tensor:
+        """``next_quantizer(act(bn(conv(quantize(x)))))``: ``next_quantizer`` is the next layer's input
+        quantizer when its input is exactly this output (fused with BN and activation when
+        ``fused_epilogue``); ``input_quantized``: ``x`` comes quantized from the previous layer."""
         c_in = x.shape[1]
         if c_in > self.in_channels:
             raise ValueError(f"input has {c_in} channels, this conv takes at most {self.in_channels}")
-        if self._a_key is not None:
+        if self._a_key is not None and not input_quantized:
             x = self.a_quantizer[self._a_key](x)
         y = F.conv2d(x, self._active_weight(self.active_out_channels, c_in), None, self.stride, self.padding)
-        if self.bn is not None:
-            y = self.bn(y)
-        return self.act(y)
+        return _finish(self, y, next_quantizer)
 
     def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
         """``(rows, quantizer, full weight)``: the active output rows of the weight (every input channel:
@@ -210,6 +238,7 @@ class DynamicQDepthwiseConv2d(_ActiveBits, nn.Module):
         self.max_kernel_size = self.ks_list[-1]
         self.stride = stride
         self.act_name = act
+        self.fused_epilogue = False  # BN + activation (+ the next quantizer) in one op; set by the network
         k = self.max_kernel_size
         self.weight = nn.Parameter(torch.empty(max_channels, 1, k, k))
         self.kernel_transforms = nn.ParameterDict(
@@ -249,12 +278,21 @@ class DynamicQDepthwiseConv2d(_ActiveBits, nn.Module):
             w = F.linear(flat, self.kernel_transforms[f"{big}to{small}"]).view(self.max_channels, 1, small, small)
         return w
 
-    def forward(self, x: Tensor) -> Tensor:
+    def input_quantizer(self) -> BatchQuantizer | None:
+        """The active quantizer of this layer's input (None in full precision)."""
+        return None if self._a_key is None else self.a_quantizers[str(self.active_kernel_size)][self._a_key]
+
+    def forward(
+        self, x: Tensor, next_quantizer: BatchQuantizer | None = None, *, input_quantized: bool = False
+    ) -> Tensor:
+        """As :meth:`DynamicQConv2d.forward`; with SE the output is SE's, so there is no ``next_quantizer``."""
         c = x.shape[1]
         if c > self.max_channels:
             raise ValueError(f"input has {c} channels, this depthwise conv holds {self.max_channels}")
+        if next_quantizer is not None and self.se is not None:
+            raise ValueError("a depthwise conv with SE cannot quantize for the next layer (SE comes last)")
         ks = self.active_kernel_size
-        if self._a_key is not None:
+        if self._a_key is not None and not input_quantized:
             x = self.a_quantizers[str(ks)][self._a_key](x)
         if self._w_quantized is not None:
             w = leading(self._w_quantized, c)
@@ -263,8 +301,7 @@ class DynamicQDepthwiseConv2d(_ActiveBits, nn.Module):
             w = leading(w_full, c)
             if self._w_key is not None:
                 w = self.w_quantizers[str(ks)][self._w_key](w, w_full=w_full)
-        y = F.conv2d(x, w, None, self.stride, ks // 2, 1, c)
-        y = self.act(self.bn(y))
+        y = _finish(self, F.conv2d(x, w, None, self.stride, ks // 2, 1, c), next_quantizer)
         return y if self.se is None else self.se(y)
 
     def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:

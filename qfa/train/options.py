@@ -324,6 +324,10 @@ class TrainOptions(OptionsBase):
     device: str = option("auto", "cpu, cuda or cuda:N (auto: cuda:LOCAL_RANK when available)", group="runtime")
     amp: str = option("none", "autocast dtype", choices=("none", "bf16", "fp16"), group="runtime")
     channels_last: bool = option(False, "channels_last memory format", digits=True, group="runtime")
+    fused_epilogue: bool = option(
+        True, "BN + activation + the next BatchQuant as one fused op (--no-fused-epilogue: separate ops)",
+        group="runtime",
+    )  # fmt: skip
     deterministic: bool = option(False, "deterministic algorithms (bit-identical resume)", group="runtime")
     seed: int = option(0, "seed of initialisation, data order, augmentation and subnet sampling", group="runtime")
     # validation

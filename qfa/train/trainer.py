@@ -83,7 +83,9 @@ def stop_on_sigint(request_stop: Callable[[], None]) -> Iterator[None]:
 
 
 def build_supernet(opts: TrainOptions, n_classes: int) -> nn.Module:
-    return QFAMobileNetV3(**opts.model_config(n_classes), backend=opts.backend, resolutions=opts.resolution_list)
+    model = QFAMobileNetV3(**opts.model_config(n_classes), backend=opts.backend, resolutions=opts.resolution_list)
+    model.fused_epilogue = opts.fused_epilogue
+    return model
 
 
 def val_configs(model: nn.Module, kinds: list[str], bits: list[int], resolutions: tuple[int, ...]) -> list[dict]:

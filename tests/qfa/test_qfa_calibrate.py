@@ -45,9 +45,11 @@ def _expected_stats(model: QFAMobileNetV3, loader) -> tuple[dict, dict]:
         elif isinstance(m, BatchQuantizer):
             hooks.append(m.register_forward_pre_hook(lambda mod, a: bq_in.setdefault(mod, []).append(a[0].double())))
     model.train()  # batch statistics everywhere (dropout is 0)
+    fused, model.fused_epilogue = model.fused_epilogue, False  # the hooks need the modules called one by one
     with torch.no_grad():
         for images, _ in loader:
             model(images)
+    model.fused_epilogue = fused
     for h in hooks:
         h.remove()
     bn = {}

@@ -1,0 +1,208 @@
+"""Fused layer epilogue (BN + activation + next BatchQuant, ``model.fused_epilogue``) against separate ops.
+
+Measures, fused and unfused side by side in one process:
+
+- dispatched top-level ops (``torch.profiler`` events without a parent: operators called from Python
+  and autograd's per-node evaluations) of one forward + backward of the max subnet, at W4A4 and in
+  full precision (width 1.2, batch 8, 32 px, as counted in the issue), with the most frequent ones;
+- one supernet training step (``Trainer.train_step``: 6 subnets with in-place distillation) on the
+  CPU: wall time (interleaved steps, min and median), and the profiler's CPU time of the BN,
+  activation and BatchQuant ops (the top-level forward ops and backward nodes, each with what it
+  dispatches; min over interleaved profiled steps) against that of the fused op;
+- bytes of the tensors autograd saves for backward in one max-subnet forward at the step's batch
+  size (what the fused op keeps alive: ``y`` and per-channel statistics, not BN's and the
+  activation's outputs).
+
+Usage::
+
+    python bench/epilogue.py [--threads 1] [--batch-size 64] [--resolutions 24:32:4] [--steps 3]
+        [--channels-last] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from qfa import QFAMobileNetV3  # noqa: E402
+from qfa.io import atomic_write_text  # noqa: E402
+
+# Profiler names of the ops the fused epilogue replaces (forward and backward), and of the fused op.
+EPILOGUE_OPS = (
+    "aten::batch_norm", "NativeBatchNormBackward0", "aten::relu", "ReluBackward0", "aten::hardswish",
+    "HardswishBackward0", "bquant::native_batchquant", "BatchQuantFunction", "bquant::native_bn_act_quant",
+    "EpilogueFunction",
+)  # fmt: skip
+
+
+def top_level_ops(model: QFAMobileNetV3, x: torch.Tensor) -> collections.Counter:
+    """Names of the parentless profiler events of one forward + backward."""
+    model(x).sum().backward()  # warm-up: LSQ initialisation, allocations
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x).sum().backward()
+    return collections.Counter(e.name for e in prof.events() if e.cpu_parent is None)
+
+
+def count_ops(width: float, batch: int, res: int) -> dict:
+    torch.manual_seed(0)
+    model = QFAMobileNetV3(n_classes=1000, width_mult=width)
+    x = torch.randn(batch, 3, res, res)
+    out = {}
+    for bits in (4, 32):
+        model.set_active_config(model.space.make_config(ks=7, e=6, d=4, w_bits=bits, a_bits=bits, resolution=res))
+        for fused in (False, True):
+            model.fused_epilogue = fused
+            ops = top_level_ops(model, x)
+            out[f"{'W4A4' if bits == 4 else 'fp'}_{'fused' if fused else 'unfused'}"] = {
+                "total": sum(ops.values()),
+                "most_common": ops.most_common(12),
+            }
+    return out
+
+
+def saved_bytes(model: QFAMobileNetV3, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward of ``model``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(seen.values())
+
+
+def make_trainer(fused: bool, args: argparse.Namespace):
+    from qfa.train import distributed, options
+    from qfa.train.trainer import Trainer
+
+    settings = {
+        "data": "synthetic", "batch_size": args.batch_size, "resolutions": args.resolutions, "width_mult": 1.2,
+        "subnets": 6, "bits": (2, 3, 4), "backend": "cpu", "channels_last": args.channels_last, "progress": False,
+        "resume": "none", "out": tempfile.mkdtemp(prefix="qfa-bench-"), "calib_batches": 1, "fused_epilogue": fused,
+    }  # fmt: skip
+    opts = options.resolve(options.TrainOptions, settings)
+    return Trainer(opts, distributed.DistContext(device=torch.device("cpu")), log=lambda s: None)
+
+
+def epilogue_time_us(prof) -> dict[str, float]:
+    """CPU time (us) of the top-level epilogue ops (forward ops and autograd's backward nodes), each
+    including the ops it dispatches, per op name fragment."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for e in prof.events():
+        if e.cpu_parent is not None:
+            continue
+        for name in EPILOGUE_OPS:
+            if name in e.name:
+                out[name] += e.cpu_time_total
+                break
+    return dict(out)
+
+
+def train_step(args: argparse.Namespace) -> dict:
+    trainers = {name: make_trainer(name == "fused", args) for name in ("unfused", "fused")}
+    gen = torch.Generator().manual_seed(0)
+    res = max(int(r) for r in args.resolutions.split(":")[:2])
+    images = torch.randn(args.batch_size, 3, res, res, generator=gen)
+    labels = torch.randint(0, trainers["fused"].n_classes, (args.batch_size,), generator=gen)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    plans = list(range(1000, 1000 + args.steps))
+    for tr in trainers.values():  # untimed pass: LSQ initialisation, allocations
+        for s in plans:
+            tr.step = s
+            tr.train_step(images, labels)
+    for s in plans:  # interleaved timed steps: the same subnets for both
+        for name, tr in trainers.items():
+            tr.step = s
+            t0 = time.perf_counter()
+            tr.train_step(images, labels)
+            times[name].append(time.perf_counter() - t0)
+    epi_us: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
+    for s in plans:  # profiled steps, interleaved; the least loaded round of each variant is kept
+        for name, tr in trainers.items():
+            tr.step = s
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                tr.train_step(images, labels)
+            epi_us[name].append(epilogue_time_us(prof))
+    self_us = {name: min(rounds, key=lambda r: sum(r.values())) for name, rounds in epi_us.items()}
+    for tr in trainers.values():
+        tr.guard.flush()
+    result = {
+        name: {"ms_min": 1e3 * min(t), "ms_median": 1e3 * statistics.median(t),
+               "ms_per_step": [round(1e3 * v, 1) for v in t], "epilogue_ms": sum(self_us[name].values()) / 1e3,
+               "epilogue_ms_by_op": {k: v / 1e3 for k, v in self_us[name].items()}}
+        for name, t in times.items()
+    }  # fmt: skip
+    result["ratio_step_min"] = result["fused"]["ms_min"] / result["unfused"]["ms_min"]
+    result["ratio_epilogue"] = result["fused"]["epilogue_ms"] / result["unfused"]["epilogue_ms"]
+    model = trainers["fused"].model
+    model.train()
+    model.set_active_config(model.space.make_config(ks=7, e=6, d=4, w_bits=4, a_bits=4, resolution=res))
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = images.contiguous(memory_format=fmt)
+    saved = {}
+    for fused in (False, True):
+        model.fused_epilogue = fused
+        saved["fused" if fused else "unfused"] = saved_bytes(model, x)
+    result["saved_for_backward_mb"] = {k: v / 2**20 for k, v in saved.items()}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--resolutions", default="24:32:4")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--skip-step", action="store_true", help="only count ops")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    record = {
+        "benchmark": "epilogue",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu",
+        "device_name": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "command": " ".join(["python", "bench/epilogue.py", *(argv if argv is not None else sys.argv[1:])]),
+        "config": vars(args),
+        "top_level_ops": count_ops(1.2, 8, 32),
+    }
+    ops = record["top_level_ops"]
+    for key, val in ops.items():
+        print(f"top-level ops, max subnet fwd+bwd, {key}: {val['total']}")
+    print("  most frequent (W4A4 fused):", ops["W4A4_fused"]["most_common"])
+    if not args.skip_step:
+        step = record["train_step"] = train_step(args)
+        for name in ("unfused", "fused"):
+            r = step[name]
+            print(f"train step {name}: min {r['ms_min']:.0f} ms, median {r['ms_median']:.0f} ms; "
+                  f"BN+act+BatchQuant time {r['epilogue_ms']:.1f} ms")  # fmt: skip
+        print(f"  ratios fused/unfused: step (min) {step['ratio_step_min']:.3f}, "
+              f"epilogue time {step['ratio_epilogue']:.3f}")  # fmt: skip
+        print(f"  saved for backward (max subnet forward): {step['saved_for_backward_mb']}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

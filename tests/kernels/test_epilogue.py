@@ -1,0 +1,269 @@
+"""Fused epilogue ``bquant_kernels.epilogue.bn_act_quant`` against the composition of today's ops.
+
+The oracle is the reference backend (F.batch_norm -> activation -> batchquant) on float64 copies of
+the inputs; float16/bfloat16 are compared with the composition run in that dtype (it rounds BN's and
+the activation's outputs to 16 bits, which moves values across bin edges far more often than the
+spec's 1e-4: the fused kernels round at the same places).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import allowed_flips, assert_quant_close, assert_scalar_close, make_activation, poison_heap, to_layout
+
+from bquant_kernels.epilogue import bn_act_quant, fused_backend
+from bquant_kernels.qparams import batchquant_grid
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[2]
+
+ACTS = (None, "relu", "h_swish")
+SHAPES = ((4, 6, 5, 7), (3, 5, 1, 1), (7, 9), (2, 3, 11), (16, 40, 4, 4))
+
+
+def _require_cpu_kernel() -> None:
+    y = torch.zeros(1, 1)
+    if fused_backend("cpu", y) != "cpu":
+        pytest.skip("the compiled extension (native_bn_act_quant) is not built here")
+
+
+def _params(C: int, seed: int, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed + 1)
+    gamma = (torch.rand(C, generator=gen, dtype=torch.float64) * 2 - 0.5).to(dtype)  # some negative
+    beta = torch.randn(C, generator=gen, dtype=torch.float64).to(dtype)
+    theta = torch.tensor([0.3], dtype=torch.float64)
+    offset = torch.tensor([0.2], dtype=torch.float64)
+    rm = (0.1 * torch.randn(C, generator=gen, dtype=torch.float64)).to(dtype)
+    rv = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    lo_hi = torch.tensor([-0.7, 1.9], dtype=torch.float64)
+    return gamma, beta, theta, offset, rm, rv, lo_hi
+
+
+def _run(y, gamma, beta, theta, offset, *, act, bits, mode, rm, rv, lo_hi, backend):
+    """Forward + backward of one call: (out, [grads of y, gamma, beta(, theta, offset)], mean, var, used)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (y, gamma, beta, theta, offset)]
+    if bits is None:
+        leaves = leaves[:3]
+    eval_mode = mode == "eval"
+    kwargs = {"act": act, "return_stats": True, "backend": backend}
+    if eval_mode:
+        kwargs.update(running_mean=rm, running_var=rv)
+    if bits is not None:
+        kwargs.update(theta=leaves[3], offset=leaves[4], bits=bits, lo_hi=lo_hi if eval_mode else None)
+    out, mean, var, used = bn_act_quant(leaves[0], leaves[1], leaves[2], **kwargs)
+    gen = torch.Generator().manual_seed(7)
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+    g = to_layout(g, "channels_last" if not y.is_contiguous() else "contiguous")
+    grads = torch.autograd.grad(out, leaves, g)
+    return out, grads, mean, var, used, g
+
+
+def _step(used: torch.Tensor, theta: torch.Tensor, bits: int) -> float:
+    """One quantization step S / l (spec 1.2-1.3) of the range that was used."""
+    qmin, qmax = batchquant_grid(bits, False)
+    lo, hi = min(float(used[0]), 0.0), max(float(used[1]), 0.0)
+    l = float(torch.nn.functional.softplus(theta.double(), beta=float(np.log(2.0))))
+    return max((hi - lo) / (qmax - qmin), 2.0**-23) / l
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_matches_float64_composition(shape, layout, act, bits, mode, dtype):
+    _require_cpu_kernel()
+    if layout == "channels_last" and len(shape) == 2:
+        pytest.skip("2-D tensors have one memory format")
+    y64 = make_activation(shape, kind="shifted", seed=sum(shape))
+    gamma, beta, theta, offset, rm, rv, lo_hi = _params(shape[1], sum(shape))
+    args = {"act": act, "bits": bits, "mode": mode}
+    ref = _run(to_layout(y64, layout), gamma, beta, theta, offset, rm=rm, rv=rv, lo_hi=lo_hi, backend="reference",
+               **args)  # fmt: skip
+    y = to_layout(y64.to(dtype), layout)
+    c = [t.to(dtype) for t in (gamma, beta, theta, offset, rm, rv, lo_hi)]
+    poison_heap(y.numel() * y.element_size(), "cpu")
+    out, grads, mean, var, used, _ = _run(y, *c[:4], rm=c[4], rv=c[5], lo_hi=c[6], backend="cpu", **args)
+    assert out.dtype == dtype and out.shape == y.shape and out.stride() == y.stride()
+    ref_out = ref[0].detach().double().numpy()
+    if bits is None:
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        np.testing.assert_allclose(out.detach().double().numpy(), ref_out, rtol=tol, atol=tol * np.abs(ref_out).max())
+    else:
+        assert_quant_close(out, ref_out, _step(ref[4], theta, bits), dtype)
+        torch.testing.assert_close(used.double(), ref[4].double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mean.double(), ref[2].double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(var.double(), ref[3].double(), rtol=1e-5, atol=1e-7)
+    # Gradients. float64: no bin flips, every gradient tight. float32: a flip moves a whole channel's
+    # BN gradient by about g / count, so grad_y, gamma, beta are compared in norm.
+    for name, got, want in zip(("y", "gamma", "beta"), grads[:3], ref[1][:3], strict=True):
+        got, want = got.double(), want.double()
+        assert torch.isfinite(got).all(), f"grad {name}: non-finite (unwritten?) elements"
+        err = (got - want).norm() / want.norm().clamp_min(1e-30)
+        assert err <= (1e-10 if dtype == torch.float64 else 1e-4), f"grad {name}: relative error {err:.3g}"
+    if bits is not None:
+        scale = float(ref[1][0].abs().sum())  # sum of |terms| order of magnitude
+        for name, got, want in zip(("theta", "offset"), grads[3:], ref[1][3:], strict=True):
+            assert_scalar_close(got, float(want), max(scale, 1.0) * 1e-3, 1e-4, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_16bit_matches_the_composition_in_that_dtype(dtype, act, layout):
+    _require_cpu_kernel()
+    shape = (8, 12, 6, 5)
+    y = to_layout(make_activation(shape, kind="shifted", seed=3).to(dtype), layout)
+    gamma, beta, theta, offset, rm, rv, lo_hi = _params(shape[1], 3, torch.float32)
+    args = {"act": act, "bits": 4, "mode": "train", "rm": rm, "rv": rv, "lo_hi": lo_hi}
+    ref = _run(y, gamma, beta, theta.float(), offset.float(), backend="reference", **args)
+    got = _run(y, gamma, beta, theta.float(), offset.float(), backend="cpu", **args)
+    diff = (got[0].double() - ref[0].double()).abs()
+    step = _step(ref[4], theta, 4)
+    rounding = 2.0 ** (-7 if dtype == torch.bfloat16 else -10) * ref[0].double().abs()
+    flips = int((diff > rounding + 1e-6 * step).sum())
+    assert (diff <= rounding + step * 1.01).all()
+    assert flips <= allowed_flips(y.numel()), f"{flips} one-step flips"
+    for name, a, b in zip(("y", "gamma", "beta", "theta", "offset"), got[1], ref[1], strict=True):
+        err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
+        assert err <= 2e-2, f"grad {name}: relative error {err:.3g}"
+
+
+def test_post_relu_zeros_and_constant_channels():
+    """ReLU's exact zeros sit on the quantizer's qmin; a constant channel has var = 0 (z = beta)."""
+    _require_cpu_kernel()
+    y = make_activation((6, 5, 4, 4), kind="relu", seed=11)
+    y[:, 2] = 0.25  # constant channel
+    gamma, beta, theta, offset, *_ = _params(5, 11)
+    for backend in ("reference", "cpu"):
+        out = _run(y, gamma, beta, theta, offset, act="relu", bits=3, mode="train", rm=None, rv=None, lo_hi=None,
+                   backend=backend)  # fmt: skip
+        if backend == "reference":
+            ref = out
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(out[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_result_does_not_depend_on_the_thread_count():
+    _require_cpu_kernel()
+    y = to_layout(make_activation((32, 24, 9, 9), seed=5).float(), "channels_last")
+    gamma, beta, theta, offset, *_ = (t.float() for t in _params(24, 5))
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        outs.append(_run(y, gamma, beta, theta, offset, act="h_swish", bits=4, mode="train", rm=None, rv=None,
+                         lo_hi=None, backend="cpu"))  # fmt: skip
+    torch.set_num_threads(1)
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_nan_input_makes_the_range_nan():
+    _require_cpu_kernel()
+    y = make_activation((4, 3, 5, 5), seed=2).float()
+    y[1, 1, 2, 2] = float("nan")
+    gamma, beta, theta, offset, *_ = (t.float() for t in _params(3, 2))
+    out, _, _, used = bn_act_quant(y, gamma, beta, act="relu", theta=theta, offset=offset, bits=4,
+                                   return_stats=True, backend="cpu")  # fmt: skip
+    assert torch.isnan(used).all() and torch.isnan(out).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"act": "gelu"}, ValueError, "act must be one of"),
+        ({"weight": torch.ones(4)}, ValueError, "weight must have shape"),
+        ({"bits": 9}, ValueError, "bits must be in"),
+        ({"bits": 4, "theta": None}, TypeError, "theta must be a torch.Tensor"),
+        ({"running_mean": torch.zeros(3)}, ValueError, "running_mean and running_var"),
+        ({"eps": 0.0}, ValueError, "eps must be a positive"),
+        ({"y": torch.zeros(2, 3, dtype=torch.int32)}, TypeError, "y must be a floating tensor"),
+        ({"y": torch.zeros(0, 3)}, ValueError, "y must not be empty"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, exc, match):
+    args = {"y": torch.randn(2, 3, 4, 4), "weight": torch.ones(3), "bias": torch.zeros(3),
+            "theta": torch.zeros(1), "offset": torch.zeros(1)}  # fmt: skip
+    args.update(kwargs)
+    y, w, b = args.pop("y"), args.pop("weight"), args.pop("bias")
+    with pytest.raises(exc, match=match):
+        bn_act_quant(y, w, b, **args)
+
+
+def test_opcheck_native_op():
+    _require_cpu_kernel()
+    y = to_layout(make_activation((4, 6, 3, 3), seed=9).float(), "channels_last").requires_grad_()
+    gamma, beta, theta, offset, rm, rv, lo_hi = (t.float().requires_grad_() for t in _params(6, 9))
+    op = torch.ops.bquant.native_bn_act_quant
+    for args in [
+        (y, gamma, beta, theta, offset, None, None, None, 1e-5, 2, 4, False),
+        (y, gamma, beta, None, None, None, None, None, 1e-5, 1, 0, False),
+        (y, gamma, beta, theta, offset, rm.detach(), rv.detach(), lo_hi.detach(), 1e-5, 0, 3, False),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_compiled_call_has_no_graph_breaks():
+    _require_cpu_kernel()
+    y = make_activation((4, 6, 3, 3), seed=4).float()
+    gamma, beta, theta, offset, *_ = (t.float() for t in _params(6, 4))
+
+    def fn(y):
+        return bn_act_quant(y, gamma, beta, act="h_swish", theta=theta, offset=offset, bits=4, backend="cpu") * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(y), fn(y), rtol=0, atol=0)
+
+
+_ISA_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import torch
+import bquant_kernels.epilogue as E
+outs = []
+for y, w, b, th, of, g in torch.load(sys.argv[1]):
+    for act in (None, "relu", "h_swish"):
+        leaves = [t.clone().requires_grad_() for t in (y, w, b, th, of)]
+        out = E.bn_act_quant(*leaves[:3], act=act, theta=leaves[3], offset=leaves[4], bits=4, backend="cpu")
+        outs += [out.detach(), *torch.autograd.grad(out, leaves, g)]
+torch.save(outs, sys.argv[2])
+"""
+
+
+def test_portable_and_avx2_instances_agree(tmp_path):
+    """ATEN_CPU_CAPABILITY=default runs the baseline instance of the epilogue kernels: the same bits as
+    the instance this process runs (AVX2 where the CPU has it). Inputs are made here: torch's own
+    random generators differ between capabilities."""
+    _require_cpu_kernel()
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for layout in ("contiguous", "channels_last"):
+            y = to_layout(make_activation((16, 24, 6, 6), kind="shifted", seed=6).to(dtype), layout)
+            gamma, beta, theta, offset, *_ = (t.float() for t in _params(24, 6))
+            g = to_layout(make_activation((16, 24, 6, 6), seed=7).to(dtype), layout)
+            cases.append((y, gamma, beta, theta, offset, g))
+    inputs = tmp_path / "inputs.pt"
+    torch.save(cases, inputs)
+    outputs = {}
+    for name, capability in (("portable", "default"), ("native", None)):
+        env = dict(os.environ)
+        if capability is not None:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        path = tmp_path / f"{name}.pt"
+        cmd = [sys.executable, "-c", _ISA_SCRIPT, str(inputs), str(path), str(REPO)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[name] = torch.load(path)
+    assert len(outputs["portable"]) == len(outputs["native"]) > 0
+    for i, (a, b) in enumerate(zip(outputs["portable"], outputs["native"], strict=True)):
+        assert torch.equal(a, b), f"output {i}: portable and native instances differ"

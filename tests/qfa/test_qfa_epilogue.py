@@ -1,0 +1,100 @@
+"""The supernet with fused layer epilogues (``model.fused_epilogue``) against the separate modules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import qfa
+from qfa import QFAMobileNetV3
+from qfa.train import options
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(dtype: torch.dtype, w_bits: int) -> QFAMobileNetV3:
+    torch.manual_seed(0)
+    model = QFAMobileNetV3(n_classes=7, width_mult=0.35, bits_list=(2, 3, 4, 32), dropout=0.0).to(dtype)
+    model.set_active_subnet(ks=[3, 5, 7, 5] * 5, e=[3, 4, 6, 3] * 5, d=[2, 3, 2, 4, 3], w_bits=w_bits, a_bits=4)
+    return model
+
+
+def _images(dtype: torch.dtype, n: int = 6, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, 3, 32, 32, generator=gen, dtype=torch.float64)
+        .to(dtype)
+        .contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _logits_and_grads(model: QFAMobileNetV3, x: torch.Tensor, fused: bool):
+    model.fused_epilogue = fused
+    model.zero_grad()
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_is_the_default_and_reaches_every_layer():
+    model = _model(torch.float32, 4)
+    assert model.fused_epilogue
+    model.fused_epilogue = False
+    assert not any(getattr(m, "fused_epilogue", False) for m in model.modules())
+    model.fused_epilogue = True
+    assert model.blocks[1].conv.depth_conv.fused_epilogue and model.first_conv.fused_epilogue
+
+
+def test_same_logits_and_gradients_float64():
+    """float64 with full-precision weights: no value lands on a rounding tie, so both paths agree to
+    float64 rounding. (With quantized weights conv outputs lie on a lattice and an element can sit
+    exactly at its channel's mean, where ReLU's mask depends on the last bit of the mean: a tie like
+    a bin edge, decided differently by the two ways of computing the mean.)"""
+    model = _model(torch.float64, 32)
+    x = _images(torch.float64)
+    out_u, grads_u = _logits_and_grads(model, x, False)
+    out_f, grads_f = _logits_and_grads(model, x, True)
+    torch.testing.assert_close(out_f, out_u, rtol=1e-10, atol=1e-12)
+    assert grads_f.keys() == grads_u.keys()
+    for name in grads_u:
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-7, atol=1e-9 * grads_u[name].abs().max(),
+                                   msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
+
+
+def test_same_logits_float32_w4a4():
+    model = _model(torch.float32, 4)
+    x = _images(torch.float32)
+    out_u, grads_u = _logits_and_grads(model, x, False)
+    out_f, grads_f = _logits_and_grads(model, x, True)
+    torch.testing.assert_close(out_f, out_u, rtol=1e-3, atol=1e-3 * out_u.abs().max())
+    total_u = torch.cat([g.flatten() for g in grads_u.values()])
+    total_f = torch.cat([grads_f[n].flatten() for n in grads_u])
+    assert (total_f - total_u).norm() <= 0.05 * total_u.norm()
+
+
+def test_calibration_and_eval_agree():
+    """Recalibration (batch statistics into BN's and BatchQuant's sinks) through the fused op gives the
+    unfused path's running statistics and ranges, and so its evaluation logits."""
+    base = _model(torch.float64, 32)
+    batches = [(_images(torch.float64, 5, seed=s), None) for s in range(3)]
+    results = []
+    for fused in (False, True):
+        model = copy.deepcopy(base)
+        model.fused_epilogue = fused
+        qfa.calibrate(model, batches, num_batches=3)
+        with torch.no_grad():
+            results.append((model(_images(torch.float64, 4, seed=9)), model.state_dict()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-12)
+    for key, value in results[0][1].items():
+        if key.endswith(("running_mean", "running_var", "lo_hi")):
+            torch.testing.assert_close(results[1][1][key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_train_option_switches_it_off():
+    opts = options.resolve(options.TrainOptions, {"fused_epilogue": False, "data": "synthetic"})
+    assert opts.fused_epilogue is False
+    parser = options.argparse.ArgumentParser()
+    options.add_arguments(parser, options.TrainOptions)
+    assert parser.parse_args(["--no-fused-epilogue"]).fused_epilogue is False

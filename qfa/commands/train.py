@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"qfa train: error: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:
-        print(f"qfa train: {err}", file=sys.stderr)
+        if ctx.is_main:  # every rank stopped at the same step; one line, like the trainer's other output
+            print(f"qfa train: {err}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
     except RuntimeError as err:
         message = distributed.describe_peer_failure(err, ctx)

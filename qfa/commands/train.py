@@ -5,8 +5,8 @@ Without arguments this trains the digits demo (scikit-learn's bundled 8x8 digits
 about 3 minutes on 2 CPU cores); `--data PATH` with an ImageFolder tree uses the published recipe.
 Phases: `--bits 2,3,4,32` (phase 0), then `--bits 2,3,4 --init OUT/supernet.pt` (phase 1).
 Multi-GPU / multi-node: `torchrun --nproc-per-node N -m qfa train ...`. Resume: `--resume auto`
-(the default) continues from OUT/last.pt. Ctrl-C stops at the next step boundary, writes OUT/last.pt
-and exits with status 130; the same command resumes.
+(the default) continues from OUT/last.pt. Ctrl-C stops at the next step boundary (under torchrun: all
+ranks at the same one), writes OUT/last.pt and exits with status 130; the same command resumes.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Without arguments this trains the digits demo (scikit-learn's bundled 8x8 digits
 about 3 minutes on 2 CPU cores); `--data PATH` with an ImageFolder tree uses the published recipe.
 Phases: `--bits 2,3,4,32` (phase 0), then `--bits 2,3,4 --init OUT/supernet.pt` (phase 1).
 Multi-GPU / multi-node: `torchrun --nproc-per-node N -m qfa train ...`. Resume: `--resume auto`
-(the default) continues from OUT/last.pt. Ctrl-C stops at the next step boundary, writes OUT/last.pt
-and exits with status 130; the same command resumes.
+(the default) continues from OUT/last.pt. Ctrl-C stops at the next step boundary (under torchrun: all
+ranks at the same one), writes OUT/last.pt and exits with status 130; the same command resumes.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"qfa train: error: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:
-        print(f"qfa train: {err}", file=sys.stderr)
+        if ctx.is_main:  # every rank stopped at the same step; one line, like the trainer's other output
+            print(f"qfa train: {err}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
     except RuntimeError as err:
         message = distributed.describe_peer_failure(err, ctx)

@@ -25,7 +25,8 @@ weights with a size-1 dimension arrive in their parameter's strides (:func:`matc
 so DDP warns about neither.
 
 The step's loss values are averaged separately (:func:`all_reduce_mean`, one small all-reduce),
-so every rank sees the global mean losses and all ranks stop together on a non-finite loss.
+so every rank sees the global mean losses and all ranks stop together on a non-finite loss; each
+rank's Ctrl-C flag rides in the same all-reduce, so all ranks stop at the same step on Ctrl-C too.
 
 Multi-node runs (``torchrun --nnodes``) need nothing more: ranks are global, every loader shards by
 global rank, and rank 0 alone writes. A rank that dies makes the others' next collective fail

@@ -118,19 +118,30 @@ class NonFiniteGuard:
     inspected at the next ``push`` (by then the device has long finished that step) or at ``flush``.
     A bad step is therefore reported one step late, but always before a checkpoint is written
     (callers flush first), so no checkpoint ever holds weights updated from a non-finite loss.
-    The checked host values also feed the loss logging, so logging costs no extra sync.
+    The checked host values also feed the loss logging, so logging costs no extra sync, and so does
+    the ranks' stop vote (``stop_vote``: the mean over ranks of their Ctrl-C flags): ``stop_voted``
+    turns true at the check of the first step where some rank had asked to stop.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._pending: tuple[int, list[PlannedSubnet], Tensor, object | None] | None = None
         self.history: list[tuple[int, list[float], float]] = []  # (step, per-subnet losses, grad norm)
+        self.stop_voted = False
 
-    def push(self, step: int, plan: list[PlannedSubnet], losses: Tensor, grad_norm: Tensor | None) -> None:
+    def push(
+        self,
+        step: int,
+        plan: list[PlannedSubnet],
+        losses: Tensor,
+        grad_norm: Tensor | None,
+        stop_vote: Tensor | None = None,
+    ) -> None:
         self.check()
         values = losses.detach().float().reshape(-1)
         norm = grad_norm.detach().float().reshape(1) if grad_norm is not None else values.new_zeros(1)
-        packed = torch.cat([values, norm])
+        vote = stop_vote.detach().float().reshape(1) if stop_vote is not None else values.new_zeros(1)
+        packed = torch.cat([values, norm, vote])
         if self.device.type == "cuda":
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             host.copy_(packed, non_blocking=True)
@@ -149,7 +160,7 @@ class NonFiniteGuard:
         if event is not None:
             event.synchronize()
         values = host.tolist()
-        losses, norm = values[:-1], values[-1]
+        losses, norm, vote = values[:-2], values[-2], values[-1]
         for i, (loss, sub) in enumerate(zip(losses, plan, strict=True)):
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
@@ -162,6 +173,7 @@ class NonFiniteGuard:
                 + "; ".join(s.describe() for s in plan)
             )
         self.history.append((step, losses, norm))
+        self.stop_voted = self.stop_voted or vote > 0
 
     flush = check
 

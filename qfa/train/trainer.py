@@ -257,7 +257,11 @@ class Trainer:
                 self.scaler.scale(loss).backward()  # gradients of the subnets add up
             losses.append(loss.detach())
         loss_vec = torch.stack(losses)
-        distributed.all_reduce_mean([loss_vec], self.ctx.world_size)  # all ranks see the mean losses
+        # Under torchrun each rank gets Ctrl-C at its own moment: its flag rides in the losses' all-reduce
+        # (the same bucket, no extra collective), so every rank reads the same vote after the same step.
+        stop_vote = loss_vec.new_full((1,), float(self.stop_requested)) if self.ctx.distributed else None
+        reduced = [loss_vec] if stop_vote is None else [loss_vec, stop_vote]
+        distributed.all_reduce_mean(reduced, self.ctx.world_size)  # all ranks see the mean losses
         grad_norm = None
         if opts.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
@@ -268,7 +272,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         # With fp16 an inf gradient norm only makes the scaler skip the step: not an error.
-        self.guard.push(self.step, plan, loss_vec, None if self.scaler.is_enabled() else grad_norm)
+        self.guard.push(self.step, plan, loss_vec, None if self.scaler.is_enabled() else grad_norm, stop_vote)
         self.step += 1
         return plan
 
@@ -302,8 +306,17 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def request_stop(self) -> None:
-        """Stop at the next step boundary: save the checkpoint and raise :class:`TrainingInterrupted`."""
+        """Stop at the next step boundary: save the checkpoint and raise :class:`TrainingInterrupted`.
+
+        With several processes every rank stops at the same boundary, the first one after the ranks'
+        vote (see :meth:`train_step`) is read back with the losses: one or two steps later."""
         self.stop_requested = True
+
+    @property
+    def stopping(self) -> bool:
+        """Whether to stop at this step boundary: this process's own request when it is alone, else the
+        ranks' vote, which every rank reads at the same step (so none is left in a collective)."""
+        return self.guard.stop_voted if self.ctx.distributed else self.stop_requested
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or ``max_steps``), then evaluate; returns the summary (also in metrics.jsonl).
@@ -320,7 +333,7 @@ class Trainer:
                           "(use --resume none or another --out to train anew)")  # fmt: skip
             while not self.finished:
                 self._train_epoch()
-                if self.stop_requested:
+                if self.stopping:
                     raise TrainingInterrupted(
                         f"interrupted at step {self.step} (epoch {self.epoch + 1}, batch {self.batch}); saved "
                         f"{self.out / ckpt.LAST}: run the same command again to resume from it"
@@ -353,7 +366,7 @@ class Trainer:
                 self.window = []
             if opts.ckpt_every and self.step % opts.ckpt_every == 0:
                 self.save()
-            if self.stop_requested:
+            if self.stopping:
                 break
         self.guard.flush()
         self._drain()

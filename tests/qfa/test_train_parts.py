@@ -237,6 +237,20 @@ def test_non_finite_guard_names_step_and_subnet():
     assert isinstance(plan[0], PlannedSubnet)
 
 
+def test_non_finite_guard_reads_the_stop_vote_with_the_losses():
+    """The ranks' Ctrl-C vote turns ``stop_voted`` on when its step is checked (one step late, no sync),
+    and stays on; the losses and gradient norm read back are unchanged by it."""
+    plan = plan_subnets(_FakeSupernet(), step_rng(0, 3), 2, (16, 24))
+    guard = NonFiniteGuard(torch.device("cpu"))
+    guard.push(0, plan, torch.tensor([1.0, 2.0]), torch.tensor(3.0), torch.zeros(1))
+    guard.push(1, plan, torch.tensor([4.0, 5.0]), torch.tensor(6.0), torch.full((1,), 0.5))  # 1 of 2 ranks
+    assert not guard.stop_voted  # step 1 is not checked yet
+    guard.push(2, plan, torch.tensor([7.0, 8.0]), None, torch.zeros(1))
+    assert guard.stop_voted
+    guard.flush()
+    assert guard.stop_voted and guard.drain() == [(0, [1.0, 2.0], 3.0), (1, [4.0, 5.0], 6.0), (2, [7.0, 8.0], 0.0)]
+
+
 # ----------------------------------------------------------------------------- gradient buckets
 
 

@@ -50,4 +50,21 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> cuda_lsq_multi_backward(const st
                                                                         const std::vector<int64_t>& numel_full);
 #endif
 
+// Whether x is dense with the channel dimension (1) innermost, i.e. x.permute(0, 2, ..., d-1, 1)
+// is contiguous (channels_last for 4-D): read from the strides, no view is made.
+inline bool channels_innermost(const at::Tensor& x) {
+  const int64_t d = x.dim();
+  int64_t expected = 1;
+  const auto check = [&](int64_t dim) {
+    if (x.size(dim) != 1 && x.stride(dim) != expected) return false;
+    expected *= x.size(dim);
+    return true;
+  };
+  if (!check(1)) return false;
+  for (int64_t dim = d - 1; dim >= 2; --dim) {
+    if (!check(dim)) return false;
+  }
+  return check(0);
+}
+
 }  // namespace bquant

@@ -31,22 +31,6 @@ using torch::autograd::variable_list;
 
 // ----------------------------------------------------------------------------- layout
 
-// Whether x is dense with the channel dimension (1) innermost, i.e. x.permute(0, 2, ..., d-1, 1)
-// is contiguous (channels_last for 4-D): read from the strides, no view is made.
-bool channels_innermost(const at::Tensor& x) {
-  const int64_t d = x.dim();
-  int64_t expected = 1;
-  const auto check = [&](int64_t dim) {
-    if (x.size(dim) != 1 && x.stride(dim) != expected) return false;
-    expected *= x.size(dim);
-    return true;
-  };
-  if (!check(1)) return false;
-  for (int64_t dim = d - 1; dim >= 2; --dim) {
-    if (!check(dim)) return false;
-  }
-  return check(0);
-}
 
 // x as the kernels walk it (see bquant_kernels/backends/__init__.py): itself when contiguous or
 // channels-innermost, else a contiguous copy; element i belongs to channel (i / inner) % C.

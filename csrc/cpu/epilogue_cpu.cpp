@@ -32,6 +32,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bquant.h"
 #include "common/quant_math.h"
 #include "cpu/cpu_common.h"
 #include "cpu/cpu_kernels.h"
@@ -52,19 +53,6 @@ struct Layout {
   int64_t outer, C, inner;
 };
 
-bool channels_innermost(const at::Tensor& x) {
-  int64_t expected = 1;
-  const auto check = [&](int64_t dim) {
-    if (x.size(dim) != 1 && x.stride(dim) != expected) return false;
-    expected *= x.size(dim);
-    return true;
-  };
-  if (!check(1)) return false;
-  for (int64_t dim = x.dim() - 1; dim >= 2; --dim) {
-    if (!check(dim)) return false;
-  }
-  return check(0);
-}
 
 Layout layout_of(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 2, "bquant: y must have at least 2 dimensions (N, C, ...), got shape ", x.sizes());

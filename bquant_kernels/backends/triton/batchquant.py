@@ -21,10 +21,9 @@ from torch import Tensor
 
 from ...qparams import DL_DTHETA, HI, LO, NUM_QPARAMS, SCALE, ZERO, L, batchquant_grid
 from .launch import (
-    ELEMENTWISE_CONFIGS,
-    ELEMENTWISE_INTERPRET,
     FINISH_BLOCK,
     device_guard,
+    elementwise_tuned,
     reduction_programs,
     size_class,
     tuned,
@@ -197,7 +196,7 @@ def finish_range(
         tl.store(out_ptr + _QP_DL_DTHETA, dl_dtheta)
 
 
-@tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)
+@elementwise_tuned
 @triton.jit
 def _quantize(
     x_ptr,
@@ -242,7 +241,7 @@ def _quantize(
     tl.store(y_ptr + offs, cast_rne(y, y_dtype), mask=mask)
 
 
-@tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)
+@elementwise_tuned
 @triton.jit
 def _quantize_backward(
     g_ptr,

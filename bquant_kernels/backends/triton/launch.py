@@ -82,6 +82,10 @@ def tuned(configs: list[triton.Config], key: list[str], interpret: triton.Config
     return wrap
 
 
+# The tuning of every element-wise kernel (one program per BLOCK elements, keyed on the size class).
+elementwise_tuned = tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

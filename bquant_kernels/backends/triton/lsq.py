@@ -10,20 +10,18 @@ from torch import Tensor
 
 from ...qparams import lsq_grid
 from .launch import (
-    ELEMENTWISE_CONFIGS,
-    ELEMENTWISE_INTERPRET,
     FINISH_BLOCK,
     device_guard,
+    elementwise_tuned,
     reduction_programs,
     size_class,
-    tuned,
 )
 from .quant_math import lsq_elem, lsq_elem_backward
 from .reductions import last_program, sum_partials
 from .rounding import cast_rne
 
 
-@tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)
+@elementwise_tuned
 @triton.jit
 def _lsq_quantize(w_ptr, step_ptr, out_ptr, numel, size_class, qn, qp, BLOCK: tl.constexpr):
     abs_step = tl.abs(tl.load(step_ptr).to(tl.float32))
@@ -33,7 +31,7 @@ def _lsq_quantize(w_ptr, step_ptr, out_ptr, numel, size_class, qn, qp, BLOCK: tl
     tl.store(out_ptr + offs, cast_rne(lsq_elem(w, abs_step, qn, qp), out_ptr.dtype.element_ty), mask=mask)
 
 
-@tuned(ELEMENTWISE_CONFIGS, key=["size_class"], interpret=ELEMENTWISE_INTERPRET)
+@elementwise_tuned
 @triton.jit(do_not_specialize=["numel_full"])  # a value of 1 would otherwise become a constexpr
 def _lsq_quantize_backward(
     g_ptr,

@@ -116,8 +116,10 @@ def bn_act_quant(
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if bits is not None:
         check_bits("bits", bits, 2, 8)
-        check_param("theta", theta, y, "y")
-        check_param("offset", offset, y, "y")
+        # One-element parameters of any shape: the kernels see (1,), the view gives the gradient back
+        # in the parameter's own shape.
+        theta = check_param("theta", theta, y, "y").reshape(1)
+        offset = check_param("offset", offset, y, "y").reshape(1)
         if lo_hi is not None:
             check_param("lo_hi", lo_hi, y, "y", numel=2)
             lo_hi = lo_hi.reshape(2)

@@ -267,3 +267,29 @@ def test_portable_and_avx2_instances_agree(tmp_path):
     assert len(outputs["portable"]) == len(outputs["native"]) > 0
     for i, (a, b) in enumerate(zip(outputs["portable"], outputs["native"], strict=True)):
         assert torch.equal(a, b), f"output {i}: portable and native instances differ"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1), (1, 1, 1)])
+def test_one_element_parameters_of_any_shape(backend, shape):
+    """theta and offset may have any one-element shape; their gradients come back in that shape (as for
+    batchquant, issue 14), equal to the (1,)-shaped run's."""
+    if backend == "cpu":
+        _require_cpu_kernel()
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randn(4, 3, 5, 5, generator=gen)
+    grad = torch.randn(4, 3, 5, 5, generator=gen)
+
+    def run(param_shape):
+        theta = torch.full(param_shape, 0.3, requires_grad=True)
+        offset = torch.full(param_shape, 0.2, requires_grad=True)
+        out = bn_act_quant(y, torch.ones(3), torch.zeros(3), act="relu", theta=theta, offset=offset, bits=4,
+                           backend=backend)  # fmt: skip
+        (out * grad).sum().backward()
+        return out.detach(), theta.grad, offset.grad
+
+    out, g_theta, g_offset = run(shape)
+    ref_out, ref_theta, ref_offset = run((1,))
+    assert g_theta.shape == shape and g_offset.shape == shape
+    assert torch.equal(out, ref_out)
+    assert torch.equal(g_theta.reshape(1), ref_theta) and torch.equal(g_offset.reshape(1), ref_offset)

@@ -28,19 +28,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...qparams import DL_DTHETA, HI, LO, NUM_QPARAMS, SCALE, ZERO, L, batchquant_grid
-from .batchquant import finish_grads, finish_range, range_finish_blocks
+from ...qparams import NUM_QPARAMS, SCALE, ZERO, L, batchquant_grid
+from .batchquant import finish_grads, finish_range, qparams_from_range, range_finish_blocks
 from .launch import FINISH_BLOCK, INTERPRET, device_guard, elementwise_tuned, size_class, target_programs
-from .quant_math import batchquant_elem, batchquant_elem_backward, observer_qparams, softplus_ln2
+from .quant_math import batchquant_elem, batchquant_elem_backward
 from .reductions import fold_minmax, last_program, reduce_minmax
 from .rounding import cast_rne
 
-_QP_LO: tl.constexpr = tl.constexpr(LO)
-_QP_HI: tl.constexpr = tl.constexpr(HI)
 _QP_SCALE: tl.constexpr = tl.constexpr(SCALE)
 _QP_ZERO: tl.constexpr = tl.constexpr(ZERO)
 _QP_L: tl.constexpr = tl.constexpr(L)
-_QP_DL_DTHETA: tl.constexpr = tl.constexpr(DL_DTHETA)
 _RELU: tl.constexpr = tl.constexpr(1)
 _HSWISH: tl.constexpr = tl.constexpr(2)
 
@@ -121,6 +118,23 @@ def _channel_tile(j0, cols, rows, C, inner, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _affine_of(aff_ptr, c, mask, C):
+    """``(mean, k, beta)`` of channels ``c`` from the (3, C) affine."""
+    m = tl.load(aff_ptr + c, mask=mask, other=0.0)
+    k = tl.load(aff_ptr + C + c, mask=mask, other=0.0)
+    return m, k, tl.load(aff_ptr + 2 * C + c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_partials(part_ptr, slot, p, mask, v0, v1, v2, v3):
+    """The four per-(split, channel) partials of a pass at ``part[0..3, split, c]`` (``p = split * C + c``)."""
+    tl.store(part_ptr + p, v0, mask=mask)
+    tl.store(part_ptr + slot + p, v1, mask=mask)
+    tl.store(part_ptr + 2 * slot + p, v2, mask=mask)
+    tl.store(part_ptr + 3 * slot + p, v3, mask=mask)
+
+
+@triton.jit
 def _quant_params(qp_ptr, offset_ptr):
     """``(l, scale, zero, offset, step)`` of the quantizer from its qparams."""
     scale = tl.load(qp_ptr + _QP_SCALE)
@@ -175,12 +189,8 @@ def _stats_pass(
         acc_q += d * d
         acc_min, acc_max = fold_minmax(acc_min, acc_max, v, v, mask)
     lo, hi = reduce_minmax(acc_min, acc_max, 0)
-    slot = n_splits * C
-    p = split * C + cols
-    tl.store(part_ptr + p, lo, mask=col_mask)
-    tl.store(part_ptr + slot + p, hi, mask=col_mask)
-    tl.store(part_ptr + 2 * slot + p, tl.sum(acc_s, axis=0), mask=col_mask)
-    tl.store(part_ptr + 3 * slot + p, tl.sum(acc_q, axis=0), mask=col_mask)
+    _store_partials(part_ptr, n_splits * C, split * C + cols, col_mask, lo, hi, tl.sum(acc_s, axis=0),
+                    tl.sum(acc_q, axis=0))  # fmt: skip
     if last_program(counter_ptr):
         _finish_stats(y_ptr, gamma_ptr, beta_ptr, theta_ptr, part_ptr, ext_ptr, stats_ptr, aff_ptr, qp_ptr, C, inner,
                       rows, n_splits, eps, qmin, qmax, ACT, RANGE, FINISH_C)  # fmt: skip
@@ -224,6 +234,8 @@ def _finish_stats(y_ptr, gamma_ptr, beta_ptr, theta_ptr, part_ptr, ext_ptr, stat
         tl.store(aff_ptr + C + cols, k, mask=cm)
         tl.store(aff_ptr + 2 * C + cols, b, mask=cm)
         if RANGE:  # monotone: the extremes of act((y - mean) * k + beta) are those at y's extremes
+            mn = tl.where(cm, mn, 0.0)  # channels past C: no inf * 0
+            mx = tl.where(cm, mx, 0.0)
             _, a_lo = _bn_act(mn, mean, k, b, ACT, T)
             _, a_hi = _bn_act(mx, mean, k, b, ACT, T)
             down = k < 0.0
@@ -260,9 +272,8 @@ def _act_range_pass(
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     col_mask = cols < C
-    m = tl.load(aff_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    k = tl.load(aff_ptr + C + cols, mask=col_mask, other=0.0)[None, :]
-    b = tl.load(aff_ptr + 2 * C + cols, mask=col_mask, other=0.0)[None, :]
+    m, k, b = _affine_of(aff_ptr, cols, col_mask, C)
+    m, k, b = m[None, :], k[None, :], b[None, :]
     acc_min = tl.full([BLOCK_R, BLOCK_C], float("inf"), tl.float32)
     acc_max = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
     for j0 in range(split * BLOCK_R, rows, n_splits * BLOCK_R):
@@ -306,24 +317,12 @@ def _forward_elements(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     c = ((offs // inner) % C).to(tl.int32)
-    m = tl.load(aff_ptr + c, mask=mask, other=0.0)
-    k = tl.load(aff_ptr + C + c, mask=mask, other=0.0)
-    b = tl.load(aff_ptr + 2 * C + c, mask=mask, other=0.0)
+    m, k, b = _affine_of(aff_ptr, c, mask, C)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     _, a = _bn_act(v, m, k, b, ACT, T)
     if QUANT:
         if FROM_RANGE:
-            lo = tl.load(lo_hi_ptr).to(tl.float64)
-            hi = tl.load(lo_hi_ptr + 1).to(tl.float64)
-            scale, zero = observer_qparams(lo, hi, qmin, qmax)
-            l, dl_dtheta = softplus_ln2(tl.load(theta_ptr).to(tl.float64))
-            if pid == 0:
-                tl.store(qp_ptr + _QP_LO, lo.to(tl.float32))
-                tl.store(qp_ptr + _QP_HI, hi.to(tl.float32))
-                tl.store(qp_ptr + _QP_SCALE, scale)
-                tl.store(qp_ptr + _QP_ZERO, zero)
-                tl.store(qp_ptr + _QP_L, l)
-                tl.store(qp_ptr + _QP_DL_DTHETA, dl_dtheta)
+            scale, zero, l = qparams_from_range(lo_hi_ptr, theta_ptr, qp_ptr, qmin, qmax, pid == 0)
             offset = tl.load(offset_ptr).to(tl.float32)
             step = tl.math.div_rn(scale, l)
         else:
@@ -371,9 +370,8 @@ def _backward_sums(
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
     col_mask = cols < C
-    m = tl.load(aff_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    k = tl.load(aff_ptr + C + cols, mask=col_mask, other=0.0)[None, :]
-    b = tl.load(aff_ptr + 2 * C + cols, mask=col_mask, other=0.0)[None, :]
+    m, k, b = _affine_of(aff_ptr, cols, col_mask, C)
+    m, k, b = m[None, :], k[None, :], b[None, :]
     if QUANT:
         l, scale, zero, offset, step = _quant_params(qp_ptr, offset_ptr)
     else:
@@ -391,12 +389,8 @@ def _backward_sums(
         acc_2 += tl.where(mask, gz * (v - m), 0.0)
         acc_dl += tl.where(mask, dl_term, 0.0)
         acc_do += tl.where(mask, do_term, 0.0)
-    slot = n_splits * C
-    p = split * C + cols
-    tl.store(part_ptr + p, tl.sum(acc_1, axis=0), mask=col_mask)
-    tl.store(part_ptr + slot + p, tl.sum(acc_2, axis=0), mask=col_mask)
-    tl.store(part_ptr + 2 * slot + p, tl.sum(acc_dl, axis=0), mask=col_mask)
-    tl.store(part_ptr + 3 * slot + p, tl.sum(acc_do, axis=0), mask=col_mask)
+    _store_partials(part_ptr, n_splits * C, split * C + cols, col_mask, tl.sum(acc_1, axis=0),
+                    tl.sum(acc_2, axis=0), tl.sum(acc_dl, axis=0), tl.sum(acc_do, axis=0))  # fmt: skip
     if last_program(counter_ptr):
         _finish_backward(part_ptr, aff_ptr, stats_ptr, qp_ptr, coef_ptr, grad_gamma_ptr, grad_beta_ptr,
                          grad_theta_ptr, grad_offset_ptr, C, rows, n_splits, eps, QUANT, BATCH, FINISH_C)  # fmt: skip
@@ -461,9 +455,7 @@ def _backward_elements(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     c = ((offs // inner) % C).to(tl.int32)
-    m = tl.load(aff_ptr + c, mask=mask, other=0.0)
-    k = tl.load(aff_ptr + C + c, mask=mask, other=0.0)
-    b = tl.load(aff_ptr + 2 * C + c, mask=mask, other=0.0)
+    m, k, b = _affine_of(aff_ptr, c, mask, C)
     c1 = tl.load(coef_ptr + c, mask=mask, other=0.0)
     c2 = tl.load(coef_ptr + C + c, mask=mask, other=0.0)
     if QUANT:

@@ -23,6 +23,7 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -361,6 +362,22 @@ def _make_loader(
     return DeviceLoader(loader, sampler, device, num_classes, resolution, channels_last)
 
 
+def _loader_settings(
+    data: str,
+    workers: int | None,
+    seed: int,
+    distributed: bool | None,
+    device: torch.device | str,
+    num_classes: int,
+    resolution: int,
+    channels_last: bool,
+) -> dict[str, Any]:
+    """What every loader of one data set shares (:func:`_make_loader`'s keyword arguments)."""
+    workers = _default_workers(data) if workers is None else workers
+    return {"workers": workers, "seed": seed, "distributed": distributed, "device": torch.device(device),
+            "num_classes": num_classes, "resolution": resolution, "channels_last": channels_last}  # fmt: skip
+
+
 def build_loaders(
     data: str = DIGITS,
     batch_size: int = 64,
@@ -391,18 +408,13 @@ def build_loaders(
     The training loader shuffles, drops the last partial batch, and must be told the epoch with
     ``set_epoch(epoch, start_batch=0)``.
     """
-    device = torch.device(device)
-    workers = _default_workers(data) if workers is None else workers
     train_base = _base_dataset(data, "train", resolution, seed)
     val_base = _base_dataset(data, "val", resolution, seed)
     _check_same_classes(data, train_base.classes, val_base.classes)  # type: ignore[attr-defined]
     classes = len(train_base.classes)  # type: ignore[attr-defined]
     train_tf, train_random = _transforms(data, "train", resolution)
     val_tf, _ = _transforms(data, "val", resolution)
-    common = dict(
-        workers=workers, seed=seed, distributed=distributed, device=device, num_classes=classes,
-        resolution=resolution, channels_last=channels_last,
-    )  # fmt: skip
+    common = _loader_settings(data, workers, seed, distributed, device, classes, resolution, channels_last)
     train = _make_loader(
         _Transformed(train_base, train_tf, seed, train_random),
         range(len(train_base)),  # type: ignore[arg-type]
@@ -440,8 +452,6 @@ def calib_loader(
     images from a fixed random subset; the same images and augmentation on every pass."""
     if num_batches <= 0:
         raise ValueError(f"num_batches must be positive, got {num_batches}")
-    device = torch.device(device)
-    workers = _default_workers(data) if workers is None else workers
     base = _base_dataset(data, "train", resolution, seed)
     _, world = _dist_rank_world(distributed)
     wanted = min(len(base), num_batches * batch_size * world)  # type: ignore[arg-type]
@@ -453,11 +463,5 @@ def calib_loader(
         batch_size=batch_size,
         shuffle=False,
         drop_last=False,
-        workers=workers,
-        seed=seed,
-        distributed=distributed,
-        device=device,
-        num_classes=len(base.classes),  # type: ignore[attr-defined]
-        resolution=resolution,
-        channels_last=channels_last,
+        **_loader_settings(data, workers, seed, distributed, device, len(base.classes), resolution, channels_last),  # type: ignore[attr-defined]
     )

@@ -63,6 +63,29 @@ def test_same_logits_and_gradients_float64():
                                    msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
 
 
+def test_same_logits_and_gradients_float64_w4a4_off_ties():
+    """Quantized weights and activations, float64, BN affine parameters drawn away from the ties (a
+    non-zero bias moves the elements that sit at their channel's mean off ReLU's kink): both paths agree
+    to float64 rounding in every logit and every gradient, quantizer steps, thetas and offsets included."""
+    model = _model(torch.float64, 4)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bn.bias"):
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) - 0.5)
+            elif name.endswith("bn.weight"):
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) + 0.5)
+    x = _images(torch.float64)
+    out_u, grads_u = _logits_and_grads(model, x, False)
+    out_f, grads_f = _logits_and_grads(model, x, True)
+    torch.testing.assert_close(out_f, out_u, rtol=1e-10, atol=1e-12)
+    assert grads_f.keys() == grads_u.keys()
+    assert any(n.endswith("theta") for n in grads_u) and any(n.endswith("step") for n in grads_u)
+    for name in grads_u:
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-7, atol=1e-9 * grads_u[name].abs().max(),
+                                   msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
+
+
 def test_same_logits_float32_w4a4():
     model = _model(torch.float32, 4)
     x = _images(torch.float32)

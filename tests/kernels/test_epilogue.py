@@ -14,18 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers as h
 import numpy as np
 import pytest
 import torch
-from helpers import (
-    allowed_flips,
-    assert_quant_close,
-    assert_scalar_close,
-    make_activation,
-    poison_heap,
-    require,
-    to_layout,
-)
 
 from bquant_kernels.epilogue import bn_act_quant, fused_backend
 from bquant_kernels.qparams import batchquant_grid
@@ -49,7 +41,7 @@ def _require_fused(backend: str, dtype: torch.dtype = torch.float32) -> None:
     if backend == "cpu":
         _require_cpu_kernel()
         return
-    require(backend, "cpu", dtype)
+    h.require(backend, "cpu", dtype)
     assert fused_backend(backend, torch.zeros(1, 1, dtype=dtype)) == backend
 
 
@@ -78,7 +70,7 @@ def _run(y, gamma, beta, theta, offset, *, act, bits, mode, rm, rv, lo_hi, backe
     out, mean, var, used = bn_act_quant(leaves[0], leaves[1], leaves[2], **kwargs)
     gen = torch.Generator().manual_seed(7)
     g = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
-    g = to_layout(g, "channels_last" if not y.is_contiguous() else "contiguous")
+    g = h.to_layout(g, "channels_last" if not y.is_contiguous() else "contiguous")
     grads = torch.autograd.grad(out, leaves, g)
     return out, grads, mean, var, used, g
 
@@ -103,14 +95,14 @@ def test_fused_matches_float64_composition(shape, layout, act, bits, mode, backe
     _require_fused(backend, dtype)
     if layout == "channels_last" and len(shape) == 2:
         pytest.skip("2-D tensors have one memory format")
-    y64 = make_activation(shape, kind="shifted", seed=sum(shape))
+    y64 = h.make_activation(shape, kind="shifted", seed=sum(shape))
     gamma, beta, theta, offset, rm, rv, lo_hi = _params(shape[1], sum(shape))
     args = {"act": act, "bits": bits, "mode": mode}
-    ref = _run(to_layout(y64, layout), gamma, beta, theta, offset, rm=rm, rv=rv, lo_hi=lo_hi, backend="reference",
+    ref = _run(h.to_layout(y64, layout), gamma, beta, theta, offset, rm=rm, rv=rv, lo_hi=lo_hi, backend="reference",
                **args)  # fmt: skip
-    y = to_layout(y64.to(dtype), layout)
+    y = h.to_layout(y64.to(dtype), layout)
     c = [t.to(dtype) for t in (gamma, beta, theta, offset, rm, rv, lo_hi)]
-    poison_heap(y.numel() * y.element_size(), "cpu")
+    h.poison_heap(y.numel() * y.element_size(), "cpu")
     out, grads, mean, var, used, _ = _run(y, *c[:4], rm=c[4], rv=c[5], lo_hi=c[6], backend=backend, **args)
     assert out.dtype == dtype and out.shape == y.shape and out.stride() == y.stride()
     ref_out = ref[0].detach().double().numpy()
@@ -118,7 +110,7 @@ def test_fused_matches_float64_composition(shape, layout, act, bits, mode, backe
         tol = 1e-12 if dtype == torch.float64 else 2e-6
         np.testing.assert_allclose(out.detach().double().numpy(), ref_out, rtol=tol, atol=tol * np.abs(ref_out).max())
     else:
-        assert_quant_close(out, ref_out, _step(ref[4], theta, bits), dtype)
+        h.assert_quant_close(out, ref_out, _step(ref[4], theta, bits), dtype)
         torch.testing.assert_close(used.double(), ref[4].double(), rtol=1e-6, atol=1e-7)
     # The mean within a fraction of the channel's spread: what BN's output sees (|mean| >> std costs
     # nothing). The triton backend sums in float32 (shifted by the channel's first element; per-program
@@ -137,7 +129,7 @@ def test_fused_matches_float64_composition(shape, layout, act, bits, mode, backe
     if bits is not None:
         scale = float(ref[1][0].abs().sum())  # sum of |terms| order of magnitude
         for name, got, want in zip(("theta", "offset"), grads[3:], ref[1][3:], strict=True):
-            assert_scalar_close(got, float(want), max(scale, 1.0) * 1e-3, 1e-4, f"grad {name}")
+            h.assert_scalar_close(got, float(want), max(scale, 1.0) * 1e-3, 1e-4, f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -147,11 +139,11 @@ def test_fused_matches_float64_composition(shape, layout, act, bits, mode, backe
 def test_16bit_matches_the_composition_in_that_dtype(dtype, act, layout, backend):
     _require_fused(backend, dtype)
     shape = (8, 12, 6, 5)
-    y = to_layout(make_activation(shape, kind="shifted", seed=3).to(dtype), layout)
+    y = h.to_layout(h.make_activation(shape, kind="shifted", seed=3).to(dtype), layout)
     gamma, beta, theta, offset, rm, rv, lo_hi = _params(shape[1], 3, torch.float32)
     args = {"act": act, "bits": 4, "mode": "train", "rm": rm, "rv": rv, "lo_hi": lo_hi}
     ref = _run(y, gamma, beta, theta.float(), offset.float(), backend="reference", **args)
-    poison_heap(y.numel() * y.element_size(), "cpu")
+    h.poison_heap(y.numel() * y.element_size(), "cpu")
     got = _run(y, gamma, beta, theta.float(), offset.float(), backend=backend, **args)
     assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[1])
     diff = (got[0].double() - ref[0].double()).abs()
@@ -159,7 +151,7 @@ def test_16bit_matches_the_composition_in_that_dtype(dtype, act, layout, backend
     rounding = 2.0 ** (-7 if dtype == torch.bfloat16 else -10) * ref[0].double().abs()
     flips = int((diff > rounding + 1e-6 * step).sum())
     assert (diff <= rounding + step * 1.01).all()
-    assert flips <= allowed_flips(y.numel()), f"{flips} one-step flips"
+    assert flips <= h.allowed_flips(y.numel()), f"{flips} one-step flips"
     for name, a, b in zip(("y", "gamma", "beta", "theta", "offset"), got[1], ref[1], strict=True):
         err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
         assert err <= 2e-2, f"grad {name}: relative error {err:.3g}"
@@ -169,7 +161,7 @@ def test_16bit_matches_the_composition_in_that_dtype(dtype, act, layout, backend
 def test_post_relu_zeros_and_constant_channels(backend, dtype):
     """ReLU's exact zeros sit on the quantizer's qmin; a constant channel has var = 0 (z = beta)."""
     _require_fused(backend, dtype)
-    y = make_activation((6, 5, 4, 4), kind="relu", seed=11)
+    y = h.make_activation((6, 5, 4, 4), kind="relu", seed=11)
     y[:, 2] = 0.25  # constant channel
     gamma, beta, theta, offset, *_ = _params(5, 11)
     ref = _run(y, gamma, beta, theta, offset, act="relu", bits=3, mode="train", rm=None, rv=None, lo_hi=None,
@@ -182,18 +174,18 @@ def test_post_relu_zeros_and_constant_channels(backend, dtype):
         for a, b in zip(out[1], ref[1], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
         return
-    assert_quant_close(out[0], ref[0].detach().numpy(), _step(ref[4], theta, 3), dtype)
+    h.assert_quant_close(out[0], ref[0].detach().numpy(), _step(ref[4], theta, 3), dtype)
     for name, a, b in zip(("y", "gamma", "beta"), out[1][:3], ref[1][:3], strict=True):
         err = (a.double() - b).norm() / b.norm()
         assert err <= 1e-4, f"grad {name}: relative error {err:.3g}"
     scale = max(float(ref[1][0].abs().sum()), 1.0)
     for name, a, b in zip(("theta", "offset"), out[1][3:], ref[1][3:], strict=True):
-        assert_scalar_close(a, float(b), scale * 1e-3, 1e-4, f"grad {name}")
+        h.assert_scalar_close(a, float(b), scale * 1e-3, 1e-4, f"grad {name}")
 
 
 def test_result_does_not_depend_on_the_thread_count():
     _require_cpu_kernel()
-    y = to_layout(make_activation((32, 24, 9, 9), seed=5).float(), "channels_last")
+    y = h.to_layout(h.make_activation((32, 24, 9, 9), seed=5).float(), "channels_last")
     gamma, beta, theta, offset, *_ = (t.float() for t in _params(24, 5))
     outs = []
     for threads in (1, 2):
@@ -210,7 +202,7 @@ def test_result_does_not_depend_on_the_thread_count():
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_nan_input_makes_the_range_nan(backend, act):
     _require_fused(backend)
-    y = make_activation((4, 3, 5, 5), seed=2).float()
+    y = h.make_activation((4, 3, 5, 5), seed=2).float()
     y[1, 1, 2, 2] = float("nan")
     gamma, beta, theta, offset, *_ = (t.float() for t in _params(3, 2))
     out, _, _, used = bn_act_quant(y, gamma, beta, act=act, theta=theta, offset=offset, bits=4,
@@ -242,7 +234,7 @@ def test_bad_input_names_the_argument(kwargs, exc, match):
 
 def test_opcheck_native_op():
     _require_cpu_kernel()
-    y = to_layout(make_activation((4, 6, 3, 3), seed=9).float(), "channels_last").requires_grad_()
+    y = h.to_layout(h.make_activation((4, 6, 3, 3), seed=9).float(), "channels_last").requires_grad_()
     gamma, beta, theta, offset, rm, rv, lo_hi = (t.float().requires_grad_() for t in _params(6, 9))
     op = torch.ops.bquant.native_bn_act_quant
     for args in [
@@ -255,7 +247,7 @@ def test_opcheck_native_op():
 
 def test_compiled_call_has_no_graph_breaks():
     _require_cpu_kernel()
-    y = make_activation((4, 6, 3, 3), seed=4).float()
+    y = h.make_activation((4, 6, 3, 3), seed=4).float()
     gamma, beta, theta, offset, *_ = (t.float() for t in _params(6, 4))
 
     def fn(y):
@@ -288,9 +280,9 @@ def test_portable_and_avx2_instances_agree(tmp_path):
     cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for layout in ("contiguous", "channels_last"):
-            y = to_layout(make_activation((16, 24, 6, 6), kind="shifted", seed=6).to(dtype), layout)
+            y = h.to_layout(h.make_activation((16, 24, 6, 6), kind="shifted", seed=6).to(dtype), layout)
             gamma, beta, theta, offset, *_ = (t.float() for t in _params(24, 6))
-            g = to_layout(make_activation((16, 24, 6, 6), seed=7).to(dtype), layout)
+            g = h.to_layout(h.make_activation((16, 24, 6, 6), seed=7).to(dtype), layout)
             cases.append((y, gamma, beta, theta, offset, g))
     inputs = tmp_path / "inputs.pt"
     torch.save(cases, inputs)

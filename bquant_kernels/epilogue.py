@@ -67,14 +67,14 @@ class _TritonEpilogue(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, weight, bias, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, signed):
-        from .backends.triton.epilogue import bn_act_quant_forward
+        from .backends.triton.epilogue import bn_act_quant_forward, plan
 
         yl, C, inner = dense_activation(y)
-        out, stats, qp, aff = bn_act_quant_forward(
-            yl, weight, bias, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, signed, C, inner
-        )
+        p = plan(yl, C, inner, eps, act, bits, signed)
+        running = None if running_mean is None else torch.stack([running_mean.float(), running_var.float()])
+        out, stats, qp, aff = bn_act_quant_forward(yl, weight, bias, theta, offset, running, lo_hi, p)
         ctx.save_for_backward(yl, weight, bias, theta, offset, stats, aff, qp)
-        ctx.args = (running_mean is None, eps, act, bits, signed, C, inner)
+        ctx.args = (running_mean is None, p)
         ctx.mark_non_differentiable(stats, qp)
         ctx.set_materialize_grads(False)
         return _like(out, y), stats, qp
@@ -84,12 +84,10 @@ class _TritonEpilogue(torch.autograd.Function):
         from .backends.triton.epilogue import bn_act_quant_backward
 
         yl, weight, bias, theta, offset, stats, aff, qp = ctx.saved_tensors
-        batch_stats, eps, act, bits, signed, C, inner = ctx.args
+        batch_stats, p = ctx.args
         g = torch.zeros_like(yl) if grad_out is None else _like(grad_out, yl)
-        gy, gw, gb, gt, go = bn_act_quant_backward(
-            g, yl, weight, bias, stats, aff, offset, qp, batch_stats, eps, act, bits, signed, C, inner
-        )
-        if bits == 0:
+        gy, gw, gb, gt, go = bn_act_quant_backward(g, yl, weight, bias, stats, aff, offset, qp, batch_stats, p)
+        if not p.quant:
             gt = go = None
         else:
             gt, go = gt.reshape(theta.shape).to(theta.dtype), go.reshape(offset.shape).to(offset.dtype)

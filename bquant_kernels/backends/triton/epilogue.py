@@ -23,6 +23,8 @@ recomputes the activation's gradient instead of storing it: 4 reads, 1 write).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -126,6 +128,31 @@ def _affine_of(aff_ptr, c, mask, C):
 
 
 @triton.jit
+def _channel_block(C, BLOCK_C: tl.constexpr):
+    """``(cols, col_mask, split, n_splits)`` of a per-channel pass program: channel block ``program_id(0)``,
+    split ``program_id(1)`` of the grid's ``num_programs(1)``."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cols, cols < C, tl.program_id(1), tl.num_programs(1)
+
+
+@triton.jit
+def _affine_row(aff_ptr, cols, col_mask, C):
+    """:func:`_affine_of` channels ``cols`` as ``(1, BLOCK_C)`` rows, to broadcast over a tile."""
+    m, k, b = _affine_of(aff_ptr, cols, col_mask, C)
+    return m[None, :], k[None, :], b[None, :]
+
+
+@triton.jit
+def _element_block(aff_ptr, numel, C, inner, BLOCK: tl.constexpr):
+    """``(offs, mask, c, mean, k, beta)`` of element block ``program_id(0)`` in memory order (``c``: channels)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    c = ((offs // inner) % C).to(tl.int32)
+    m, k, b = _affine_of(aff_ptr, c, mask, C)
+    return offs, mask, c, m, k, b
+
+
+@triton.jit
 def _store_partials(part_ptr, slot, p, mask, v0, v1, v2, v3):
     """The four per-(split, channel) partials of a pass at ``part[0..3, split, c]`` (``p = split * C + c``)."""
     tl.store(part_ptr + p, v0, mask=mask)
@@ -135,11 +162,29 @@ def _store_partials(part_ptr, slot, p, mask, v0, v1, v2, v3):
 
 
 @triton.jit
-def _quant_params(qp_ptr, offset_ptr):
-    """``(l, scale, zero, offset, step)`` of the quantizer from its qparams."""
-    scale = tl.load(qp_ptr + _QP_SCALE)
-    l = tl.load(qp_ptr + _QP_L)
-    return l, scale, tl.load(qp_ptr + _QP_ZERO), tl.load(offset_ptr).to(tl.float32), tl.math.div_rn(scale, l)
+def _partial_sums(part_ptr, slot, c0, C, n_splits, FINISH_C: tl.constexpr):
+    """``(cols, mask, sum_a, sum_b)`` of channels ``[c0, c0 + FINISH_C)``: the float64 sums, in split order,
+    of two consecutive partial slots ``part[0|1, split, c]`` (``slot = n_splits * C``)."""
+    cols = c0 + tl.arange(0, FINISH_C)
+    cm = cols < C
+    sum_a = tl.zeros([FINISH_C], dtype=tl.float64)
+    sum_b = tl.zeros([FINISH_C], dtype=tl.float64)
+    for split in range(0, n_splits):
+        p = split * C + cols
+        sum_a += tl.load(part_ptr + p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float64)
+        sum_b += tl.load(part_ptr + slot + p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float64)
+    return cols, cm, sum_a, sum_b
+
+
+@triton.jit
+def _quant_params(qp_ptr, offset_ptr, QUANT: tl.constexpr):
+    """``(l, scale, zero, offset, step)`` of the quantizer from its qparams (zeros without ``QUANT``)."""
+    if QUANT:
+        scale = tl.load(qp_ptr + _QP_SCALE)
+        l = tl.load(qp_ptr + _QP_L)
+        return l, scale, tl.load(qp_ptr + _QP_ZERO), tl.load(offset_ptr).to(tl.float32), tl.math.div_rn(scale, l)
+    else:
+        return 0.0, 0.0, 0.0, 0.0, 0.0
 
 
 # ----------------------------------------------------------------------------- forward kernels
@@ -160,7 +205,6 @@ def _stats_pass(
     C,
     inner,
     rows,
-    n_splits,
     eps,
     qmin,
     qmax,
@@ -173,9 +217,7 @@ def _stats_pass(
     """BN's batch statistics: partials part[0..3, split, c] = min, max, sum(y - shift), sum((y - shift)^2)
     (shift: the channel's first element, so that |mean| >> std loses nothing to cancellation); the
     last program finishes them (:func:`_finish_stats`)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(1)
-    col_mask = cols < C
+    cols, col_mask, split, n_splits = _channel_block(C, BLOCK_C)
     shift = tl.load(y_ptr + cols.to(tl.int64) * inner, mask=col_mask, other=0.0).to(tl.float32)
     acc_s = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_q = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -207,10 +249,7 @@ def _finish_stats(y_ptr, gamma_ptr, beta_ptr, theta_ptr, part_ptr, ext_ptr, stat
     slot = n_splits * C
     count = rows.to(tl.float64)
     for c0 in range(0, C, FINISH_C):
-        cols = c0 + tl.arange(0, FINISH_C)
-        cm = cols < C
-        s = tl.zeros([FINISH_C], dtype=tl.float64)
-        q = tl.zeros([FINISH_C], dtype=tl.float64)
+        cols, cm, s, q = _partial_sums(part_ptr + 2 * slot, slot, c0, C, n_splits, FINISH_C)
         mn = tl.full([FINISH_C], float("inf"), tl.float32)
         mx = tl.full([FINISH_C], float("-inf"), tl.float32)
         for split in range(0, n_splits):
@@ -218,8 +257,6 @@ def _finish_stats(y_ptr, gamma_ptr, beta_ptr, theta_ptr, part_ptr, ext_ptr, stat
             part_min = tl.load(part_ptr + p, mask=cm, other=0.0, cache_modifier=".cg")
             part_max = tl.load(part_ptr + slot + p, mask=cm, other=0.0, cache_modifier=".cg")
             mn, mx = fold_minmax(mn, mx, part_min, part_max, cm)
-            s += tl.load(part_ptr + 2 * slot + p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float64)
-            q += tl.load(part_ptr + 3 * slot + p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float64)
         shift = tl.load(y_ptr + cols.to(tl.int64) * inner, mask=cm, other=0.0).to(tl.float32).to(tl.float64)
         ds = s / count
         var = q / count - ds * ds
@@ -257,7 +294,6 @@ def _act_range_pass(
     C,
     inner,
     rows,
-    n_splits,
     qmin,
     qmax,
     ACT: tl.constexpr,
@@ -269,11 +305,8 @@ def _act_range_pass(
     """Per-channel min/max partials of the activated tensor (h_swish is not monotone; running
     statistics have no statistics pass), part[0|1, split, c]; the last program computes the qparams."""
     T: tl.constexpr = y_ptr.dtype.element_ty
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(1)
-    col_mask = cols < C
-    m, k, b = _affine_of(aff_ptr, cols, col_mask, C)
-    m, k, b = m[None, :], k[None, :], b[None, :]
+    cols, col_mask, split, n_splits = _channel_block(C, BLOCK_C)
+    m, k, b = _affine_row(aff_ptr, cols, col_mask, C)
     acc_min = tl.full([BLOCK_R, BLOCK_C], float("inf"), tl.float32)
     acc_max = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
     for j0 in range(split * BLOCK_R, rows, n_splits * BLOCK_R):
@@ -313,20 +346,17 @@ def _forward_elements(
     """out = batchquant(act(bn(y))) (or act(bn(y)) without ``QUANT``), in memory order. ``FROM_RANGE``:
     the qparams come from the stored ``lo_hi`` (every program computes them, program 0 stores them)."""
     T: tl.constexpr = y_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    c = ((offs // inner) % C).to(tl.int32)
-    m, k, b = _affine_of(aff_ptr, c, mask, C)
+    offs, mask, _, m, k, b = _element_block(aff_ptr, numel, C, inner, BLOCK)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     _, a = _bn_act(v, m, k, b, ACT, T)
     if QUANT:
         if FROM_RANGE:
-            scale, zero, l = qparams_from_range(lo_hi_ptr, theta_ptr, qp_ptr, qmin, qmax, pid == 0)
+            first = tl.program_id(0) == 0
+            scale, zero, l = qparams_from_range(lo_hi_ptr, theta_ptr, qp_ptr, qmin, qmax, first)
             offset = tl.load(offset_ptr).to(tl.float32)
             step = tl.math.div_rn(scale, l)
         else:
-            l, scale, zero, offset, step = _quant_params(qp_ptr, offset_ptr)
+            l, scale, zero, offset, step = _quant_params(qp_ptr, offset_ptr, QUANT)
         by_step: tl.constexpr = T != tl.float32
         a = batchquant_elem(a, l, scale, zero, offset, qmin, qmax, step, by_step)
     tl.store(out_ptr + offs, cast_rne(a, T), mask=mask)
@@ -353,10 +383,9 @@ def _backward_sums(
     C,
     inner,
     rows,
-    n_splits,
-    eps,
     qmin,
     qmax,
+    eps,
     ACT: tl.constexpr,
     QUANT: tl.constexpr,
     BATCH: tl.constexpr,
@@ -365,17 +394,12 @@ def _backward_sums(
     FINISH_C: tl.constexpr,
 ):
     """Partials part[0..3, split, c] = sum(gz), sum(gz * (y - mean)), sum(dl_term), sum(do_term) (gz: the
-    gradient reaching BN's output); the last program finishes them (:func:`_finish_backward`)."""
+    gradient reaching BN's output); the last program finishes them (:func:`_finish_backward`, the only
+    user of ``eps``)."""
     T: tl.constexpr = y_ptr.dtype.element_ty
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(1)
-    col_mask = cols < C
-    m, k, b = _affine_of(aff_ptr, cols, col_mask, C)
-    m, k, b = m[None, :], k[None, :], b[None, :]
-    if QUANT:
-        l, scale, zero, offset, step = _quant_params(qp_ptr, offset_ptr)
-    else:
-        l, scale, zero, offset, step = 0.0, 0.0, 0.0, 0.0, 0.0
+    cols, col_mask, split, n_splits = _channel_block(C, BLOCK_C)
+    m, k, b = _affine_row(aff_ptr, cols, col_mask, C)
+    l, scale, zero, offset, step = _quant_params(qp_ptr, offset_ptr, QUANT)
     acc_1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc_dl = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -406,14 +430,7 @@ def _finish_backward(part_ptr, aff_ptr, stats_ptr, qp_ptr, coef_ptr, grad_gamma_
     slot = n_splits * C
     count = rows.to(tl.float64)
     for c0 in range(0, C, FINISH_C):
-        cols = c0 + tl.arange(0, FINISH_C)
-        cm = cols < C
-        s1 = tl.zeros([FINISH_C], dtype=tl.float64)
-        s2 = tl.zeros([FINISH_C], dtype=tl.float64)
-        for split in range(0, n_splits):
-            p = split * C + cols
-            s1 += tl.load(part_ptr + p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float64)
-            s2 += tl.load(part_ptr + slot + p, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float64)
+        cols, cm, s1, s2 = _partial_sums(part_ptr, slot, c0, C, n_splits, FINISH_C)
         std = tl.sqrt(tl.load(stats_ptr + C + cols, mask=cm, other=1.0).to(tl.float64) + eps)
         tl.store(grad_gamma_ptr + cols, (s2 / std).to(grad_gamma_ptr.dtype.element_ty), mask=cm)
         tl.store(grad_beta_ptr + cols, s1.to(grad_beta_ptr.dtype.element_ty), mask=cm)
@@ -440,28 +457,22 @@ def _backward_elements(
     coef_ptr,
     qp_ptr,
     offset_ptr,
+    qmin,
+    qmax,
     numel,
     C,
     inner,
     size_class,
-    qmin,
-    qmax,
     ACT: tl.constexpr,
     QUANT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """grad_y = k * gz - c1 - (y - mean) * c2, with gz recomputed from y and the incoming gradient."""
     T: tl.constexpr = y_ptr.dtype.element_ty
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    c = ((offs // inner) % C).to(tl.int32)
-    m, k, b = _affine_of(aff_ptr, c, mask, C)
+    offs, mask, c, m, k, b = _element_block(aff_ptr, numel, C, inner, BLOCK)
     c1 = tl.load(coef_ptr + c, mask=mask, other=0.0)
     c2 = tl.load(coef_ptr + C + c, mask=mask, other=0.0)
-    if QUANT:
-        l, scale, zero, offset, step = _quant_params(qp_ptr, offset_ptr)
-    else:
-        l, scale, zero, offset, step = 0.0, 0.0, 0.0, 0.0, 0.0
+    l, scale, zero, offset, step = _quant_params(qp_ptr, offset_ptr, QUANT)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     gz, _, _ = _grad_z(g, v, m, k, b, l, scale, zero, offset, qmin, qmax, step, ACT, QUANT, T)
@@ -471,16 +482,43 @@ def _backward_elements(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _channel_grid(C: int, inner: int, rows: int, device: torch.device) -> tuple[int, int, int, int]:
-    """``(channel blocks, splits, BLOCK_R, BLOCK_C)`` of a per-channel pass: channels innermost, tiles of
-    up to _MAX_BLOCK_C adjacent channels; else one channel per program, rows contiguous along ``inner``."""
+class Plan(NamedTuple):
+    """The op's configuration and what both launchers derive from it and ``y``'s ``(outer, C, inner)`` view
+    (:func:`plan`); the autograd function keeps it for the backward."""
+
+    C: int
+    inner: int
+    eps: float
+    act: int  # 0 identity, 1 relu, 2 h_swish
+    quant: bool  # bits > 0
+    qmin: float  # the quantizer's grid ((0, 0) without quantizer)
+    qmax: float
+    numel: int
+    rows: int  # elements per channel
+    n_blocks: int  # per-channel passes: a (n_blocks, n_splits) grid of (block_r, block_c) tiles
+    n_splits: int
+    block_r: int
+    block_c: int
+    finish_c: int  # channels per iteration of the finishing programs
+
+
+def plan(y: Tensor, C: int, inner: int, eps: float, act: int, bits: int, signed: bool) -> Plan:
+    """The :class:`Plan` of dense ``y`` viewed as ``(outer, C, inner)``. Channels innermost: tiles of up to
+    _MAX_BLOCK_C adjacent channels; else one channel per program, rows contiguous along ``inner``."""
+    numel = y.numel()
+    rows = numel // C
     if rows >= 2**31:
         raise ValueError(f"y has {rows} elements per channel; the Triton kernels support fewer than 2**31")
     block_c = min(triton.next_power_of_2(C), _MAX_BLOCK_C) if inner == 1 else 1
     block_r = max(_TILE // block_c, 1)
     n_blocks = triton.cdiv(C, block_c)
-    n_splits = max(1, min(max(target_programs(device) // n_blocks, 2 if INTERPRET else 1), triton.cdiv(rows, block_r)))
-    return n_blocks, n_splits, block_r, block_c
+    min_splits = 2 if INTERPRET else 1
+    n_splits = max(1, min(max(target_programs(y.device) // n_blocks, min_splits), triton.cdiv(rows, block_r)))
+    quant = bits > 0
+    qmin, qmax = batchquant_grid(bits, signed) if quant else (0.0, 0.0)
+    finish_c = min(triton.next_power_of_2(C), _FINISH_C)
+    return Plan(C, inner, float(eps), act, quant, qmin, qmax, numel, rows, n_blocks, n_splits, block_r, block_c,
+                finish_c)  # fmt: skip
 
 
 def _affine(stats: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
@@ -495,57 +533,46 @@ def bn_act_quant_forward(
     beta: Tensor,
     theta: Tensor | None,
     offset: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
+    running_stats: Tensor | None,
     lo_hi: Tensor | None,
-    eps: float,
-    act: int,
-    bits: int,
-    signed: bool,
-    C: int,
-    inner: int,
+    p: Plan,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, stats, qparams, aff)`` for dense ``y`` viewed as ``(outer, C, inner)``: ``stats`` (2, C) the
-    float32 mean and biased var BN used, ``qparams`` BatchQuant's (zeros when ``bits == 0``), ``aff``
-    (3, C) the per-channel affine the backward reuses. ``act``: 0 identity, 1 relu, 2 h_swish."""
-    numel = y.numel()
-    rows = numel // C
-    dev = y.device
-    quant = bits > 0
-    qmin, qmax = batchquant_grid(bits, signed) if quant else (0.0, 0.0)
+    float32 mean and biased var BN used (``running_stats`` when given, else the batch's), ``qparams``
+    BatchQuant's (zeros when ``bits == 0``), ``aff`` (3, C) the per-channel affine the backward reuses.
+    :class:`Plan` ``p`` from :func:`plan`."""
+    C, inner, dev = p.C, p.inner, y.device
     out = torch.empty_like(y)
-    qp = (torch.empty if quant else torch.zeros)(NUM_QPARAMS, dtype=torch.float32, device=dev)
-    theta = theta if quant else qp
-    offset = offset if quant else qp
-    batch = running_mean is None
-    range_from_y = quant and lo_hi is None and batch and act != 2
-    n_blocks, n_splits, block_r, block_c = _channel_grid(C, inner, rows, dev)
+    qp = (torch.empty if p.quant else torch.zeros)(NUM_QPARAMS, dtype=torch.float32, device=dev)
+    theta = theta if p.quant else qp
+    offset = offset if p.quant else qp
+    batch = running_stats is None
+    range_from_y = p.quant and lo_hi is None and batch and p.act != 2
     with device_guard(y):
         if batch:
             stats = torch.empty((2, C), dtype=torch.float32, device=dev)
             aff = torch.empty((3, C), dtype=torch.float32, device=dev)
-            part = torch.empty((4, n_splits, C), dtype=torch.float32, device=dev)
+            part = torch.empty((4, p.n_splits, C), dtype=torch.float32, device=dev)
             ext = torch.empty((2, C), dtype=torch.float32, device=dev) if range_from_y else part
             counter = torch.zeros(1, dtype=torch.int32, device=dev)
-            _stats_pass[(n_blocks, n_splits)](
-                y, gamma, beta, theta, part, ext, stats, aff, qp, counter, C, inner, rows, n_splits, float(eps),
-                qmin, qmax, ACT=act, RANGE=range_from_y, BLOCK_R=block_r, BLOCK_C=block_c,
-                FINISH_C=min(triton.next_power_of_2(C), _FINISH_C),
+            _stats_pass[(p.n_blocks, p.n_splits)](
+                y, gamma, beta, theta, part, ext, stats, aff, qp, counter, C, inner, p.rows, p.eps, p.qmin,
+                p.qmax, ACT=p.act, RANGE=range_from_y, BLOCK_R=p.block_r, BLOCK_C=p.block_c, FINISH_C=p.finish_c,
             )  # fmt: skip
         else:
-            stats = torch.stack([running_mean.float(), running_var.float()])
-            aff = _affine(stats, gamma, beta, eps)
-        if quant and lo_hi is None and not range_from_y:
-            part = torch.empty((2, n_splits, C), dtype=torch.float32, device=dev)
+            stats = running_stats
+            aff = _affine(stats, gamma, beta, p.eps)
+        if p.quant and lo_hi is None and not range_from_y:
+            part = torch.empty((2, p.n_splits, C), dtype=torch.float32, device=dev)
             counter = torch.zeros(1, dtype=torch.int32, device=dev)
-            _act_range_pass[(n_blocks, n_splits)](
-                y, aff, theta, part, qp, counter, C, inner, rows, n_splits, qmin, qmax, ACT=act, BLOCK_R=block_r,
-                BLOCK_C=block_c, **range_finish_blocks(n_splits, C),
+            _act_range_pass[(p.n_blocks, p.n_splits)](
+                y, aff, theta, part, qp, counter, C, inner, p.rows, p.qmin, p.qmax, ACT=p.act, BLOCK_R=p.block_r,
+                BLOCK_C=p.block_c, **range_finish_blocks(p.n_splits, C),
             )  # fmt: skip
         lo_hi_arg = lo_hi.contiguous() if lo_hi is not None else qp
-        _forward_elements[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
-            y, out, aff, qp, theta, offset, lo_hi_arg, numel, C, inner, size_class(numel), qmin, qmax, ACT=act,
-            QUANT=quant, FROM_RANGE=quant and lo_hi is not None,
+        _forward_elements[lambda meta: (triton.cdiv(p.numel, meta["BLOCK"]),)](
+            y, out, aff, qp, theta, offset, lo_hi_arg, p.numel, C, inner, size_class(p.numel), p.qmin, p.qmax,
+            ACT=p.act, QUANT=p.quant, FROM_RANGE=p.quant and lo_hi is not None,
         )  # fmt: skip
     return out, stats, qp, aff
 
@@ -560,38 +587,28 @@ def bn_act_quant_backward(
     offset: Tensor | None,
     qparams: Tensor,
     batch_stats: bool,
-    eps: float,
-    act: int,
-    bits: int,
-    signed: bool,
-    C: int,
-    inner: int,
+    p: Plan,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_y, grad_gamma, grad_beta, grad_theta[1], grad_offset[1])``; ``grad_out`` has ``y``'s strides.
     The scalar gradients are float32 (unwritten when ``bits == 0``)."""
-    numel = y.numel()
-    rows = numel // C
-    dev = y.device
-    quant = bits > 0
-    qmin, qmax = batchquant_grid(bits, signed) if quant else (0.0, 0.0)
-    n_blocks, n_splits, block_r, block_c = _channel_grid(C, inner, rows, dev)
+    C, inner, dev = p.C, p.inner, y.device
     grad_y = torch.empty_like(y)
     grad_gamma = torch.empty(C, dtype=gamma.dtype, device=dev)
     grad_beta = torch.empty(C, dtype=beta.dtype, device=dev)
     grad_theta = torch.empty(1, dtype=torch.float32, device=dev)
     grad_offset = torch.empty(1, dtype=torch.float32, device=dev)
-    part = torch.empty((4, n_splits, C), dtype=torch.float32, device=dev)
+    part = torch.empty((4, p.n_splits, C), dtype=torch.float32, device=dev)
     coef = torch.empty((2, C), dtype=torch.float32, device=dev)
     counter = torch.zeros(1, dtype=torch.int32, device=dev)
-    offset = offset if quant else qparams
+    offset = offset if p.quant else qparams
     with device_guard(y):
-        _backward_sums[(n_blocks, n_splits)](
+        _backward_sums[(p.n_blocks, p.n_splits)](
             grad_out, y, aff, stats, qparams, offset, part, coef, grad_gamma, grad_beta, grad_theta, grad_offset,
-            counter, C, inner, rows, n_splits, float(eps), qmin, qmax, ACT=act, QUANT=quant, BATCH=batch_stats,
-            BLOCK_R=block_r, BLOCK_C=block_c, FINISH_C=min(triton.next_power_of_2(C), _FINISH_C),
+            counter, C, inner, p.rows, p.qmin, p.qmax, p.eps, ACT=p.act, QUANT=p.quant, BATCH=batch_stats,
+            BLOCK_R=p.block_r, BLOCK_C=p.block_c, FINISH_C=p.finish_c,
         )  # fmt: skip
-        _backward_elements[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
-            grad_out, y, grad_y, aff, coef, qparams, offset, numel, C, inner, size_class(numel), qmin, qmax,
-            ACT=act, QUANT=quant,
+        _backward_elements[lambda meta: (triton.cdiv(p.numel, meta["BLOCK"]),)](
+            grad_out, y, grad_y, aff, coef, qparams, offset, p.qmin, p.qmax, p.numel, C, inner, size_class(p.numel),
+            ACT=p.act, QUANT=p.quant,
         )  # fmt: skip
     return grad_y, grad_gamma, grad_beta, grad_theta, grad_offset

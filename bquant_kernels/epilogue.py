@@ -8,9 +8,10 @@ one write forward (h_swish: three reads), and the backward recomputes BN and the
 
 - ``reference``: the composition of today's ops (``bquant_kernels/backends/reference_epilogue.py``),
   the oracle;
-- ``cpu``: ``torch.ops.bquant.native_bn_act_quant`` (``csrc/cpu/epilogue_cpu.cpp``), autograd in C++.
+- ``cpu``: ``torch.ops.bquant.native_bn_act_quant`` (``csrc/cpu/epilogue_cpu.cpp``), autograd in C++;
+- ``triton``: the kernels of ``bquant_kernels/backends/triton/epilogue.py`` under :class:`_TritonEpilogue`.
 
-Other devices use the composition (no fused GPU kernel yet).
+Requests for the ``cuda`` backend use the composition (no fused CUDA C++ kernel yet).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from . import extension
 from .backends import resolve as _resolve_backend
 from .backends.reference_epilogue import bn_act_quant as _reference
 from .checks import check_bits, check_param, check_tensor
+from .ops import _like, dense_activation
 from .qparams import NUM_QPARAMS
 
 ACTIVATIONS = (None, "relu", "h_swish")
@@ -49,11 +51,47 @@ if extension.ext is not None and hasattr(torch.ops.bquant, "native_bn_act_quant"
 
 def fused_backend(backend: str | None, y: Tensor) -> str:
     """The epilogue implementation for ``y``: ``cpu`` where the BatchQuant backend resolves to the
-    native CPU kernels, else ``reference`` (the composition)."""
+    native CPU kernels, ``triton`` where it resolves to the Triton kernels, else ``reference`` (the
+    composition)."""
     name = _resolve_backend(backend, y.device, y.dtype)
     if name == "cpu" and extension.ext is not None and hasattr(torch.ops.bquant, "native_bn_act_quant"):
         return "cpu"
+    if name == "triton":
+        return "triton"
     return "reference"
+
+
+class _TritonEpilogue(torch.autograd.Function):
+    """The Triton kernels with autograd: saves ``y`` (as the kernels walk it), BN's parameters and the
+    per-channel statistics; the backward recomputes BN, the activation and the quantizer mask."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, signed):
+        from .backends.triton.epilogue import bn_act_quant_forward, plan
+
+        yl, C, inner = dense_activation(y)
+        p = plan(yl, C, inner, eps, act, bits, signed)
+        running = None if running_mean is None else torch.stack([running_mean.float(), running_var.float()])
+        out, stats, qp, aff = bn_act_quant_forward(yl, weight, bias, theta, offset, running, lo_hi, p)
+        ctx.save_for_backward(yl, weight, bias, theta, offset, stats, aff, qp)
+        ctx.args = (running_mean is None, p)
+        ctx.mark_non_differentiable(stats, qp)
+        ctx.set_materialize_grads(False)
+        return _like(out, y), stats, qp
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_stats, _grad_qparams):
+        from .backends.triton.epilogue import bn_act_quant_backward
+
+        yl, weight, bias, theta, offset, stats, aff, qp = ctx.saved_tensors
+        batch_stats, p = ctx.args
+        g = torch.zeros_like(yl) if grad_out is None else _like(grad_out, yl)
+        gy, gw, gb, gt, go = bn_act_quant_backward(g, yl, weight, bias, stats, aff, offset, qp, batch_stats, p)
+        if not p.quant:
+            gt = go = None
+        else:
+            gt, go = gt.reshape(theta.shape).to(theta.dtype), go.reshape(offset.shape).to(offset.dtype)
+        return gy, gw, gb, gt, go, None, None, None, None, None, None, None
 
 
 def _check_channels(name: str, t: object, y: Tensor) -> Tensor:
@@ -96,8 +134,8 @@ def bn_act_quant(
         return_stats: also return BN's per-channel ``mean`` and biased ``var`` (the batch's, or the
             running ones given) and the quantizer's ``[lo, hi]`` (``None`` without quantizer), as
             device tensors (recalibration, spec 3).
-        backend: as for :func:`bquant_kernels.batchquant`; the ``cpu`` backend runs the fused kernel,
-            the others the composition (``bquant_kernels.epilogue.fused_backend``).
+        backend: as for :func:`bquant_kernels.batchquant`; the ``cpu`` and ``triton`` backends run fused
+            kernels, the others the composition (``bquant_kernels.epilogue.fused_backend``).
 
     Returns:
         ``out`` (shape, dtype and memory format of ``y``), or ``(out, mean, var, lo_hi_used)``.
@@ -127,6 +165,12 @@ def bn_act_quant(
     nbits = 0 if bits is None else bits
     if name == "cpu":
         out, stats, qp = torch.ops.bquant.native_bn_act_quant(
+            y, weight, bias, theta, offset, running_mean, running_var, lo_hi, float(eps), _ACT_CODE[act], nbits,
+            bool(signed),
+        )  # fmt: skip
+        used = None if bits is None else qp[:2]
+    elif name == "triton":
+        out, stats, qp = _TritonEpilogue.apply(
             y, weight, bias, theta, offset, running_mean, running_var, lo_hi, float(eps), _ACT_CODE[act], nbits,
             bool(signed),
         )  # fmt: skip

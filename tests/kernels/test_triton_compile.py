@@ -24,13 +24,18 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from bquant_kernels.backends.triton import batchquant, lsq
+from bquant_kernels.backends.triton import batchquant, epilogue, lsq
 
 CONSTEXPRS = {"BLOCK": 1024, "TILE": 2048, "BLOCK_I": 64, "BLOCK_C": 128, "WITH_QPARAMS": True,
-              "FINISH_S": 4, "FINISH_C": 256, "FROM_RANGE": False}
-FLOATS = {"qmin", "qmax", "qn", "qp"}
+              "FINISH_S": 4, "FINISH_C": 256, "FROM_RANGE": False, "ACT": 2, "RANGE": True, "QUANT": True,
+              "BATCH": True, "BLOCK_R": 32}
+FLOATS = {"qmin", "qmax", "qn", "qp", "eps"}
+BF16 = {"x_ptr", "y_ptr"}  # 16-bit data; the epilogue's also in and out of these (elsewhere qparams, fp32)
+EPILOGUE_BF16 = {"out_ptr", "g_ptr", "gy_ptr"}
 KERNELS = [batchquant._channel_minmax_planes, batchquant._channel_minmax_rows, batchquant._quantize,
-           batchquant._quantize_backward, lsq._lsq_quantize, lsq._lsq_quantize_backward]
+           batchquant._quantize_backward, lsq._lsq_quantize, lsq._lsq_quantize_backward,
+           epilogue._stats_pass, epilogue._act_range_pass, epilogue._forward_elements, epilogue._backward_sums,
+           epilogue._backward_elements]
 
 def jit_of(kernel):
     while not isinstance(kernel, triton.runtime.jit.JITFunction):
@@ -47,7 +52,8 @@ for arch in (80, 90):
                 sig[name], consts[name] = "constexpr", CONSTEXPRS[name]
             elif name.endswith("_ptr"):
                 # 16-bit data in and out (y: the forward's 16-bit branch), float32 qparams and partials
-                sig[name] = "*i32" if "counter" in name else "*bf16" if name in ("x_ptr", "y_ptr") else "*fp32"
+                bf16 = name in BF16 or (name in EPILOGUE_BF16 and fn.__module__.endswith("epilogue"))
+                sig[name] = "*i32" if "counter" in name else "*bf16" if bf16 else "*fp32"
             else:
                 sig[name] = "fp32" if name in FLOATS else "i64" if name == "numel" else "i32"
         ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
@@ -71,9 +77,10 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 12
-    finishing = [name for name in kernels if name.split()[1] != "_quantize" and name.split()[1] != "_lsq_quantize"]
-    for name in finishing:  # the four kernels whose last program finishes the reduction
+    assert len(kernels) == 22
+    elementwise = {"_quantize", "_lsq_quantize", "_forward_elements", "_backward_elements"}
+    finishing = [name for name in kernels if name.split()[1] not in elementwise]
+    for name in finishing:  # the seven kernels whose last program finishes the reduction
         k = kernels[name]
         assert len(k["atomics"]) == 1, (name, k)
         atomic = k["atomics"][0]

@@ -196,6 +196,24 @@ def finish_range(
         tl.store(out_ptr + _QP_DL_DTHETA, dl_dtheta)
 
 
+@triton.jit
+def qparams_from_range(lo_hi_ptr, theta_ptr, qp_ptr, qmin, qmax, store):
+    """``(scale, zero, l)`` of the stored range ``lo_hi`` and theta (a few float64 scalar ops, cheap
+    enough for every program to repeat); the full qparams are written to ``qp`` where ``store``."""
+    lo = tl.load(lo_hi_ptr).to(tl.float64)
+    hi = tl.load(lo_hi_ptr + 1).to(tl.float64)
+    scale, zero = observer_qparams(lo, hi, qmin, qmax)
+    l, dl_dtheta = softplus_ln2(tl.load(theta_ptr).to(tl.float64))
+    if store:
+        tl.store(qp_ptr + _QP_LO, lo.to(tl.float32))
+        tl.store(qp_ptr + _QP_HI, hi.to(tl.float32))
+        tl.store(qp_ptr + _QP_SCALE, scale)
+        tl.store(qp_ptr + _QP_ZERO, zero)
+        tl.store(qp_ptr + _QP_L, l)
+        tl.store(qp_ptr + _QP_DL_DTHETA, dl_dtheta)
+    return scale, zero, l
+
+
 @elementwise_tuned
 @triton.jit
 def _quantize(
@@ -216,17 +234,7 @@ def _quantize(
     computed by every program (a few float64 scalar ops) and stored by program 0; else they are read."""
     pid = tl.program_id(0)
     if FROM_RANGE:
-        lo = tl.load(lo_hi_ptr).to(tl.float64)
-        hi = tl.load(lo_hi_ptr + 1).to(tl.float64)
-        scale, zero = observer_qparams(lo, hi, qmin, qmax)
-        l, dl_dtheta = softplus_ln2(tl.load(theta_ptr).to(tl.float64))
-        if pid == 0:
-            tl.store(qp_ptr + _QP_LO, lo.to(tl.float32))
-            tl.store(qp_ptr + _QP_HI, hi.to(tl.float32))
-            tl.store(qp_ptr + _QP_SCALE, scale)
-            tl.store(qp_ptr + _QP_ZERO, zero)
-            tl.store(qp_ptr + _QP_L, l)
-            tl.store(qp_ptr + _QP_DL_DTHETA, dl_dtheta)
+        scale, zero, l = qparams_from_range(lo_hi_ptr, theta_ptr, qp_ptr, qmin, qmax, pid == 0)
     else:
         scale = tl.load(qp_ptr + _QP_SCALE)
         zero = tl.load(qp_ptr + _QP_ZERO)

@@ -68,7 +68,7 @@ def calibrate(
     seen = 0
     try:
         for bn, sink in zip(bns, sinks, strict=True):
-            bn._stats_sink = sink
+            bn.stats_sink = sink
         with bquant_kernels.recalibrate(model, process_group=process_group):
             for batch in islice(loader, num_batches):
                 images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -76,7 +76,7 @@ def calibrate(
                 seen += 1
     finally:
         for bn in bns:
-            bn._stats_sink = None
+            bn.stats_sink = None
     if seen == 0:
         raise ValueError("loader yielded no batches: nothing to calibrate")
     _write_bn_stats(bns, sinks, device, process_group)

@@ -45,17 +45,22 @@ class DynamicBatchNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(max_channels))
         self.register_buffer("running_mean", torch.zeros(max_channels))
         self.register_buffer("running_var", torch.ones(max_channels))
-        self._stats_sink: BNStatsSink | None = None  # set by qfa.calibrate
+        self.stats_sink: BNStatsSink | None = None  # set by qfa.calibrate
+
+    @property
+    def uses_batch_stats(self) -> bool:
+        """Batch statistics (training, and recalibration) rather than the running ones (evaluation)."""
+        return self.training or self.stats_sink is not None
 
     def forward(self, x: Tensor) -> Tensor:
         c = x.shape[1]
         if c > self.max_channels:
             raise ValueError(f"input has {c} channels, this BatchNorm holds {self.max_channels}")
         weight, bias = self.weight[:c], self.bias[:c]
-        if self._stats_sink is not None:
+        if self.stats_sink is not None:
             var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
-            self._stats_sink.add(mean, var, x.shape[0])
-        if self.training or self._stats_sink is not None:
+            self.stats_sink.add(mean, var, x.shape[0])
+        if self.uses_batch_stats:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], weight, bias, False, 0.0, self.eps)
 

@@ -78,7 +78,7 @@ def _finish(layer: nn.Module, y: Tensor, next_quantizer: BatchQuantizer | None) 
     activation or quantizer to fuse, else the modules. Evaluation keeps the modules, so that a supernet
     and its exported static subnet give the same bits; 16-bit (autocast) too, see docs/epilogue.md."""
     bn = layer.bn
-    fusable = layer.fused_epilogue and bn is not None and (bn.training or bn._stats_sink is not None)
+    fusable = layer.fused_epilogue and bn is not None and bn.uses_batch_stats
     fusable = fusable and y.dtype in (torch.float32, torch.float64)
     if fusable and (next_quantizer is not None or layer.act_name is not None):
         # The backend of the layer's own input quantizers (qfa.nn.BackendOwner sets them all alike).

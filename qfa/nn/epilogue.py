@@ -1,7 +1,7 @@
 """A layer's epilogue (BN -> activation -> the next layer's BatchQuant) through the fused op.
 
 :func:`bquant_kernels.epilogue.bn_act_quant` in the modes of the modules it replaces: BN with batch
-statistics in training and while calibrating (its ``_stats_sink`` then gets the batch mean and biased
+statistics in training and while calibrating (its ``stats_sink`` then gets the batch mean and biased
 variance), running statistics in evaluation; the quantizer with the batch range in training (its
 ``range_sink`` gets the range while recalibrating), its stored ``lo_hi`` in evaluation.
 """
@@ -24,9 +24,9 @@ def fused_epilogue(
     c = y.shape[1]
     if c > bn.max_channels:
         raise ValueError(f"input has {c} channels, this BatchNorm holds {bn.max_channels}")
-    batch_stats = bn.training or bn._stats_sink is not None
+    batch_stats = bn.uses_batch_stats
     range_sink = None if quantizer is None else quantizer.range_sink
-    want_stats = bn._stats_sink is not None or range_sink is not None
+    want_stats = bn.stats_sink is not None or range_sink is not None
     q = {}
     if quantizer is not None:
         lo_hi = None if quantizer.training or range_sink is not None else quantizer.lo_hi
@@ -42,8 +42,8 @@ def fused_epilogue(
     if not want_stats:
         return out
     out, mean, var, used = out
-    if bn._stats_sink is not None:
-        bn._stats_sink.add(mean, var, y.shape[0])
+    if bn.stats_sink is not None:
+        bn.stats_sink.add(mean, var, y.shape[0])
     if range_sink is not None:
         range_sink.add(used, y.shape[0])
     return out

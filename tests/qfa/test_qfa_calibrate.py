@@ -119,7 +119,7 @@ def test_num_batches_resolution_and_errors():
         qfa.calibrate(model, big, resolution=-3)
     with pytest.raises(ValueError, match="loader yielded no batches"):
         qfa.calibrate(model, [])
-    assert all(m._stats_sink is None for m in model.modules() if isinstance(m, DynamicBatchNorm2d))
+    assert all(m.stats_sink is None for m in model.modules() if isinstance(m, DynamicBatchNorm2d))
 
 
 def test_evaluate_matches_manual_metrics():

@@ -154,32 +154,26 @@ def bn_act_quant(
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if bits is not None:
         check_bits("bits", bits, 2, 8)
-        # One-element parameters of any shape: the kernels see (1,), the view gives the gradient back
-        # in the parameter's own shape.
-        theta = check_param("theta", theta, y, "y").reshape(1)
-        offset = check_param("offset", offset, y, "y").reshape(1)
+        # One-element parameters of any shape go in as they are (a view would cost an autograd node
+        # per call); every backend gives their gradients back in their own shapes.
+        check_param("theta", theta, y, "y")
+        check_param("offset", offset, y, "y")
         if lo_hi is not None:
             check_param("lo_hi", lo_hi, y, "y", numel=2)
             lo_hi = lo_hi.reshape(2)
     name = fused_backend(backend, y)
-    nbits = 0 if bits is None else bits
-    if name == "cpu":
-        out, stats, qp = torch.ops.bquant.native_bn_act_quant(
-            y, weight, bias, theta, offset, running_mean, running_var, lo_hi, float(eps), _ACT_CODE[act], nbits,
-            bool(signed),
-        )  # fmt: skip
-        used = None if bits is None else qp[:2]
-    elif name == "triton":
-        out, stats, qp = _TritonEpilogue.apply(
-            y, weight, bias, theta, offset, running_mean, running_var, lo_hi, float(eps), _ACT_CODE[act], nbits,
-            bool(signed),
-        )  # fmt: skip
-        used = None if bits is None else qp[:2]
-    else:
+    if name == "reference":
         out, stats, used = _reference(
-            y, weight, bias, theta, offset, running_mean, running_var, lo_hi, float(eps), act, nbits, bool(signed),
-            return_stats,
+            y, weight, bias, theta, offset, running_mean, running_var, lo_hi, float(eps), act, 0 if bits is None
+            else bits, bool(signed), return_stats,
         )  # fmt: skip
+    else:
+        kernel = torch.ops.bquant.native_bn_act_quant if name == "cpu" else _TritonEpilogue.apply
+        out, stats, qp = kernel(
+            y, weight, bias, theta, offset, running_mean, running_var, lo_hi, float(eps), _ACT_CODE[act],
+            0 if bits is None else bits, bool(signed),
+        )  # fmt: skip
+        used = None if bits is None or not return_stats else qp[:2]
     if not return_stats:
         return out
     return out, stats[0], stats[1], None if used is None else used.detach()

@@ -67,4 +67,12 @@ inline bool channels_innermost(const at::Tensor& x) {
   return check(0);
 }
 
+// A kernel's [1] scalar gradient in the shape and dtype of its 1-element parameter (any shape: 0-d,
+// [1], [1, 1]...). Itself when it already has them: a view and Tensor::to would still be dispatched
+// ops, and the backward of every quantizer call returns two such scalars.
+inline at::Tensor as_param(at::Tensor grad, at::IntArrayRef sizes, at::ScalarType dtype) {
+  if (grad.sizes() != sizes) grad = grad.view(sizes);
+  return grad.scalar_type() == dtype ? grad : grad.to(dtype);
+}
+
 }  // namespace bquant

@@ -246,14 +246,6 @@ BQ_OP(lsq_multi_fwd_op, "native_lsq_multi_fwd", decltype(lsq_multi_fwd_cpu))
 BQ_OP(lsq_multi_bwd_op, "native_lsq_multi_bwd", decltype(lsq_multi_bwd_cpu))
 #undef BQ_OP
 
-// A kernel's [1] scalar gradient in the shape and dtype of its 1-element parameter (any shape: 0-d,
-// [1], [1, 1]...). Itself when it already has them: a view and Tensor::to would still be dispatched
-// ops, and the backward of every quantizer call returns two such scalars.
-at::Tensor as_param(at::Tensor grad, at::IntArrayRef sizes, at::ScalarType dtype) {
-  if (grad.sizes() != sizes) grad = grad.view(sizes);
-  return grad.scalar_type() == dtype ? grad : grad.to(dtype);
-}
-
 // Saves x, offset and the device scalars (qparams) only; the backward recomputes the rest from x.
 class BatchQuantFunction : public torch::autograd::Function<BatchQuantFunction> {
  public:

@@ -311,8 +311,6 @@ const c10::TypedOperatorHandle<EpilogueBwd>& bwd_op() {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
-
 // Saves y and the per-channel statistics only: the backward recomputes BN, activation and
 // quantization from y (no BN output or activation is kept alive).
 class EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
@@ -333,8 +331,10 @@ class EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
     ctx->saved_data["act"] = act;
     ctx->saved_data["bits"] = bits;
     ctx->saved_data["signed"] = is_signed;
-    ctx->saved_data["theta_dtype"] =
-        static_cast<int64_t>(theta.has_value() ? theta->scalar_type() : qparams.scalar_type());
+    if (theta.has_value()) {  // one-element parameters of any shape get their gradient in that shape
+      ctx->saved_data["theta_sizes"] = theta->sizes().vec();
+      ctx->saved_data["theta_dtype"] = static_cast<int64_t>(theta->scalar_type());
+    }
     ctx->mark_non_differentiable({stats, qparams});
     ctx->set_materialize_grads(false);
     return {out, stats, qparams};
@@ -351,8 +351,9 @@ class EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
                       ctx->saved_data["act"].toInt(), bits, ctx->saved_data["signed"].toBool());
     variable_list out{grad_y, grad_gamma, grad_beta, {}, {}, {}, {}, {}, {}, {}, {}, {}};
     if (bits > 0) {
-      out[3] = as_dtype(grad_theta, static_cast<at::ScalarType>(ctx->saved_data["theta_dtype"].toInt()));
-      out[4] = as_dtype(grad_offset, saved[4].scalar_type());
+      out[3] = as_param(grad_theta, ctx->saved_data["theta_sizes"].toIntVector(),
+                        static_cast<at::ScalarType>(ctx->saved_data["theta_dtype"].toInt()));
+      out[4] = as_param(grad_offset, saved[4].sizes(), saved[4].scalar_type());
     }
     return out;
   }

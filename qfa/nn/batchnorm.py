@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .utils import leading
+
 
 class BNStatsSink:
     """Batch-size-weighted sums of per-batch channel means and biased variances (float64, on the device)."""
@@ -56,13 +58,15 @@ class DynamicBatchNorm2d(nn.Module):
         c = x.shape[1]
         if c > self.max_channels:
             raise ValueError(f"input has {c} channels, this BatchNorm holds {self.max_channels}")
-        weight, bias = self.weight[:c], self.bias[:c]
+        weight, bias = leading(self.weight, c), leading(self.bias, c)
         if self.stats_sink is not None:
             var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
             self.stats_sink.add(mean, var, x.shape[0])
         if self.uses_batch_stats:
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], weight, bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, leading(self.running_mean, c), leading(self.running_var, c), weight, bias, False, 0.0, self.eps
+        )
 
     def extra_repr(self) -> str:
         return f"{self.max_channels}, eps={self.eps}"

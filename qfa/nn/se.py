@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .utils import make_divisible
+from .utils import leading, make_divisible
 
 SE_REDUCTION = 4
 
@@ -33,8 +33,8 @@ class DynamicSE(nn.Module):
         c = x.shape[1]
         mid = se_mid_channels(c)
         y = x.mean((2, 3), keepdim=True)
-        y = F.relu(F.conv2d(y, self.reduce.weight[:mid, :c], self.reduce.bias[:mid]))
-        y = F.hardsigmoid(F.conv2d(y, self.expand.weight[:c, :mid], self.expand.bias[:c]))
+        y = F.relu(F.conv2d(y, leading(self.reduce.weight, mid, c), leading(self.reduce.bias, mid)))
+        y = F.hardsigmoid(F.conv2d(y, leading(self.expand.weight, c, mid), leading(self.expand.bias, c)))
         return x * y
 
     def extra_repr(self) -> str:

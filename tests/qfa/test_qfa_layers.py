@@ -182,3 +182,26 @@ def test_layer_input_checks_and_bits_resolution():
     assert list(dw.kernel_transforms.keys()) == ["5to3"]
     with pytest.raises(ValueError, match=r"ks=7 not in \(3, 5\)"):
         dw.set_active_kernel_size(7)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_max_subnet_step_dispatches_no_view_ops(fused):
+    """At full width nothing is sliced, reshaped or aliased: each such view is an op forward and an
+    autograd node backward (issue 18 counts the step's top-level ops). Also pins the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qfa import QFAMobileNetV3
+
+    torch.manual_seed(0)
+    model = QFAMobileNetV3(n_classes=10, width_mult=1.0, backend="cpu")
+    model.fused_epilogue = fused
+    model.set_active_config(model.space.make_config(ks=7, e=6, d=4, w_bits=4, a_bits=4, resolution=32))
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x).sum().backward()
+    names = [e.name for e in prof.events() if e.cpu_parent is None]
+    views = [n for n in names if any(v in n for v in ("slice", "Slice", "reshape", "alias", "Alias", "::view"))]
+    assert views == [], sorted(set(views))
+    # 438 parameters get a gradient; the rest is conv, epilogue / quantizer, SE and head ops.
+    assert len(names) <= (960 if fused else 1104), len(names)

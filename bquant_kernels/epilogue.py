@@ -4,14 +4,17 @@ A quantized supernet layer ends with BN (batch statistics in training), an activ
 next layer's input is exactly that activation) the next layer's BatchQuant. Composed of separate
 ops that is about five reads and three writes of the activation each way; fused it is two reads and
 one write forward (h_swish: three reads), and the backward recomputes BN and the activation from
-``y`` instead of keeping their outputs alive. Backends:
+``y`` instead of keeping their outputs alive. The two routes of ``bquant_kernels.ops``:
 
-- ``reference``: the composition of today's ops (``bquant_kernels/backends/reference_epilogue.py``),
-  the oracle;
-- ``cpu``: ``torch.ops.bquant.native_bn_act_quant`` (``csrc/cpu/epilogue_cpu.cpp``), autograd in C++;
-- ``triton``: the kernels of ``bquant_kernels/backends/triton/epilogue.py`` under :class:`_TritonEpilogue`.
+1. ``cpu``: the native op ``torch.ops.bquant.native_bn_act_quant`` (``csrc/cpu/epilogue_cpu.cpp``),
+   autograd in C++.
+2. ``reference`` (the composition of today's ops, the oracle) and ``triton``
+   (``backends/triton/epilogue.py``): :class:`_EpilogueFunction` over the backend's
+   ``bn_act_quant_forward`` / ``bn_act_quant_backward``, through the opaque ops
+   ``torch.ops.bquant.bn_act_quant_fwd`` / ``_bwd`` under ``torch.compile``.
 
-Requests for the ``cuda`` backend use the composition (no fused CUDA C++ kernel yet).
+There is no CUDA C++ kernel: on the ``cuda`` backend the op runs the Triton kernels (the reference
+where triton is missing); see :func:`fused_backend`.
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ import torch
 from torch import Tensor
 
 from . import extension
-from .backends import resolve as _resolve_backend
-from .backends.reference_epilogue import bn_act_quant as _reference
+from .backends import get_backend, resolve
 from .checks import check_bits, check_param, check_tensor
-from .ops import _like, dense_activation
+from .ops import _as_param, _kernel, _like, dense_activation
 from .qparams import NUM_QPARAMS
 
 ACTIVATIONS = (None, "relu", "h_swish")
@@ -34,7 +36,11 @@ def _math_dtype(y: Tensor) -> torch.dtype:
     return torch.float64 if y.dtype == torch.float64 else torch.float32
 
 
-if extension.ext is not None and hasattr(torch.ops.bquant, "native_bn_act_quant"):
+def _native_available() -> bool:
+    return extension.ext is not None and hasattr(torch.ops.bquant, "native_bn_act_quant")
+
+
+if _native_available():
 
     def _fake_epilogue(y, gamma, beta, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, signed):
         dt = _math_dtype(y)
@@ -50,48 +56,113 @@ if extension.ext is not None and hasattr(torch.ops.bquant, "native_bn_act_quant"
 
 
 def fused_backend(backend: str | None, y: Tensor) -> str:
-    """The epilogue implementation for ``y``: ``cpu`` where the BatchQuant backend resolves to the
-    native CPU kernels, ``triton`` where it resolves to the Triton kernels, else ``reference`` (the
-    composition)."""
-    name = _resolve_backend(backend, y.device, y.dtype)
-    if name == "cpu" and extension.ext is not None and hasattr(torch.ops.bquant, "native_bn_act_quant"):
-        return "cpu"
-    if name == "triton":
-        return "triton"
-    return "reference"
+    """The implementation the op runs for ``y`` on the BatchQuant ``backend``: ``cpu`` (the native op),
+    ``triton``, or ``reference``. The ``cuda`` backend has no epilogue kernel of its own: Triton's where
+    triton runs on ``y``, else the reference."""
+    name = resolve(backend, y.device, y.dtype)
+    if name == "cpu":
+        return "cpu" if _native_available() else "reference"
+    if name == "cuda":
+        triton = get_backend("triton")
+        ok = y.device.type in triton.DEVICES and y.dtype in triton.DTYPES and triton.available()[0]
+        return "triton" if ok else "reference"
+    return name
 
 
-class _TritonEpilogue(torch.autograd.Function):
-    """The Triton kernels with autograd: saves ``y`` (as the kernels walk it), BN's parameters and the
-    per-channel statistics; the backward recomputes BN, the activation and the quantizer mask."""
+# ----------------------------------------------------------------------------- route 2
+
+
+def _epilogue_fwd_impl(
+    y: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    theta: Tensor | None,
+    offset: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    lo_hi: Tensor | None,
+    eps: float,
+    act: int,
+    bits: int,
+    signed: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    yl, C, inner = dense_activation(y)
+    out, stats, qp, aux = get_backend(backend).bn_act_quant_forward(
+        yl, gamma, beta, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, signed, C, inner
+    )
+    return _like(out, y), stats, qp, aux
+
+
+def _epilogue_bwd_impl(
+    grad_out: Tensor,
+    y: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    stats: Tensor,
+    aux: Tensor,
+    offset: Tensor | None,
+    qparams: Tensor,
+    batch_stats: bool,
+    eps: float,
+    act: int,
+    bits: int,
+    signed: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    yl, C, inner = dense_activation(y)
+    gy, gg, gb, gt, go = get_backend(backend).bn_act_quant_backward(
+        _like(grad_out, yl), yl, gamma, beta, stats, aux, offset, qparams, batch_stats, eps, act, bits, signed, C,
+        inner,
+    )  # fmt: skip
+    return _like(gy, y), gg, gb, gt, go
+
+
+_epilogue_fwd_op = torch.library.custom_op("bquant::bn_act_quant_fwd", _epilogue_fwd_impl, mutates_args=())
+_epilogue_bwd_op = torch.library.custom_op("bquant::bn_act_quant_bwd", _epilogue_bwd_impl, mutates_args=())
+
+
+@_epilogue_fwd_op.register_fake
+def _(y, gamma, beta, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, signed, backend):
+    dt, C = _math_dtype(y), y.shape[1]
+    aux = y.new_empty((3, C) if backend == "triton" else (0,), dtype=dt)  # triton: the per-channel affine
+    return torch.empty_like(y), y.new_empty(2, C, dtype=dt), y.new_empty(NUM_QPARAMS, dtype=dt), aux
+
+
+@_epilogue_bwd_op.register_fake
+def _(grad_out, y, gamma, beta, stats, aux, offset, qparams, batch_stats, eps, act, bits, signed, backend):
+    one = qparams.new_empty(1)
+    return torch.empty_like(y), torch.empty_like(gamma), torch.empty_like(beta), one, one.clone()
+
+
+class _EpilogueFunction(torch.autograd.Function):
+    """The epilogue of the Python backends. Saves ``y``, BN's parameters, the statistics and the
+    backend's ``aux``; the backward recomputes BN, the activation and the quantizer mask from ``y``."""
 
     @staticmethod
-    def forward(ctx, y, weight, bias, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, signed):
-        from .backends.triton.epilogue import bn_act_quant_forward, plan
-
-        yl, C, inner = dense_activation(y)
-        p = plan(yl, C, inner, eps, act, bits, signed)
-        running = None if running_mean is None else torch.stack([running_mean.float(), running_var.float()])
-        out, stats, qp, aff = bn_act_quant_forward(yl, weight, bias, theta, offset, running, lo_hi, p)
-        ctx.save_for_backward(yl, weight, bias, theta, offset, stats, aff, qp)
-        ctx.args = (running_mean is None, p)
+    def forward(ctx, y, gamma, beta, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, signed, backend):
+        forward = _kernel(_epilogue_fwd_impl, torch.ops.bquant.bn_act_quant_fwd)
+        out, stats, qp, aux = forward(
+            y, gamma, beta, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, signed, backend
+        )
+        ctx.save_for_backward(y, gamma, beta, theta, offset, stats, aux, qp)
+        ctx.args = (running_mean is None, eps, act, bits, signed, backend)
         ctx.mark_non_differentiable(stats, qp)
         ctx.set_materialize_grads(False)
-        return _like(out, y), stats, qp
+        return out, stats, qp
 
     @staticmethod
     def backward(ctx, grad_out, _grad_stats, _grad_qparams):
-        from .backends.triton.epilogue import bn_act_quant_backward
-
-        yl, weight, bias, theta, offset, stats, aff, qp = ctx.saved_tensors
-        batch_stats, p = ctx.args
-        g = torch.zeros_like(yl) if grad_out is None else _like(grad_out, yl)
-        gy, gw, gb, gt, go = bn_act_quant_backward(g, yl, weight, bias, stats, aff, offset, qp, batch_stats, p)
-        if not p.quant:
-            gt = go = None
-        else:
-            gt, go = gt.reshape(theta.shape).to(theta.dtype), go.reshape(offset.shape).to(offset.dtype)
-        return gy, gw, gb, gt, go, None, None, None, None, None, None, None
+        y, gamma, beta, theta, offset, stats, aux, qp = ctx.saved_tensors
+        batch_stats, eps, act, bits, signed, backend = ctx.args
+        grad_out = torch.zeros_like(y) if grad_out is None else grad_out
+        backward = _kernel(_epilogue_bwd_impl, torch.ops.bquant.bn_act_quant_bwd)
+        gy, gg, gb, gt, go = backward(
+            grad_out, y, gamma, beta, stats, aux, offset, qp, batch_stats, eps, act, bits, signed, backend
+        )
+        if bits == 0:
+            return gy, gg, gb, None, None, None, None, None, None, None, None, None, None
+        return gy, gg, gb, _as_param(gt, theta), _as_param(go, offset), None, None, None, None, None, None, None, None
 
 
 def _check_channels(name: str, t: object, y: Tensor) -> Tensor:
@@ -134,8 +205,9 @@ def bn_act_quant(
         return_stats: also return BN's per-channel ``mean`` and biased ``var`` (the batch's, or the
             running ones given) and the quantizer's ``[lo, hi]`` (``None`` without quantizer), as
             device tensors (recalibration, spec 3).
-        backend: as for :func:`bquant_kernels.batchquant`; the ``cpu`` and ``triton`` backends run fused
-            kernels, the others the composition (``bquant_kernels.epilogue.fused_backend``).
+        backend: as for :func:`bquant_kernels.batchquant`: ``cpu`` and ``triton`` run fused kernels,
+            ``reference`` the composition of the separate ops, ``cuda`` Triton's kernels
+            (:func:`fused_backend`).
 
     Returns:
         ``out`` (shape, dtype and memory format of ``y``), or ``(out, mean, var, lo_hi_used)``.
@@ -162,18 +234,12 @@ def bn_act_quant(
             check_param("lo_hi", lo_hi, y, "y", numel=2)
             lo_hi = lo_hi.reshape(2)
     name = fused_backend(backend, y)
-    if name == "reference":
-        out, stats, used = _reference(
-            y, weight, bias, theta, offset, running_mean, running_var, lo_hi, float(eps), act, 0 if bits is None
-            else bits, bool(signed), return_stats,
-        )  # fmt: skip
+    args = (y, weight, bias, theta, offset, running_mean, running_var, lo_hi, float(eps), _ACT_CODE[act])
+    nbits = 0 if bits is None else bits
+    if name == "cpu":
+        out, stats, qp = torch.ops.bquant.native_bn_act_quant(*args, nbits, bool(signed))
     else:
-        kernel = torch.ops.bquant.native_bn_act_quant if name == "cpu" else _TritonEpilogue.apply
-        out, stats, qp = kernel(
-            y, weight, bias, theta, offset, running_mean, running_var, lo_hi, float(eps), _ACT_CODE[act],
-            0 if bits is None else bits, bool(signed),
-        )  # fmt: skip
-        used = None if bits is None or not return_stats else qp[:2]
+        out, stats, qp = _EpilogueFunction.apply(*args, nbits, bool(signed), name)
     if not return_stats:
         return out
-    return out, stats[0], stats[1], None if used is None else used.detach()
+    return out, stats[0], stats[1], None if bits is None else qp[:2].detach()

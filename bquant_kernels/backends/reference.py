@@ -10,9 +10,21 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..qparams import DL_DTHETA, LN2, MIN_SCALE, SCALE, SOFTPLUS_THRESHOLD, ZERO, L, batchquant_grid, lsq_grid
+from ..qparams import (
+    DL_DTHETA,
+    LN2,
+    MIN_SCALE,
+    NUM_QPARAMS,
+    SCALE,
+    SOFTPLUS_THRESHOLD,
+    ZERO,
+    L,
+    batchquant_grid,
+    lsq_grid,
+)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEVICES = ("cpu", "cuda")
@@ -130,3 +142,91 @@ def lsq_backward(
     k = 1.0 / math.sqrt(numel_full * qp)
     grad_step = (g * term).sum(dtype=torch.float64) * k * torch.sign(s_raw).double()
     return grad_w, grad_step.to(dt).reshape(1)
+
+
+# ----------------------------------------------------------------------------- fused layer epilogue
+# The composition of today's ops (BatchNorm -> PyTorch's relu / hardswish -> batchquant above): the
+# oracle of bquant_kernels.epilogue.bn_act_quant. The backward recomputes BN and the activation from y
+# and chains the ops' own backward kernels (no autograd: it also runs inside an opaque custom op, below
+# autograd, under torch.compile); the quantizer's part is batchquant_backward.
+
+
+def _bn(y: Tensor, gamma: Tensor, beta: Tensor, running: tuple[Tensor, Tensor] | None, eps: float):
+    """BN's output and the (mean, invstd) its backward needs (empty in evaluation)."""
+    rm, rv = (None, None) if running is None else running
+    return torch.native_batch_norm(y, gamma, beta, rm, rv, running is None, 0.0, eps)
+
+
+def _act(z: Tensor, act: int) -> Tensor:
+    return F.relu(z) if act == 1 else F.hardswish(z) if act == 2 else z
+
+
+def bn_act_quant_forward(
+    y: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    theta: Tensor | None,
+    offset: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    lo_hi: Tensor | None,
+    eps: float,
+    act: int,
+    bits: int,
+    signed: bool,
+    C: int,
+    inner: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out, stats, qparams, aux)``: ``stats`` (2, C) the mean and biased variance BN used, ``qparams``
+    BatchQuant's (zeros without quantizer), ``aux`` empty (the backward recomputes from ``y``)."""
+    dt = _compute_dtype(y)
+    if running_mean is None:
+        var, mean = torch.var_mean(y.to(dt), dim=[d for d in range(y.dim()) if d != 1], correction=0)
+        stats, running = torch.stack([mean, var]), None
+    else:
+        stats = torch.stack([running_mean.to(dt), running_var.to(dt)])
+        running = (stats[0], stats[1])
+    a = _act(_bn(y, gamma, beta, running, eps)[0], act)
+    aux = y.new_empty(0, dtype=dt)
+    if bits == 0:
+        return a, stats, y.new_zeros(NUM_QPARAMS, dtype=dt), aux
+    out, qp = batchquant_forward(a, theta, offset, lo_hi, bits, signed, C, inner)
+    return out, stats, qp, aux
+
+
+def bn_act_quant_backward(
+    grad_out: Tensor,
+    y: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    stats: Tensor,
+    aux: Tensor,
+    offset: Tensor | None,
+    qparams: Tensor,
+    batch_stats: bool,
+    eps: float,
+    act: int,
+    bits: int,
+    signed: bool,
+    C: int,
+    inner: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_y, grad_gamma, grad_beta, grad_theta[1], grad_offset[1])`` (scalars zero without quantizer)."""
+    running = None if batch_stats else (stats[0].to(gamma.dtype), stats[1].to(gamma.dtype))
+    z, mean, invstd = _bn(y, gamma, beta, running, eps)
+    if bits == 0:
+        grad_a, grad_theta = grad_out, qparams.new_zeros(1)
+        grad_offset = grad_theta.clone()
+    else:
+        grad_a, grad_theta, grad_offset = batchquant_backward(grad_out, _act(z, act), offset, qparams, bits, signed)
+    if act == 1:
+        grad_z = torch.ops.aten.threshold_backward(grad_a, z, 0)
+    elif act == 2:
+        grad_z = torch.ops.aten.hardswish_backward(grad_a, z)
+    else:
+        grad_z = grad_a
+    rm, rv = (None, None) if running is None else running
+    grad_y, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+        grad_z, y, gamma, rm, rv, mean, invstd, batch_stats, eps, [True, True, True]
+    )
+    return grad_y, grad_gamma, grad_beta, grad_theta, grad_offset

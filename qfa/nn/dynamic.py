@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bquant_kernels import BatchQuantizer, LSQQuantizer
+from bquant_kernels.backends import resolve
+from bquant_kernels.epilogue import fused_backend
 
 from .batchnorm import DynamicBatchNorm2d
 from .epilogue import fused_epilogue
@@ -81,10 +83,13 @@ def _finish(layer: nn.Module, y: Tensor, next_quantizer: BatchQuantizer | None) 
     fusable = layer.fused_epilogue and bn is not None and bn.uses_batch_stats
     fusable = fusable and y.dtype in (torch.float32, torch.float64)
     if fusable and (next_quantizer is not None or layer.act_name is not None):
-        # The backend of the layer's own input quantizers (qfa.nn.BackendOwner sets them all alike).
+        # The backend of the layer's own input quantizers (qfa.nn.BackendOwner sets them all alike). Fused
+        # only where that backend has epilogue kernels of its own: on the cuda backend the op would run
+        # Triton's, not measured on a GPU yet (docs/known-issues.md).
         any_quantizer = next(iter(layer._banks()[1].values()), None)
         backend = None if any_quantizer is None else any_quantizer.backend
-        return fused_epilogue(y, layer.bn, layer.act_name, next_quantizer, backend)
+        if fused_backend(backend, y) == resolve(backend, y.device, y.dtype):
+            return fused_epilogue(y, layer.bn, layer.act_name, next_quantizer, backend)
     if layer.bn is not None:
         y = layer.bn(y)
     y = layer.act(y)

@@ -18,7 +18,9 @@ import helpers as h
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from bquant_kernels import batchquant
 from bquant_kernels.epilogue import bn_act_quant, fused_backend
 from bquant_kernels.qparams import batchquant_grid
 
@@ -81,6 +83,52 @@ def _step(used: torch.Tensor, theta: torch.Tensor, bits: int) -> float:
     lo, hi = min(float(used[0]), 0.0), max(float(used[1]), 0.0)
     l = float(torch.nn.functional.softplus(theta.double(), beta=float(np.log(2.0))))
     return max((hi - lo) / (qmax - qmin), 2.0**-23) / l
+
+
+def _composition(y, gamma, beta, theta, offset, *, act, bits, mode, rm, rv, lo_hi):
+    """The oracle written out: F.batch_norm -> activation -> batchquant on the reference backend, autograd
+    through all three, as (out, grads, mean, var, used) like :func:`_run`."""
+    leaves = [t.detach().clone().requires_grad_() for t in (y, gamma, beta, theta, offset)]
+    leaves = leaves[:3] if bits is None else leaves
+    train = mode == "train"
+    z = F.batch_norm(leaves[0], None if train else rm, None if train else rv, leaves[1], leaves[2], train, 0.0, 1e-5)
+    a = {None: z, "relu": F.relu(z) if act == "relu" else None, "h_swish": F.hardswish(z)}[act]
+    used = None
+    if bits is not None:
+        a, used = batchquant(a, leaves[3], leaves[4], bits, lo_hi=lo_hi if mode == "eval" else None,
+                             return_range=True, backend="reference")  # fmt: skip
+    if train:
+        var, mean = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != 1], correction=0)
+    else:
+        mean, var = rm, rv
+    gen = torch.Generator().manual_seed(7)
+    g = h.to_layout(torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype),
+                    "channels_last" if not y.is_contiguous() else "contiguous")  # fmt: skip
+    return a, torch.autograd.grad(a, leaves, g), mean, var, used
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bits", [None, 3])
+@pytest.mark.parametrize("mode", ["train", "eval", "running"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_backend_is_the_composition(shape, act, bits, mode, dtype):
+    """The oracle's route (the autograd.Function over the reference backend's forward / backward) gives
+    the bits of the separate ops with autograd through them: forward, statistics and every gradient."""
+    layout = "channels_last" if len(shape) == 4 else "contiguous"
+    y = h.to_layout(h.make_activation(shape, kind="shifted", seed=3).to(dtype), layout)
+    gamma, beta, theta, offset, rm, rv, lo_hi = (t.to(dtype) for t in _params(shape[1], 3))
+    args = {"act": act, "bits": bits, "mode": mode, "rm": rm, "rv": rv, "lo_hi": lo_hi}
+    got = _run(y, gamma, beta, theta, offset, backend="reference", **args)
+    want = _composition(y, gamma, beta, theta, offset, **args)
+    assert got[0].stride() == y.stride()
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got[2].to(dtype), want[2], rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    torch.testing.assert_close(got[3].to(dtype), want[3], rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-12)
+    if bits is not None:
+        torch.testing.assert_close(got[4], want[4].to(got[4].dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -246,16 +294,26 @@ def test_opcheck_native_op():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_compiled_call_has_no_graph_breaks():
-    _require_cpu_kernel()
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_compiled_call_has_no_graph_breaks(backend):
+    """One graph, forward and backward (the Python backends' kernels are opaque ops under torch.compile;
+    tracing into Triton's launch code used to break the graph)."""
+    _require_fused(backend) if backend != "reference" else None
     y = h.make_activation((4, 6, 3, 3), seed=4).float()
-    gamma, beta, theta, offset, *_ = (t.float() for t in _params(6, 4))
+    gamma, beta, theta, offset, *_ = (t.float().requires_grad_() for t in _params(6, 4))
 
     def fn(y):
-        return bn_act_quant(y, gamma, beta, act="h_swish", theta=theta, offset=offset, bits=4, backend="cpu") * 2
+        out = bn_act_quant(y, gamma, beta, act="h_swish", theta=theta, offset=offset, bits=4, backend=backend)
+        return out * 2
 
+    torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(y), fn(y), rtol=0, atol=0)
+    got, want = compiled(y), fn(y)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    params = (gamma, beta, theta, offset)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 _ISA_SCRIPT = """

@@ -47,6 +47,32 @@ def test_fused_is_the_default_and_reaches_every_layer():
     assert model.blocks[1].conv.depth_conv.fused_epilogue and model.first_conv.fused_epilogue
 
 
+def _bn_calls(model: QFAMobileNetV3, x: torch.Tensor) -> int:
+    """How many BatchNorm modules run their own forward (a fused layer bypasses its BN module)."""
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules() if "BatchNorm" in type(m).__name__
+    ]
+    model(x)
+    for hk in hooks:
+        hk.remove()
+    return len(calls)
+
+
+def test_fuses_only_where_the_op_runs_the_quantizer_backends_kernels(monkeypatch):
+    """On the cuda backend the op would run Triton's kernels (unmeasured on a GPU): those layers keep the
+    separate modules. Simulated on the CPU by making the op report another implementation."""
+    model, x = _model(torch.float32, 4), _images(torch.float32)
+    model.fused_epilogue = False
+    separate = _bn_calls(model, x)
+    model.fused_epilogue = True
+    assert _bn_calls(model, x) < separate  # cpu backend: the layers with an activation or a quantizer fuse
+    import qfa.nn.dynamic
+
+    monkeypatch.setattr(qfa.nn.dynamic, "fused_backend", lambda backend, y: "triton")
+    assert _bn_calls(model, x) == separate
+
+
 def test_same_logits_and_gradients_float64():
     """float64 with full-precision weights: no value lands on a rounding tie, so both paths agree to
     float64 rounding. (With quantized weights conv outputs lie on a lattice and an element can sit

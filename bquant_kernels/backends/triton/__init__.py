@@ -2,8 +2,8 @@
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 imported (Triton's NumPy interpreter: slow, for tests). The per-element math mirrors
-``csrc/common/quant_math.h``. Kernel modules: ``batchquant.py``, ``lsq.py``; their shared pieces:
-``quant_math.py`` (element math), ``reductions.py``, ``rounding.py``, ``launch.py``.
+``csrc/common/quant_math.h``. Kernel modules: ``batchquant.py``, ``lsq.py``, ``epilogue.py``; their shared
+pieces: ``quant_math.py`` (element math), ``reductions.py``, ``rounding.py``, ``launch.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ __all__ = [
     "batch_range",
     "batchquant_backward",
     "batchquant_forward",
+    "bn_act_quant_backward",
+    "bn_act_quant_forward",
     "lsq_backward",
     "lsq_forward",
 ]
@@ -28,6 +30,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _missing_reason = ""
 try:
     from .batchquant import batch_range, batchquant_backward, batchquant_forward
+    from .epilogue import bn_act_quant_backward, bn_act_quant_forward
     from .launch import INTERPRET
     from .lsq import lsq_backward, lsq_forward
 except ImportError as err:  # triton not installed (or not importable here): available() says why
@@ -45,6 +48,8 @@ except ImportError as err:  # triton not installed (or not importable here): ava
     batchquant_backward = _unavailable("batchquant_backward")
     lsq_forward = _unavailable("lsq_forward")
     lsq_backward = _unavailable("lsq_backward")
+    bn_act_quant_forward = _unavailable("bn_act_quant_forward")
+    bn_act_quant_backward = _unavailable("bn_act_quant_backward")
 
 
 DEVICES = ("cuda", "cpu") if INTERPRET else ("cuda",)

@@ -484,7 +484,7 @@ def _backward_elements(
 
 class Plan(NamedTuple):
     """The op's configuration and what both launchers derive from it and ``y``'s ``(outer, C, inner)`` view
-    (:func:`plan`); the autograd function keeps it for the backward."""
+    (:func:`plan`)."""
 
     C: int
     inner: int
@@ -533,15 +533,22 @@ def bn_act_quant_forward(
     beta: Tensor,
     theta: Tensor | None,
     offset: Tensor | None,
-    running_stats: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     lo_hi: Tensor | None,
-    p: Plan,
+    eps: float,
+    act: int,
+    bits: int,
+    signed: bool,
+    C: int,
+    inner: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, stats, qparams, aff)`` for dense ``y`` viewed as ``(outer, C, inner)``: ``stats`` (2, C) the
-    float32 mean and biased var BN used (``running_stats`` when given, else the batch's), ``qparams``
-    BatchQuant's (zeros when ``bits == 0``), ``aff`` (3, C) the per-channel affine the backward reuses.
-    :class:`Plan` ``p`` from :func:`plan`."""
-    C, inner, dev = p.C, p.inner, y.device
+    float32 mean and biased var BN used (the running ones when given, else the batch's), ``qparams``
+    BatchQuant's (zeros when ``bits == 0``), ``aff`` (3, C) the per-channel affine the backward reuses."""
+    p = plan(y, C, inner, eps, act, bits, signed)
+    dev = y.device
+    running_stats = None if running_mean is None else torch.stack([running_mean.float(), running_var.float()])
     out = torch.empty_like(y)
     qp = (torch.empty if p.quant else torch.zeros)(NUM_QPARAMS, dtype=torch.float32, device=dev)
     theta = theta if p.quant else qp
@@ -587,16 +594,22 @@ def bn_act_quant_backward(
     offset: Tensor | None,
     qparams: Tensor,
     batch_stats: bool,
-    p: Plan,
+    eps: float,
+    act: int,
+    bits: int,
+    signed: bool,
+    C: int,
+    inner: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_y, grad_gamma, grad_beta, grad_theta[1], grad_offset[1])``; ``grad_out`` has ``y``'s strides.
-    The scalar gradients are float32 (unwritten when ``bits == 0``)."""
-    C, inner, dev = p.C, p.inner, y.device
+    The scalar gradients are float32 (zero when ``bits == 0``)."""
+    p = plan(y, C, inner, eps, act, bits, signed)
+    dev = y.device
     grad_y = torch.empty_like(y)
     grad_gamma = torch.empty(C, dtype=gamma.dtype, device=dev)
     grad_beta = torch.empty(C, dtype=beta.dtype, device=dev)
-    grad_theta = torch.empty(1, dtype=torch.float32, device=dev)
-    grad_offset = torch.empty(1, dtype=torch.float32, device=dev)
+    grad_theta = (torch.empty if p.quant else torch.zeros)(1, dtype=torch.float32, device=dev)
+    grad_offset = (torch.empty if p.quant else torch.zeros)(1, dtype=torch.float32, device=dev)
     part = torch.empty((4, p.n_splits, C), dtype=torch.float32, device=dev)
     coef = torch.empty((2, C), dtype=torch.float32, device=dev)
     counter = torch.zeros(1, dtype=torch.int32, device=dev)

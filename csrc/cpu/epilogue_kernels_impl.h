@@ -41,6 +41,28 @@ inline A act_bwd(A z, A g) {
   }
 }
 
+// gz = act'(z) * gz over a segment, in place. float h_swish in GCC vector types: the generic loop's
+// division under a condition (it may trap) keeps GCC from vectorizing it, and it was the slowest loop
+// of the backward. The middle branch is computed everywhere and selected: the same bits, NaN included.
+template <int64_t kAct, typename T, typename A>
+inline void act_bwd_segment(const A* __restrict z, T* __restrict gz, int64_t n) {
+  int64_t j = 0;
+  if constexpr (kAct == kHSwish && std::is_same_v<T, float>) {
+    using vf8 = float __attribute__((vector_size(32)));
+    constexpr vf8 zero = {}, three = {3, 3, 3, 3, 3, 3, 3, 3}, half = {.5f, .5f, .5f, .5f, .5f, .5f, .5f, .5f};
+    for (; j + 8 <= n; j += 8) {
+      vf8 zv, gv;
+      std::memcpy(&zv, z + j, sizeof(zv));
+      std::memcpy(&gv, gz + j, sizeof(gv));
+      const vf8 mid = gv * (zv / three + half);
+      const vf8 r = zv <= three ? mid : gv;
+      const vf8 out = zv < -three ? zero : r;
+      std::memcpy(gz + j, &out, sizeof(out));
+    }
+  }
+  for (; j < n; ++j) gz[j] = static_cast<T>(round_to<T>(act_bwd<kAct>(z[j], static_cast<A>(gz[j]))));
+}
+
 // NaN-propagating min / max as two selects (if-converted and vectorized, unlike nan_min's `||`).
 template <typename A>
 inline A vmin(A acc, A v) {
@@ -287,15 +309,18 @@ void channel_stats(const Layout& L, const T* y, double* mean, double* var, A* mn
   }
 }
 
-// Per-channel min / max of the activated values (h_swish: not monotone, so one more read).
+// Per-channel min / max of the activated values (h_swish: not monotone, so one more read), which are
+// stored in `a_out` (the output's memory): the quantizing pass then reads them instead of recomputing
+// BN and the activation (a division per element for h_swish, the CPU's bottleneck here).
 template <int64_t kAct, typename T, typename A>
-void activated_minmax(const Layout& L, const T* y, const Affine<A>& af, A* amin, A* amax) {
+void activated_minmax(const Layout& L, const T* y, const Affine<A>& af, A* amin, A* amax, T* a_out) {
   for (int64_t c = 0; c < L.C; ++c) {
     amin[c] = std::numeric_limits<A>::infinity();
     amax[c] = -std::numeric_limits<A>::infinity();
   }
   const auto& kern = cpu::kernels<T>();
-  for_bn_act_segments<kAct>(L, y, af, [&](int64_t, int64_t n, int64_t c, bool per_elem, const A*, const T* a) {
+  for_bn_act_segments<kAct>(L, y, af, [&](int64_t off, int64_t n, int64_t c, bool per_elem, const A*, const T* a) {
+    std::copy_n(a, n, a_out + off);
     if (per_elem) {
       A* __restrict mnc = amin + c;
       A* __restrict mxc = amax + c;
@@ -330,6 +355,8 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
   }
   const Affine<A> af = affine_of<A>(st, st + C, args.gamma, args.beta, args.eps, C);
   A* qp = qparams.data_ptr<A>();
+  T* po = out.data_ptr<T>();
+  bool a_in_out = false;  // whether `out` holds the activation already (activated_minmax)
   std::fill_n(qp, kNumQParams, A(0));
   BQScalarsT<A> p{};
   const bool quantize = args.bits > 0;
@@ -341,7 +368,8 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
     } else {
       std::vector<A> amin(C), amax(C);
       if (kAct == kHSwish || !args.batch_stats) {
-        activated_minmax<kAct, T, A>(L, y, af, amin.data(), amax.data());
+        activated_minmax<kAct, T, A>(L, y, af, amin.data(), amax.data(), po);
+        a_in_out = true;
       } else {  // monotone: the extremes of act((y - mean) * k + beta) are those of y's extremes
         for (int64_t c = 0; c < C; ++c) {
           const A z0 = bn_elem<T>(ymin[c], af.mean[c], af.k[c], af.b[c]);
@@ -363,7 +391,12 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
     p = bq_scalars<A>(qp[kL], qp[kScale], qp[kZero], static_cast<A>(args.offset), grid.qmin, grid.qmax);
   }
   const auto& kern = cpu::kernels<T>();
-  T* po = out.data_ptr<T>();
+  if (a_in_out) {  // quantize the stored activation in place
+    at::parallel_for(0, L.x.numel(), cpu::kMinParallelElems, [&](int64_t i0, int64_t i1) {
+      kern.bq_forward(po + i0, po + i0, i1 - i0, p);
+    });
+    return;
+  }
   for_bn_act_segments<kAct>(L, y, af, [&](int64_t off, int64_t n, int64_t, bool, const A*, const T* a) {
     if (quantize) {
       kern.bq_forward(a, po + off, n, p);
@@ -405,8 +438,7 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
     } else {
       std::copy_n(g + off, n, gz);
     }
-    const A* __restrict zz = z;
-    for (int64_t j = 0; j < n; ++j) gz[j] = static_cast<T>(round_to<T>(act_bwd<kAct>(zz[j], static_cast<A>(gz[j]))));
+    act_bwd_segment<kAct, T, A>(z, gz, n);
     if (per_elem) {
       double* __restrict s1 = sums.s1.data() + c;
       double* __restrict s2 = sums.s2.data() + c;

@@ -75,27 +75,42 @@ inline A vmax(A acc, A v) {
   return v != v ? v : m;
 }
 
-// Sums of v[j] and v[j] * (w[j] - m) over a segment, in kLanes double accumulators (the fixed inner
-// loop vectorizes), added to *s1 and *s2.
+// Runs of this many vectors (of kLanes elements, or rows of channels) are summed in A, then folded into
+// double accumulators, as the Triton kernels fold their per-program partials: converting every element
+// to double made the statistics pass as slow as BN and the activation together. A run's sum loses at
+// most about kFloatRun roundings of its own magnitude.
+constexpr int64_t kFloatRun = 16;
+
+// *s1 += sum(v - mv), *s2 += sum((v - mv) * (w - mw)) over a segment, in kLanes accumulators (the fixed
+// inner loop vectorizes). The statistics: v = w = y, mv = mw = shift; BN's backward: v = gz, w = y,
+// mv = 0, mw = mean.
 template <typename T, typename A>
-inline void lane_sums(const T* __restrict v, const T* __restrict w, double m, int64_t n, double* s1, double* s2) {
-  std::array<double, kLanes> l1{}, l2{};
+inline void run_sums(const T* __restrict v, const T* __restrict w, A mv, A mw, int64_t n, double* s1, double* s2) {
+  std::array<double, kLanes> d1{}, d2{};
+  const int64_t full = n - n % kLanes;
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
+  while (j < full) {
+    std::array<A, kLanes> r1{}, r2{};
+    for (const int64_t end = std::min(full, j + kFloatRun * kLanes); j < end; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const A a = static_cast<A>(v[j + l]) - mv;
+        r1[l] += a;
+        r2[l] += a * (static_cast<A>(w[j + l]) - mw);
+      }
+    }
     for (int l = 0; l < kLanes; ++l) {
-      const double a = static_cast<double>(static_cast<A>(v[j + l]));
-      l1[l] += a;
-      l2[l] += a * (static_cast<double>(static_cast<A>(w[j + l])) - m);
+      d1[l] += static_cast<double>(r1[l]);
+      d2[l] += static_cast<double>(r2[l]);
     }
   }
   for (; j < n; ++j) {
-    const double a = static_cast<double>(static_cast<A>(v[j]));
-    l1[0] += a;
-    l2[0] += a * (static_cast<double>(static_cast<A>(w[j])) - m);
+    const A a = static_cast<A>(v[j]) - mv;
+    d1[0] += static_cast<double>(a);
+    d2[0] += static_cast<double>(a * (static_cast<A>(w[j]) - mw));
   }
   for (int l = 0; l < kLanes; ++l) {
-    *s1 += l1[l];
-    *s2 += l2[l];
+    *s1 += d1[l];
+    *s2 += d2[l];
   }
 }
 
@@ -203,46 +218,48 @@ void stats_tile(const T* __restrict y, int64_t rows, int64_t stride, const doubl
   }
 }
 
-// float32, 8 channels: the same operations in GCC vector types (the compiler's SLP pass does not
-// vectorize the generic form's float -> double mix).
-using vf4 = float __attribute__((vector_size(16)));
+// float32, 8 channels, in GCC vector types: shifted sums in float over runs of kFloatRun rows, each run
+// folded into double accumulators (see run_sums): 3 vector operations and a min / max per 8 elements.
+using vf8 = float __attribute__((vector_size(32)));
 using vd4 = double __attribute__((vector_size(32)));
+
+inline vd4 lo_half(vf8 v) { return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), vd4); }
+inline vd4 hi_half(vf8 v) { return __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), vd4); }
 
 template <>
 void stats_tile<float, float, 8>(const float* __restrict y, int64_t rows, int64_t stride, const double* shift,
                                  double* s, double* q, float* mn, float* mx) {
-  vd4 s0{}, s1{}, q0{}, q1{}, h0, h1;
-  vf4 mn0, mn1, mx0, mx1;
-  std::memcpy(&h0, shift, sizeof(h0));
-  std::memcpy(&h1, shift + 4, sizeof(h1));
-  std::memcpy(&mn0, mn, sizeof(mn0));
-  std::memcpy(&mn1, mn + 4, sizeof(mn1));
-  std::memcpy(&mx0, mx, sizeof(mx0));
-  std::memcpy(&mx1, mx + 4, sizeof(mx1));
-  for (int64_t r = 0; r < rows; ++r) {
-    vf4 v0, v1;
-    std::memcpy(&v0, y + r * stride, sizeof(v0));
-    std::memcpy(&v1, y + r * stride + 4, sizeof(v1));
-    const vd4 d0 = __builtin_convertvector(v0, vd4) - h0;
-    const vd4 d1 = __builtin_convertvector(v1, vd4) - h1;
-    s0 += d0;
-    s1 += d1;
-    q0 += d0 * d0;
-    q1 += d1 * d1;
-    mn0 = v0 < mn0 ? v0 : mn0;
-    mn1 = v1 < mn1 ? v1 : mn1;
-    mx0 = v0 > mx0 ? v0 : mx0;
-    mx1 = v1 > mx1 ? v1 : mx1;
+  vd4 s0{}, s1{}, q0{}, q1{};
+  vf8 h, vmn, vmx;
+  for (int l = 0; l < 8; ++l) h[l] = static_cast<float>(shift[l]);  // a float value: exact
+  std::memcpy(&vmn, mn, sizeof(vmn));
+  std::memcpy(&vmx, mx, sizeof(vmx));
+  for (int64_t r0 = 0; r0 < rows; r0 += kFloatRun) {
+    const int64_t r1 = std::min(rows, r0 + kFloatRun);
+    vf8 rs{}, rq{};
+    for (int64_t r = r0; r < r1; ++r) {
+      vf8 v;
+      std::memcpy(&v, y + r * stride, sizeof(v));
+      const vf8 d = v - h;
+      rs += d;
+      rq += d * d;
+      vmn = v < vmn ? v : vmn;
+      vmx = v > vmx ? v : vmx;
+    }
+    s0 += lo_half(rs);
+    s1 += hi_half(rs);
+    q0 += lo_half(rq);
+    q1 += hi_half(rq);
   }
   for (int l = 0; l < 4; ++l) {
     const double sums[2] = {s0[l], s1[l]};
-    for (int h = 0; h < 2; ++h) {
-      const int i = l + 4 * h;
-      s[i] += sums[h];
-      q[i] += h == 0 ? q0[l] : q1[l];
-      const bool nan = sums[h] != sums[h];
-      mn[i] = nan ? static_cast<float>(sums[h]) : (h == 0 ? mn0[l] : mn1[l]);
-      mx[i] = nan ? static_cast<float>(sums[h]) : (h == 0 ? mx0[l] : mx1[l]);
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int i = l + 4 * h2;
+      s[i] += sums[h2];
+      q[i] += h2 == 0 ? q0[l] : q1[l];
+      const bool nan = sums[h2] != sums[h2];
+      mn[i] = nan ? static_cast<float>(sums[h2]) : vmn[i];
+      mx[i] = nan ? static_cast<float>(sums[h2]) : vmx[i];
     }
   }
 }
@@ -279,25 +296,8 @@ void channel_stats(const Layout& L, const T* y, double* mean, double* var, A* mn
       kern.row_minmax(p, 1, n, n, &lo, &hi);
       mn[c] = nan_min(mn[c], lo);
       mx[c] = nan_max(mx[c], hi);
-      std::array<double, kLanes> ls{}, lq{};
-      const double sh = shift[c];
-      int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-          const double d = static_cast<double>(static_cast<A>(p[j + l])) - sh;
-          ls[l] += d;
-          lq[l] += d * d;
-        }
-      }
-      for (; j < n; ++j) {
-        const double d = static_cast<double>(static_cast<A>(p[j])) - sh;
-        ls[0] += d;
-        lq[0] += d * d;
-      }
-      for (int l = 0; l < kLanes; ++l) {
-        s[c] += ls[l];
-        q[c] += lq[l];
-      }
+      const A sh = static_cast<A>(shift[c]);  // the channel's first element: exact in A
+      run_sums<T, A>(p, p, sh, sh, n, &s[c], &q[c]);
       });
     });
   }
@@ -427,6 +427,7 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
   }
   BwdSums sums{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
   std::vector<double> dl(C, 0.0), dout(C, 0.0);  // the quantizer's sums, per channel (then in channel order)
+  std::vector<A> run1(C, A(0)), run2(C, A(0));  // channels innermost: the current run of rows' sums
   const auto& kern = cpu::kernels<T>();
   // Pass 1: gz = act'(z) * dBatchQuant/da * g into grad_y (exact in T), and the per-channel sums.
   for_bn_act_segments<kAct>(L, y, af, [&](int64_t off, int64_t n, int64_t c, bool per_elem, const A* z, const T* a) {
@@ -439,19 +440,29 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
       std::copy_n(g + off, n, gz);
     }
     act_bwd_segment<kAct, T, A>(z, gz, n);
-    if (per_elem) {
-      double* __restrict s1 = sums.s1.data() + c;
-      double* __restrict s2 = sums.s2.data() + c;
+    if (per_elem) {  // channels innermost: this row's terms into the channels' run sums (see run_sums)
+      A* __restrict r1 = run1.data() + c;
+      A* __restrict r2 = run2.data() + c;
       const A* __restrict m = af.mean.data() + c;
       const T* __restrict py = y + off;
       for (int64_t j = 0; j < n; ++j) {
-        const double v = static_cast<double>(static_cast<A>(gz[j]));
-        s1[j] += v;
-        s2[j] += v * (static_cast<double>(static_cast<A>(py[j])) - static_cast<double>(m[j]));
+        const A v = static_cast<A>(gz[j]);
+        r1[j] += v;
+        r2[j] += v * (static_cast<A>(py[j]) - m[j]);
+      }
+      const int64_t row = off / C;
+      if ((row + 1) % kFloatRun == 0 || row + 1 == L.outer) {  // the run ends: fold it
+        double* __restrict s1 = sums.s1.data() + c;
+        double* __restrict s2 = sums.s2.data() + c;
+        for (int64_t j = 0; j < n; ++j) {
+          s1[j] += static_cast<double>(r1[j]);
+          s2[j] += static_cast<double>(r2[j]);
+          r1[j] = r2[j] = A(0);
+        }
       }
       return;
     }
-    lane_sums<T, A>(gz, y + off, static_cast<double>(af.mean[c]), n, &sums.s1[c], &sums.s2[c]);
+    run_sums<T, A>(gz, y + off, A(0), af.mean[c], n, &sums.s1[c], &sums.s2[c]);
   });
   for (int64_t c = 0; c < C; ++c) {
     sums.dl += dl[c];

@@ -5,18 +5,25 @@ Measures, fused and unfused side by side in one process:
 - dispatched top-level ops (``torch.profiler`` events without a parent: operators called from Python
   and autograd's per-node evaluations) of one forward + backward of the max subnet, at W4A4 and in
   full precision (width 1.2, batch 8, 32 px, as counted in the issue), with the most frequent ones;
-- one supernet training step (``Trainer.train_step``: 6 subnets with in-place distillation) on the
-  CPU: wall time (interleaved steps, min and median), and the profiler's CPU time of the BN,
-  activation and BatchQuant ops (the top-level forward ops and backward nodes, each with what it
-  dispatches; min over interleaved profiled steps) against that of the fused op;
+- one supernet training step (``Trainer.train_step``: 6 subnets with in-place distillation): wall
+  time (interleaved steps, min and median), and the profiler's time of the BN, activation and
+  BatchQuant ops (the top-level forward ops and backward nodes, each with what it dispatches: CPU
+  time, and on a GPU the time of the kernels they launch; min over interleaved profiled steps)
+  against that of the fused op; on a GPU, the allocator's peak memory of each variant's steps;
 - bytes of the tensors autograd saves for backward in one max-subnet forward at the step's batch
   size (what the fused op keeps alive: ``y`` and per-channel statistics, not BN's and the
   activation's outputs).
 
+Both trainers use one quantizer backend (``--backend``): the supernet fuses only where the epilogue
+runs that backend's own kernels, so on a GPU the comparison is ``triton`` fused against ``triton``
+unfused (the ``cuda`` backend keeps the separate ops, docs/known-issues.md). The op counts are of
+the CPU model on the ``cpu`` backend whatever the device.
+
 Usage::
 
-    python bench/epilogue.py [--threads 1] [--batch-size 64] [--resolutions 24:32:4] [--steps 3]
-        [--channels-last] [--json PATH]
+    python bench/epilogue.py [--device cpu|cuda] [--backend cpu|triton|...] [--threads 1]
+        [--batch-size 64] [--resolutions 24:32:4] [--steps 3] [--channels-last] [--json PATH]
+    python bench/epilogue.py --device cuda --resolutions 224:224:1 --steps 2    # the GPU setting
 """
 
 from __future__ import annotations
@@ -95,25 +102,32 @@ def make_trainer(fused: bool, args: argparse.Namespace):
 
     settings = {
         "data": "synthetic", "batch_size": args.batch_size, "resolutions": args.resolutions, "width_mult": 1.2,
-        "subnets": 6, "bits": (2, 3, 4), "backend": "cpu", "channels_last": args.channels_last, "progress": False,
-        "resume": "none", "out": tempfile.mkdtemp(prefix="qfa-bench-"), "calib_batches": 1, "fused_epilogue": fused,
+        "subnets": 6, "bits": (2, 3, 4), "backend": args.backend, "channels_last": args.channels_last,
+        "progress": False, "resume": "none", "out": tempfile.mkdtemp(prefix="qfa-bench-"), "calib_batches": 1,
+        "fused_epilogue": fused,
     }  # fmt: skip
     opts = options.resolve(options.TrainOptions, settings)
-    return Trainer(opts, distributed.DistContext(device=torch.device("cpu")), log=lambda s: None)
+    return Trainer(opts, distributed.DistContext(device=torch.device(args.device)), log=lambda s: None)
 
 
-def epilogue_time_us(prof) -> dict[str, float]:
-    """CPU time (us) of the top-level epilogue ops (forward ops and autograd's backward nodes), each
-    including the ops it dispatches, per op name fragment."""
+def epilogue_time_us(prof, device: str) -> dict[str, float]:
+    """Time (us) of the top-level epilogue ops (forward ops and autograd's backward nodes), each
+    including the ops it dispatches, per op name fragment: CPU time, or on CUDA the time of the
+    kernels they launch."""
     out: dict[str, float] = collections.defaultdict(float)
     for e in prof.events():
         if e.cpu_parent is not None:
             continue
         for name in EPILOGUE_OPS:
             if name in e.name:
-                out[name] += e.cpu_time_total
+                out[name] += e.device_time_total if device == "cuda" else e.cpu_time_total
                 break
     return dict(out)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def train_step(args: argparse.Namespace) -> dict:
@@ -122,41 +136,54 @@ def train_step(args: argparse.Namespace) -> dict:
     res = max(int(r) for r in args.resolutions.split(":")[:2])
     images = torch.randn(args.batch_size, 3, res, res, generator=gen)
     labels = torch.randint(0, trainers["fused"].n_classes, (args.batch_size,), generator=gen)
+    images, labels = images.to(args.device), labels.to(args.device)
+    cuda = args.device == "cuda"
     times: dict[str, list[float]] = {name: [] for name in trainers}
+    peak: dict[str, int] = {name: 0 for name in trainers}
     plans = list(range(1000, 1000 + args.steps))
-    for tr in trainers.values():  # untimed pass: LSQ initialisation, allocations
+    for tr in trainers.values():  # untimed pass: LSQ initialisation, allocations, Triton compilation
         for s in plans:
             tr.step = s
             tr.train_step(images, labels)
     for s in plans:  # interleaved timed steps: the same subnets for both
         for name, tr in trainers.items():
             tr.step = s
+            _sync(args.device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             tr.train_step(images, labels)
+            _sync(args.device)
             times[name].append(time.perf_counter() - t0)
+            if cuda:
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
     epi_us: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for s in plans:  # profiled steps, interleaved; the least loaded round of each variant is kept
         for name, tr in trainers.items():
             tr.step = s
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=activities) as prof:
                 tr.train_step(images, labels)
-            epi_us[name].append(epilogue_time_us(prof))
+                _sync(args.device)
+            epi_us[name].append(epilogue_time_us(prof, args.device))
     self_us = {name: min(rounds, key=lambda r: sum(r.values())) for name, rounds in epi_us.items()}
     for tr in trainers.values():
         tr.guard.flush()
     result = {
         name: {"ms_min": 1e3 * min(t), "ms_median": 1e3 * statistics.median(t),
                "ms_per_step": [round(1e3 * v, 1) for v in t], "epilogue_ms": sum(self_us[name].values()) / 1e3,
-               "epilogue_ms_by_op": {k: v / 1e3 for k, v in self_us[name].items()}}
+               "epilogue_ms_by_op": {k: v / 1e3 for k, v in self_us[name].items()},
+               **({"peak_mem_mb": peak[name] / 2**20} if cuda else {})}
         for name, t in times.items()
     }  # fmt: skip
+    result["epilogue_time_kind"] = "cuda kernel time" if cuda else "cpu time"
     result["ratio_step_min"] = result["fused"]["ms_min"] / result["unfused"]["ms_min"]
     result["ratio_epilogue"] = result["fused"]["epilogue_ms"] / result["unfused"]["epilogue_ms"]
     model = trainers["fused"].model
     model.train()
     model.set_active_config(model.space.make_config(ks=7, e=6, d=4, w_bits=4, a_bits=4, resolution=res))
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = images.contiguous(memory_format=fmt)
+    x = images.contiguous(memory_format=fmt)  # on the step's device
     saved = {}
     for fused in (False, True):
         model.fused_epilogue = fused
@@ -167,6 +194,8 @@ def train_step(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--backend", default=None, help="quantizer backend of both trainers (default: cpu / triton)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--resolutions", default="24:32:4")
@@ -175,12 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-step", action="store_true", help="only count ops")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    args.backend = args.backend or ("triton" if args.device == "cuda" else "cpu")
     torch.set_num_threads(args.threads)
     record = {
         "benchmark": "epilogue",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": "cpu",
-        "device_name": platform.processor() or platform.machine(),
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "command": " ".join(["python", "bench/epilogue.py", *(argv if argv is not None else sys.argv[1:])]),
         "config": vars(args),
@@ -194,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         step = record["train_step"] = train_step(args)
         for name in ("unfused", "fused"):
             r = step[name]
-            print(f"train step {name}: min {r['ms_min']:.0f} ms, median {r['ms_median']:.0f} ms; "
+            mem = f", peak {r['peak_mem_mb']:.0f} MB" if "peak_mem_mb" in r else ""
+            print(f"train step {name}: min {r['ms_min']:.0f} ms, median {r['ms_median']:.0f} ms{mem}; "
                   f"BN+act+BatchQuant time {r['epilogue_ms']:.1f} ms")  # fmt: skip
         print(f"  ratios fused/unfused: step (min) {step['ratio_step_min']:.3f}, "
               f"epilogue time {step['ratio_epilogue']:.3f}")  # fmt: skip

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # GPU check of bquant on one CUDA machine: records the environment, builds the extension in place
 # with its CUDA kernels, runs the GPU tests (tests/kernels/, tests/qfa/; the argument-check test first,
-# alone, then a probe of C++ throws), the kernel benchmarks (bench/kernels.py, bench/lsq_multi.py and,
-# if present, bench/train_step.py) and a profile, measures the device-to-device copy bandwidth and
-# writes a JSON summary of every stage. Each stage has its own time limit and a failed stage does
-# not stop the next, so one run yields as much as it can. Whole run: under 8 minutes.
+# alone, then a probe of C++ throws), the kernel benchmarks (bench/kernels.py, bench/lsq_multi.py,
+# bench/train_step.py, bench/epilogue.py) and a profile, measures the device-to-device copy bandwidth
+# and writes a JSON summary of every stage. Each stage has its own time limit and a failed stage does
+# not stop the next, so one run yields as much as it can. Whole run: under 9.5 minutes.
 #
 # Usage: OUT=/some/dir bash bench/gpu_check.sh        (OUT defaults to ./gpu_out)
 #        STAGES="build kernels" bash bench/gpu_check.sh   (a subset, e.g. for a second, shorter run)
-# Files under $OUT (these 8 only, so that the results stay small): env.txt build.log pytest.log
-# bench.log kernels.json lsq_multi.json train_step.json gpu_check.json
+# Files under $OUT (these 8 only: the device tool brings back at most 8): env.txt build.log pytest.log
+# bench.log kernels.json lsq_multi.json train_step.json gpu_check.json (epilogue.json goes into it)
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -17,8 +17,8 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python}"
-BUDGET_S=${BUDGET_S:-440}  # hard end of the last stage; the summary gets (at most) 30 s more, under 8 minutes
-RUN="${STAGES:-build isolated throw_probe native_bt pytest kernels lsq_multi train_step profile}"
+BUDGET_S=${BUDGET_S:-535}  # hard end of the last stage; the summary gets (at most) 30 s more, under 9.5 minutes
+RUN="${STAGES:-build isolated throw_probe native_bt pytest kernels lsq_multi train_step epilogue profile}"
 STAGES=""           # "name:rc:seconds" entries for the summary
 
 # Run a stage under `timeout`: min(its own limit, what is left of the budget minus `reserve` seconds
@@ -65,41 +65,45 @@ EOF
 
 # ----------------------------------------------------------------------------- build
 export CUDA_HOME=/usr/local/cuda BQUANT_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
-stage build 120 355 "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps -v -e .
+stage build 120 450 "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps -v -e .
 timeout 60 $PY -c "import bquant_kernels as bk; print(bk.backends())" 2>&1 | tee -a "$OUT/build.log"
 
 # ----------------------------------------------------------------------------- tests
 # The input-checking test alone first, without xdist and with faulthandler: a crash there (seen once)
 # then leaves its stack in the log instead of a lost worker.
-stage isolated 25 340 "$OUT/pytest.log" $PY -X faulthandler -m pytest -q -s -p no:cacheprovider -p no:xdist \
+stage isolated 25 435 "$OUT/pytest.log" $PY -X faulthandler -m pytest -q -s -p no:cacheprovider -p no:xdist \
   tests/kernels/test_cuda.py -k "bad_input"
 # One C++ throw per path (torch itself, the CPU kernel and autograd ops, the nvcc-compiled kernel op,
 # each before and after CUDA is initialised, and a minimal extension built on the spot), each in
 # its own process, with the compilers and C++ runtime: which throws crash, and so where the fault lies
 # (it never happens on a CPU machine).
-stage throw_probe 50 310 "$OUT/pytest.log" $PY bench/throw_probe.py
+stage throw_probe 50 405 "$OUT/pytest.log" $PY bench/throw_probe.py
 # If it crashed: its native stack, from cuda-gdb (the image has no gdb; cuda-gdb debugs host code too).
 if [[ "$STAGES" == *" isolated:0:"* ]]; then
   RUN="${RUN/native_bt/}"
 fi
-stage native_bt 40 300 "$OUT/pytest.log" /usr/local/cuda/bin/cuda-gdb -batch -ex run -ex bt -ex quit --args \
+stage native_bt 40 395 "$OUT/pytest.log" /usr/local/cuda/bin/cuda-gdb -batch -ex run -ex bt -ex quit --args \
   $PY -m pytest -q -s -p no:cacheprovider -p no:xdist tests/kernels/test_cuda.py -k "bad_input"
 # The GPU-relevant tests (every backend x device pair, the CUDA and Triton suites, ops, modules, the
 # quantized layers); the CPU-only rest runs in CI. pytest-xdist spreads them over 6 processes.
 GPU_TESTS="tests/kernels/test_cuda.py tests/kernels/test_parity.py tests/kernels/test_triton.py tests/kernels/test_ops.py tests/kernels/test_modules.py
-  tests/qfa/test_qfa_layers.py tests/qfa/test_qfa_train_step.py"
-stage pytest 90 210 "$OUT/pytest.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -n 6 \
+  tests/qfa/test_qfa_layers.py tests/qfa/test_qfa_train_step.py
+  tests/kernels/test_epilogue.py::test_fused_on_cuda_matches_float64_composition"
+stage pytest 110 285 "$OUT/pytest.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -n 6 \
   --durations=10 $GPU_TESTS
 
 # ----------------------------------------------------------------------------- benchmarks
 # kernels.py writes its JSON after every case: a run cut by the time limit keeps what it measured.
 # The shapes of the acceptance criteria: the largest QFA activation and the two small ones.
-stage kernels 130 80 "$OUT/bench.log" $PY bench/kernels.py --shapes 64x144x56x56 64x24x14x14 64x1536 \
+stage kernels 130 155 "$OUT/bench.log" $PY bench/kernels.py --shapes 64x144x56x56 64x24x14x14 64x1536 \
   --json "$OUT/kernels.json"
-stage lsq_multi 20 60 "$OUT/bench.log" $PY bench/lsq_multi.py --json "$OUT/lsq_multi.json"
+stage lsq_multi 20 135 "$OUT/bench.log" $PY bench/lsq_multi.py --json "$OUT/lsq_multi.json"
 # One training step at 224 px, batch 64 (the acceptance setting): FP floor, published eager, fused CUDA.
-stage train_step 30 30 "$OUT/bench.log" $PY bench/train_step.py --resolutions 224:224:1 --steps 2 \
+stage train_step 30 105 "$OUT/bench.log" $PY bench/train_step.py --resolutions 224:224:1 --steps 2 \
   --variants fp eager cuda --json "$OUT/train_step.json"
+# The fused epilogue (issue 18) at 224 px: Triton fused vs Triton unfused, step time, kernel time, peak memory.
+stage epilogue 75 30 "$OUT/bench.log" $PY bench/epilogue.py --device cuda --resolutions 224:224:1 --steps 2 \
+  --json "$OUT/epilogue.json"
 stage profile 30 0 "$OUT/bench.log" $PY bench/profile_ops.py --impls cuda triton compiled --reps 10
 
 # ----------------------------------------------------------------------------- summary
@@ -116,6 +120,11 @@ summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "st
 
 def write() -> None:
     summary["benchmarks"] = sorted(f for f in ("kernels.json", "lsq_multi.json", "train_step.json") if os.path.exists(os.path.join(out, f)))
+    epilogue = os.path.join(out, "epilogue.json")  # a ninth file would not come back: folded in here
+    if os.path.exists(epilogue):
+        with open(epilogue) as f:
+            summary["epilogue"] = json.load(f)
+        os.remove(epilogue)
     summary["files"] = sorted(set(os.listdir(out)) | {"gpu_check.json"})
     with open(os.path.join(out, "gpu_check.json"), "w") as f:
         json.dump(summary, f, indent=2)

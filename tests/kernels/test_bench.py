@@ -337,6 +337,7 @@ def test_gpu_check_script_runs_its_frame_without_a_gpu(tmp_path):
         "kernels",
         "lsq_multi",
         "train_step",
+        "epilogue",
         "profile",
     }
     assert set(summary["stages"]) == expected

@@ -71,7 +71,7 @@ def _run(y, gamma, beta, theta, offset, *, act, bits, mode, rm, rv, lo_hi, backe
         kwargs.update(theta=leaves[3], offset=leaves[4], bits=bits, lo_hi=lo_hi if mode == "eval" else None)
     out, mean, var, used = bn_act_quant(leaves[0], leaves[1], leaves[2], **kwargs)
     gen = torch.Generator().manual_seed(7)
-    g = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)
     g = h.to_layout(g, "channels_last" if not y.is_contiguous() else "contiguous")
     grads = torch.autograd.grad(out, leaves, g)
     return out, grads, mean, var, used, g
@@ -131,16 +131,38 @@ def test_reference_backend_is_the_composition(shape, act, bits, mode, dtype):
         torch.testing.assert_close(got[4], want[4].to(got[4].dtype), rtol=0, atol=0)
 
 
+MODES = ("train", "eval", "running")
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("bits", [None, 4])
-@pytest.mark.parametrize("mode", ["train", "eval", "running"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     "backend, dtype", [("cpu", torch.float32), ("cpu", torch.float64), ("triton", torch.float32)]
 )  # the triton backend has no float64 (bquant_kernels.backends.triton.DTYPES)
 def test_fused_matches_float64_composition(shape, layout, act, bits, mode, backend, dtype):
     _require_fused(backend, dtype)
+    _check_fused(shape, layout, act, bits, mode, backend, dtype, "cpu")
+
+
+@pytest.mark.parametrize("shape", SHAPES[::2])  # odd sizes, 2-D, a tile-sized one: within gpu_check's time
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_on_cuda_matches_float64_composition(shape, layout, act, bits, mode, backend):
+    """The Triton kernels compiled for and run on a GPU (the cuda backend's epilogue is Triton's):
+    bench/gpu_check.sh runs this before it times them (bench/epilogue.py)."""
+    h.require(backend, "cuda", torch.float32)
+    assert fused_backend(backend, torch.zeros(1, 1, device="cuda")) == "triton"
+    _check_fused(shape, layout, act, bits, mode, backend, torch.float32, "cuda")
+
+
+def _check_fused(shape, layout, act, bits, mode, backend, dtype, device):
+    """``backend``'s fused op on ``device`` against the reference's float64 composition on the CPU."""
     if layout == "channels_last" and len(shape) == 2:
         pytest.skip("2-D tensors have one memory format")
     y64 = h.make_activation(shape, kind="shifted", seed=sum(shape))
@@ -148,11 +170,13 @@ def test_fused_matches_float64_composition(shape, layout, act, bits, mode, backe
     args = {"act": act, "bits": bits, "mode": mode}
     ref = _run(h.to_layout(y64, layout), gamma, beta, theta, offset, rm=rm, rv=rv, lo_hi=lo_hi, backend="reference",
                **args)  # fmt: skip
-    y = h.to_layout(y64.to(dtype), layout)
-    c = [t.to(dtype) for t in (gamma, beta, theta, offset, rm, rv, lo_hi)]
-    h.poison_heap(y.numel() * y.element_size(), "cpu")
+    y = h.to_layout(y64.to(device, dtype), layout)
+    c = [t.to(device, dtype) for t in (gamma, beta, theta, offset, rm, rv, lo_hi)]
+    h.poison_heap(y.numel() * y.element_size(), device)
     out, grads, mean, var, used, _ = _run(y, *c[:4], rm=c[4], rv=c[5], lo_hi=c[6], backend=backend, **args)
-    assert out.dtype == dtype and out.shape == y.shape and out.stride() == y.stride()
+    assert out.dtype == dtype and out.shape == y.shape and out.stride() == y.stride() and out.device == y.device
+    out, grads, mean, var = out.cpu(), [t.cpu() for t in grads], mean.cpu(), var.cpu()
+    used = None if used is None else used.cpu()
     ref_out = ref[0].detach().double().numpy()
     if bits is None:
         tol = 1e-12 if dtype == torch.float64 else 2e-6
@@ -161,10 +185,10 @@ def test_fused_matches_float64_composition(shape, layout, act, bits, mode, backe
         h.assert_quant_close(out, ref_out, _step(ref[4], theta, bits), dtype)
         torch.testing.assert_close(used.double(), ref[4].double(), rtol=1e-6, atol=1e-7)
     # The mean within a fraction of the channel's spread: what BN's output sees (|mean| >> std costs
-    # nothing). The triton backend sums in float32 (shifted by the channel's first element; per-program
-    # partials folded in float64), the cpu backend in float64.
+    # nothing). The Triton kernels (triton and cuda backends) sum in float32 (shifted by the channel's
+    # first element; per-program partials folded in float64), the cpu backend in float64.
     ref_mean, ref_var = ref[2].double(), ref[3].double()
-    mean_tol = (2e-6 if backend == "triton" else 1e-6) * (ref_mean.abs() + ref_var.sqrt()) + 1e-7
+    mean_tol = (1e-6 if backend == "cpu" else 2e-6) * (ref_mean.abs() + ref_var.sqrt()) + 1e-7
     assert ((mean.double() - ref_mean).abs() <= mean_tol).all(), f"mean: {mean} want {ref_mean}"
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-7)
     # Gradients. float64: no bin flips, every gradient tight. float32: a flip moves a whole channel's

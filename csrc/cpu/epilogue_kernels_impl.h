@@ -182,6 +182,34 @@ void for_bn_act_segments(const Layout& L, const T* y, const Affine<A>& af, const
   });
 }
 
+// Channels innermost with few channels: r consecutive rows as one row of r * C channels (wide channel
+// j is channel j % C), so the element passes run on segments of up to kSeg elements instead of one
+// short segment per row (at C = 40 the per-segment calls cost more than the arithmetic). r divides the
+// row count; per-channel arrays are tiled r times and per-channel results folded in replica order, so
+// the order of every sum is fixed by the shape (not by the thread count).
+inline int64_t wide_rows(const Layout& L) {
+  if (L.inner != 1) return 1;
+  for (int64_t r = kSeg / L.C; r > 1; --r) {
+    if (L.outer % r == 0) return r;
+  }
+  return 1;
+}
+
+inline Layout widen(const Layout& L, int64_t r) { return r > 1 ? Layout{L.x, L.outer / r, L.C * r, 1} : L; }
+
+template <typename V>
+std::vector<V> tiled(const std::vector<V>& v, int64_t r) {
+  std::vector<V> out;
+  out.reserve(v.size() * r);
+  for (int64_t i = 0; i < r; ++i) out.insert(out.end(), v.begin(), v.end());
+  return out;
+}
+
+template <typename A>
+Affine<A> tiled(const Affine<A>& af, int64_t r) {
+  return {tiled(af.k, r), tiled(af.b, r), tiled(af.mean, r), tiled(af.invstd, r)};
+}
+
 // ----------------------------------------------------------------------------- forward
 
 constexpr int64_t kTile = 8;  // channels per register tile (channels-innermost statistics)
@@ -354,6 +382,9 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
     }
   }
   const Affine<A> af = affine_of<A>(st, st + C, args.gamma, args.beta, args.eps, C);
+  const int64_t r = wide_rows(L);
+  const Layout Lw = widen(L, r);
+  const Affine<A> afw = r > 1 ? tiled(af, r) : af;
   A* qp = qparams.data_ptr<A>();
   T* po = out.data_ptr<T>();
   bool a_in_out = false;  // whether `out` holds the activation already (activated_minmax)
@@ -368,8 +399,17 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
     } else {
       std::vector<A> amin(C), amax(C);
       if (kAct == kHSwish || !args.batch_stats) {
-        activated_minmax<kAct, T, A>(L, y, af, amin.data(), amax.data(), po);
+        std::vector<A> wmin(Lw.C), wmax(Lw.C);
+        activated_minmax<kAct, T, A>(Lw, y, afw, wmin.data(), wmax.data(), po);
         a_in_out = true;
+        for (int64_t c = 0; c < C; ++c) {  // fold the replicas
+          amin[c] = wmin[c];
+          amax[c] = wmax[c];
+          for (int64_t j = c + C; j < Lw.C; j += C) {
+            amin[c] = vmin(amin[c], wmin[j]);
+            amax[c] = vmax(amax[c], wmax[j]);
+          }
+        }
       } else {  // monotone: the extremes of act((y - mean) * k + beta) are those of y's extremes
         for (int64_t c = 0; c < C; ++c) {
           const A z0 = bn_elem<T>(ymin[c], af.mean[c], af.k[c], af.b[c]);
@@ -397,7 +437,7 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
     });
     return;
   }
-  for_bn_act_segments<kAct>(L, y, af, [&](int64_t off, int64_t n, int64_t, bool, const A*, const T* a) {
+  for_bn_act_segments<kAct>(Lw, y, afw, [&](int64_t off, int64_t n, int64_t, bool, const A*, const T* a) {
     if (quantize) {
       kern.bq_forward(a, po + off, n, p);
     } else {
@@ -425,12 +465,16 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
     const Grid grid = batchquant_grid(static_cast<int>(args.bits), args.is_signed);
     p = bq_scalars<A>(qp[kL], qp[kScale], qp[kZero], static_cast<A>(args.offset), grid.qmin, grid.qmax);
   }
-  BwdSums sums{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
-  std::vector<double> dl(C, 0.0), dout(C, 0.0);  // the quantizer's sums, per channel (then in channel order)
-  std::vector<A> run1(C, A(0)), run2(C, A(0));  // channels innermost: the current run of rows' sums
+  const int64_t r = wide_rows(L);
+  const Layout Lw = widen(L, r);
+  const Affine<A> afw = r > 1 ? tiled(af, r) : af;
+  const int64_t W = Lw.C;
+  BwdSums wide{std::vector<double>(W, 0.0), std::vector<double>(W, 0.0)};  // per wide channel
+  std::vector<double> dl(W, 0.0), dout(W, 0.0);  // the quantizer's sums, per channel (then in channel order)
+  std::vector<A> run1(W, A(0)), run2(W, A(0));  // channels innermost: the current run of rows' sums
   const auto& kern = cpu::kernels<T>();
   // Pass 1: gz = act'(z) * dBatchQuant/da * g into grad_y (exact in T), and the per-channel sums.
-  for_bn_act_segments<kAct>(L, y, af, [&](int64_t off, int64_t n, int64_t c, bool per_elem, const A* z, const T* a) {
+  for_bn_act_segments<kAct>(Lw, y, afw, [&](int64_t off, int64_t n, int64_t c, bool per_elem, const A* z, const T* a) {
     T* __restrict gz = grad_y + off;
     if (quantize) {
       const cpu::BQChunkSums q = kern.bq_backward(g + off, a, gz, n, p);
@@ -443,17 +487,17 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
     if (per_elem) {  // channels innermost: this row's terms into the channels' run sums (see run_sums)
       A* __restrict r1 = run1.data() + c;
       A* __restrict r2 = run2.data() + c;
-      const A* __restrict m = af.mean.data() + c;
+      const A* __restrict m = afw.mean.data() + c;
       const T* __restrict py = y + off;
       for (int64_t j = 0; j < n; ++j) {
         const A v = static_cast<A>(gz[j]);
         r1[j] += v;
         r2[j] += v * (static_cast<A>(py[j]) - m[j]);
       }
-      const int64_t row = off / C;
-      if ((row + 1) % kFloatRun == 0 || row + 1 == L.outer) {  // the run ends: fold it
-        double* __restrict s1 = sums.s1.data() + c;
-        double* __restrict s2 = sums.s2.data() + c;
+      const int64_t row = off / W;
+      if ((row + 1) % kFloatRun == 0 || row + 1 == Lw.outer) {  // the run ends: fold it
+        double* __restrict s1 = wide.s1.data() + c;
+        double* __restrict s2 = wide.s2.data() + c;
         for (int64_t j = 0; j < n; ++j) {
           s1[j] += static_cast<double>(r1[j]);
           s2[j] += static_cast<double>(r2[j]);
@@ -462,9 +506,12 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
       }
       return;
     }
-    run_sums<T, A>(gz, y + off, A(0), af.mean[c], n, &sums.s1[c], &sums.s2[c]);
+    run_sums<T, A>(gz, y + off, A(0), afw.mean[c], n, &wide.s1[c], &wide.s2[c]);
   });
-  for (int64_t c = 0; c < C; ++c) {
+  BwdSums sums{std::vector<double>(C, 0.0), std::vector<double>(C, 0.0)};
+  for (int64_t c = 0; c < W; ++c) {  // fold the replicas, in order
+    sums.s1[c % C] += wide.s1[c];
+    sums.s2[c % C] += wide.s2[c];
     sums.dl += dl[c];
     sums.dout += dout[c];
   }
@@ -479,18 +526,22 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
       c2[c] = static_cast<A>(k * af.invstd[c] * af.invstd[c] * sums.s2[c] / count);
     }
   }
-  parallel_channels(L, [&](int64_t c0, int64_t c1_) {
-    for_segments(L, c0, c1_, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
+  if (r > 1) {
+    c1 = tiled(c1, r);
+    c2 = tiled(c2, r);
+  }
+  parallel_channels(Lw, [&](int64_t c0, int64_t c1_) {
+    for_segments(Lw, c0, c1_, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
       T* __restrict gz = grad_y + off;
       const T* __restrict py = y + off;
       if (per_elem) {
         for (int64_t j = 0; j < n; ++j) {
-          const A d = static_cast<A>(py[j]) - af.mean[c + j];
-          gz[j] = static_cast<T>(af.k[c + j] * static_cast<A>(gz[j]) - c1[c + j] - d * c2[c + j]);
+          const A d = static_cast<A>(py[j]) - afw.mean[c + j];
+          gz[j] = static_cast<T>(afw.k[c + j] * static_cast<A>(gz[j]) - c1[c + j] - d * c2[c + j]);
         }
         return;
       }
-      const A k = af.k[c], a1 = c1[c], a2 = c2[c], m = af.mean[c];
+      const A k = afw.k[c], a1 = c1[c], a2 = c2[c], m = afw.mean[c];
       for (int64_t j = 0; j < n; ++j) {
         gz[j] = static_cast<T>(k * static_cast<A>(gz[j]) - a1 - (static_cast<A>(py[j]) - m) * a2);
       }

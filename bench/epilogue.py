@@ -12,7 +12,12 @@ Measures, fused and unfused side by side in one process:
   against that of the fused op; on a GPU, the allocator's peak memory of each variant's steps;
 - bytes of the tensors autograd saves for backward in one max-subnet forward at the step's batch
   size (what the fused op keeps alive: ``y`` and per-channel statistics, not BN's and the
-  activation's outputs).
+  activation's outputs);
+- per call, at one shape per stage of the supernet (expanded channels at input / 2 ... input / 32,
+  the step's batch size): forward + backward of the fused op against the separate ops (samples
+  interleaved on the CPU), and the fused op's time against the memory roofline: its floor traffic
+  (forward 2 reads + 1 write, backward 4 reads + 1 write of the activation) at the bandwidth of a
+  copy of the same tensor.
 
 Both trainers use one quantizer backend (``--backend``): the supernet fuses only where the epilogue
 runs that backend's own kernels, so on a GPU the comparison is ``triton`` fused against ``triton``
@@ -22,7 +27,8 @@ the CPU model on the ``cpu`` backend whatever the device.
 Usage::
 
     python bench/epilogue.py [--device cpu|cuda] [--backend cpu|triton|...] [--threads 1]
-        [--batch-size 64] [--resolutions 24:32:4] [--steps 3] [--channels-last] [--json PATH]
+        [--batch-size 64] [--resolutions 24:32:4] [--steps 3] [--channels-last] [--skip-step]
+        [--skip-calls] [--json PATH]
     python bench/epilogue.py --device cuda --resolutions 224:224:1 --steps 2    # the GPU setting
 """
 
@@ -43,8 +49,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from bench.timing import time_cpu_interleaved, time_fn  # noqa: E402
+from bquant_kernels import batchquant  # noqa: E402
+from bquant_kernels.epilogue import bn_act_quant  # noqa: E402
 from qfa import QFAMobileNetV3  # noqa: E402
 from qfa.io import atomic_write_text  # noqa: E402
 
@@ -192,6 +202,63 @@ def train_step(args: argparse.Namespace) -> dict:
     return result
 
 
+# (expanded channels, input resolution / spatial size, activation) of one layer per stage of the
+# max subnet (width 1.2): the expand convs' outputs that the fused op finishes.
+CALL_SHAPES = ((96, 2, "relu"), (144, 4, "relu"), (288, 8, "h_swish"), (672, 16, "h_swish"), (1152, 32, "h_swish"))
+FLOOR_PASSES = 8  # forward 2 reads + 1 write, backward 4 reads + 1 write of the activation
+
+
+def call_fns(y: torch.Tensor, act: str, backend: str) -> dict:
+    """Forward + backward of the fused op and of the separate ops on ``y`` (random BN and quantizer
+    parameters), and a copy of ``y`` (the bandwidth reference), as callables."""
+    C, dev = y.shape[1], y.device
+    gen = torch.Generator().manual_seed(C)
+    gamma = (torch.rand(C, generator=gen) + 0.5).to(dev).requires_grad_()
+    beta = torch.randn(C, generator=gen).to(dev).requires_grad_()
+    theta, offset = (torch.zeros(1, device=dev, requires_grad=True) for _ in range(2))
+    grad = torch.randn_like(y)
+    leaves = (y, gamma, beta, theta, offset)
+    act_fn = F.relu if act == "relu" else F.hardswish
+
+    def fused():
+        out = bn_act_quant(y, gamma, beta, act=act, theta=theta, offset=offset, bits=4, backend=backend)
+        return torch.autograd.grad(out, leaves, grad)
+
+    def separate():
+        z = act_fn(F.batch_norm(y, None, None, gamma, beta, True, 0.0, 1e-5))
+        return torch.autograd.grad(batchquant(z, theta, offset, 4, backend=backend), leaves, grad)
+
+    def copy():
+        return y.detach().clone(memory_format=torch.preserve_format)
+
+    return {"fused": fused, "separate": separate, "copy": copy}
+
+
+def per_call(args: argparse.Namespace) -> list[dict]:
+    """Fused op vs separate ops, forward + backward, per shape (see CALL_SHAPES)."""
+    dev, res = args.device, max(int(r) for r in args.resolutions.split(":")[:2])
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    rows = []
+    for C, div, act in CALL_SHAPES:
+        H = max(1, res // div)
+        y = torch.randn(args.batch_size, C, H, H, generator=torch.Generator().manual_seed(H))
+        y = y.to(dev).contiguous(memory_format=fmt).requires_grad_()
+        fns = call_fns(y, act, args.backend)
+        if dev == "cuda":
+            t = {name: time_fn(fn, device=dev) for name, fn in fns.items()}
+        else:
+            t = time_cpu_interleaved(fns, min_total_s=0.3)
+        nbytes = y.numel() * y.element_size()
+        copy_gbps = 2 * nbytes / t["copy"] / 1e9
+        rows.append({
+            "shape": [args.batch_size, C, H, H], "act": act, "fused_us": 1e6 * t["fused"],
+            "separate_us": 1e6 * t["separate"], "ratio": t["fused"] / t["separate"], "copy_gbps": copy_gbps,
+            "fused_gbps_at_floor": FLOOR_PASSES * nbytes / t["fused"] / 1e9,
+            "fused_vs_roofline": t["fused"] / (FLOOR_PASSES * nbytes / (copy_gbps * 1e9)),
+        })  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
@@ -201,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolutions", default="24:32:4")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--skip-step", action="store_true", help="only count ops")
+    p.add_argument("--skip-step", action="store_true", help="no training step")
+    p.add_argument("--skip-calls", action="store_true", help="no per-call timing")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -224,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     for key, val in ops.items():
         print(f"top-level ops, max subnet fwd+bwd, {key}: {val['total']}")
     print("  most frequent (W4A4 fused):", ops["W4A4_fused"]["most_common"])
+    if not args.skip_calls:
+        calls = record["per_call"] = per_call(args)
+        for r in calls:
+            print(f"per call {'x'.join(map(str, r['shape']))} {r['act']}: fused {r['fused_us']:.0f} us, "
+                  f"separate {r['separate_us']:.0f} us ({r['ratio']:.2f}x); fused at its floor traffic "
+                  f"{r['fused_gbps_at_floor']:.1f} GB/s = {1 / r['fused_vs_roofline']:.0%} of a copy's "
+                  f"{r['copy_gbps']:.1f} GB/s")  # fmt: skip
     if not args.skip_step:
         step = record["train_step"] = train_step(args)
         for name in ("unfused", "fused"):

@@ -78,7 +78,8 @@ inline A vmax(A acc, A v) {
 // Runs of this many vectors (of kLanes elements, or rows of channels) are summed in A, then folded into
 // double accumulators, as the Triton kernels fold their per-program partials: converting every element
 // to double made the statistics pass as slow as BN and the activation together. A run's sum loses at
-// most about kFloatRun roundings of its own magnitude.
+// most about kFloatRun roundings of its own magnitude; squares of deviations beyond ~1e19 overflow to
+// inf in float32 where float64 would not (BN then maps the channel to beta).
 constexpr int64_t kFloatRun = 16;
 
 // *s1 += sum(v - mv), *s2 += sum((v - mv) * (w - mw)) over a segment, in kLanes accumulators (the fixed

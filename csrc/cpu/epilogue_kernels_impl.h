@@ -79,7 +79,7 @@ inline A vmax(A acc, A v) {
 // double accumulators, as the Triton kernels fold their per-program partials: converting every element
 // to double made the statistics pass as slow as BN and the activation together. A run's sum loses at
 // most about kFloatRun roundings of its own magnitude; squares of deviations beyond ~1e19 overflow to
-// inf in float32 where float64 would not (BN then maps the channel to beta).
+// inf in float32 where float64 would not (the variance is then inf and BN maps the channel to beta).
 constexpr int64_t kFloatRun = 16;
 
 // *s1 += sum(v - mv), *s2 += sum((v - mv) * (w - mw)) over a segment, in kLanes accumulators (the fixed

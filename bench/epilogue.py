@@ -9,7 +9,8 @@ Measures, fused and unfused side by side in one process:
   time (interleaved steps, min and median), and the profiler's time of the BN, activation and
   BatchQuant ops (the top-level forward ops and backward nodes, each with what it dispatches: CPU
   time, and on a GPU the time of the kernels they launch; min over interleaved profiled steps)
-  against that of the fused op; on a GPU, the allocator's peak memory of each variant's steps;
+  against that of the fused op; on a GPU, the allocator's peak during each variant's steps above
+  what was allocated when the step began (both trainers stay resident);
 - bytes of the tensors autograd saves for backward in one max-subnet forward at the step's batch
   size (what the fused op keeps alive: ``y`` and per-channel statistics, not BN's and the
   activation's outputs);
@@ -159,14 +160,15 @@ def train_step(args: argparse.Namespace) -> dict:
         for name, tr in trainers.items():
             tr.step = s
             _sync(args.device)
-            if cuda:
+            if cuda:  # both trainers stay resident: count the step's peak above what it starts with
                 torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
             tr.train_step(images, labels)
             _sync(args.device)
             times[name].append(time.perf_counter() - t0)
             if cuda:
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated() - base)
     epi_us: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for s in plans:  # profiled steps, interleaved; the least loaded round of each variant is kept
@@ -183,7 +185,7 @@ def train_step(args: argparse.Namespace) -> dict:
         name: {"ms_min": 1e3 * min(t), "ms_median": 1e3 * statistics.median(t),
                "ms_per_step": [round(1e3 * v, 1) for v in t], "epilogue_ms": sum(self_us[name].values()) / 1e3,
                "epilogue_ms_by_op": {k: v / 1e3 for k, v in self_us[name].items()},
-               **({"peak_mem_mb": peak[name] / 2**20} if cuda else {})}
+               **({"step_peak_mem_mb": peak[name] / 2**20} if cuda else {})}
         for name, t in times.items()
     }  # fmt: skip
     result["epilogue_time_kind"] = "cuda kernel time" if cuda else "cpu time"
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         step = record["train_step"] = train_step(args)
         for name in ("unfused", "fused"):
             r = step[name]
-            mem = f", peak {r['peak_mem_mb']:.0f} MB" if "peak_mem_mb" in r else ""
+            mem = f", step peak {r['step_peak_mem_mb']:.0f} MB" if "step_peak_mem_mb" in r else ""
             print(f"train step {name}: min {r['ms_min']:.0f} ms, median {r['ms_median']:.0f} ms{mem}; "
                   f"BN+act+BatchQuant time {r['epilogue_ms']:.1f} ms")  # fmt: skip
         print(f"  ratios fused/unfused: step (min) {step['ratio_step_min']:.3f}, "

@@ -40,6 +40,10 @@ from .weights import load_initial_weights, load_teacher, save_trained_supernet
 TABLE_COLUMNS = ("subnet", "bits", "res", "top1", "top5", "loss")
 VAL_BATCH = 128  # evaluation needs no gradients: larger batches, fewer calls
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Fewer values per channel than this in the last stage's BN batch statistics get a warning: with a
+# handful the variance is often 0 (gain gamma / sqrt(eps), ~316, per BN backward) and the gradient
+# overflows after a dozen layers (docs/known-issues.md: batch 2 at 16 px).
+MIN_BN_VALUES = 8
 
 
 @contextlib.contextmanager
@@ -155,6 +159,13 @@ class Trainer:
         memory_format = torch.channels_last if opts.channels_last else torch.preserve_format
         self.model.to(device=self.device, memory_format=memory_format)
         self.model.train()
+        last_map = math.ceil(min(opts.resolution_list) / 32)  # the last stage's maps: stride 32
+        if opts.batch_size * last_map**2 < MIN_BN_VALUES:
+            self.info(
+                f"warning: BN's batch statistics of the last stage come from {opts.batch_size * last_map**2} values "
+                f"per channel (--batch-size {opts.batch_size} at {min(opts.resolution_list)} px); gradients may "
+                "overflow, use a larger batch or resolution"
+            )
         self.teacher = self._build_teacher()
         self.criterion: nn.Module = DistillationLoss(opts.label_smoothing, opts.kd_ratio, opts.kd_temperature)
 

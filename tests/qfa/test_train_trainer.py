@@ -35,6 +35,17 @@ def make_trainer(out, log=None, **changes) -> Trainer:
     return Trainer(tiny_options(out, **changes), distributed.DistContext(), log=log or (lambda s: None))
 
 
+def test_warns_when_bn_statistics_come_from_a_handful_of_values(tmp_path):
+    """Batch 2 at 16 px: the last stage's BN sees 2 values per channel (its gradients overflowed in a
+    real run); the tiny default (batch 8) does not warn."""
+    lines: list[str] = []
+    make_trainer(tmp_path / "a", log=lines.append, batch_size=2, resolutions="16")
+    assert any("BN's batch statistics of the last stage come from 2 values per channel" in ln for ln in lines)
+    lines.clear()
+    make_trainer(tmp_path / "b", log=lines.append)
+    assert not any("BN's batch statistics" in ln for ln in lines)
+
+
 class _Interrupt(BaseException):
     pass
 

@@ -57,6 +57,7 @@ from bench.timing import time_cpu_interleaved, time_fn  # noqa: E402
 from bquant_kernels import batchquant  # noqa: E402
 from bquant_kernels.epilogue import bn_act_quant  # noqa: E402
 from qfa import QFAMobileNetV3  # noqa: E402
+from qfa.data import parse_resolutions  # noqa: E402
 from qfa.io import atomic_write_text  # noqa: E402
 
 # Profiler names of the ops the fused epilogue replaces (forward and backward), and of the fused op.
@@ -144,7 +145,7 @@ def _sync(device: str) -> None:
 def train_step(args: argparse.Namespace) -> dict:
     trainers = {name: make_trainer(name == "fused", args) for name in ("unfused", "fused")}
     gen = torch.Generator().manual_seed(0)
-    res = max(int(r) for r in args.resolutions.split(":")[:2])
+    res = max(parse_resolutions(args.resolutions))
     images = torch.randn(args.batch_size, 3, res, res, generator=gen)
     labels = torch.randint(0, trainers["fused"].n_classes, (args.batch_size,), generator=gen)
     images, labels = images.to(args.device), labels.to(args.device)
@@ -238,7 +239,7 @@ def call_fns(y: torch.Tensor, act: str, backend: str) -> dict:
 
 def per_call(args: argparse.Namespace) -> list[dict]:
     """Fused op vs separate ops, forward + backward, per shape (see CALL_SHAPES)."""
-    dev, res = args.device, max(int(r) for r in args.resolutions.split(":")[:2])
+    dev, res = args.device, max(parse_resolutions(args.resolutions))
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     rows = []
     for C, div, act in CALL_SHAPES:

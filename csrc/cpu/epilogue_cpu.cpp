@@ -8,17 +8,18 @@
 // `bits = 0` stops the chain before the quantizer (BN + activation only). `stats` is (2, C): the
 // per-channel mean and biased variance BN used; `qparams` is BatchQuant's (zeros without quantizer).
 // The numbers are those of the unfused composition F.batch_norm -> activation -> batchquant
-// (bn_act_quant_forward / _backward in bquant_kernels/backends/reference.py): intermediates are rounded to the input's dtype
-// where the composition stores them, the activation formulas are PyTorch's, and the quantization runs
-// through the same vectorized BatchQuant loops as bquant::native_batchquant.
+// (bn_act_quant_forward / _backward in bquant_kernels/backends/reference.py): intermediates are rounded
+// to the input's dtype where the composition stores them, the activation formulas are PyTorch's, and
+// the quantization runs through the same vectorized BatchQuant loops as bquant::native_batchquant.
 //
 // Passes over the activation (identity / ReLU): forward 2 reads + 1 write (statistics: BN's sums and
 // the per-channel min/max of y, from which the activated range follows exactly, every float step of
 // act((y - mean) * k + beta) being monotone in y; then the element pass); h_swish, not monotone, reads
 // once more for its per-channel extremes and stores the activation in the output, which the last pass
-// quantizes in place (recomputing h_swish, a division per element, costs more). Backward: read y and the gradient, store the activation's
-// gradient in grad_y's memory with BN's per-channel sums; then rewrite grad_y in place. Each channel's sums are
-// accumulated in a fixed order on one thread: results do not depend on the thread count.
+// quantizes in place (recomputing h_swish, a division per element, costs more). Backward: read y and
+// the gradient, store the activation's gradient in grad_y's memory with BN's per-channel sums; then
+// rewrite grad_y in place. Each channel's sums are accumulated in a fixed order on one thread: results
+// do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>

@@ -196,8 +196,6 @@ inline int64_t wide_rows(const Layout& L) {
   return 1;
 }
 
-inline Layout widen(const Layout& L, int64_t r) { return r > 1 ? Layout{L.x, L.outer / r, L.C * r, 1} : L; }
-
 template <typename V>
 std::vector<V> tiled(const std::vector<V>& v, int64_t r) {
   std::vector<V> out;
@@ -206,9 +204,20 @@ std::vector<V> tiled(const std::vector<V>& v, int64_t r) {
   return out;
 }
 
+// The layout the element passes run on and its per-channel affine (r = 1: the tensor's own).
 template <typename A>
-Affine<A> tiled(const Affine<A>& af, int64_t r) {
-  return {tiled(af.k, r), tiled(af.b, r), tiled(af.mean, r), tiled(af.invstd, r)};
+struct Widened {
+  int64_t r;
+  Layout L;
+  Affine<A> af;
+};
+
+template <typename A>
+Widened<A> widened(const Layout& L, const Affine<A>& af) {
+  const int64_t r = wide_rows(L);
+  if (r == 1) return {1, L, af};
+  return {r, {L.x, L.outer / r, L.C * r, 1},
+          {tiled(af.k, r), tiled(af.b, r), tiled(af.mean, r), tiled(af.invstd, r)}};
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -383,9 +392,7 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
     }
   }
   const Affine<A> af = affine_of<A>(st, st + C, args.gamma, args.beta, args.eps, C);
-  const int64_t r = wide_rows(L);
-  const Layout Lw = widen(L, r);
-  const Affine<A> afw = r > 1 ? tiled(af, r) : af;
+  const auto [r, Lw, afw] = widened(L, af);
   A* qp = qparams.data_ptr<A>();
   T* po = out.data_ptr<T>();
   bool a_in_out = false;  // whether `out` holds the activation already (activated_minmax)
@@ -466,9 +473,7 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
     const Grid grid = batchquant_grid(static_cast<int>(args.bits), args.is_signed);
     p = bq_scalars<A>(qp[kL], qp[kScale], qp[kZero], static_cast<A>(args.offset), grid.qmin, grid.qmax);
   }
-  const int64_t r = wide_rows(L);
-  const Layout Lw = widen(L, r);
-  const Affine<A> afw = r > 1 ? tiled(af, r) : af;
+  const auto [r, Lw, afw] = widened(L, af);
   const int64_t W = Lw.C;
   BwdSums wide{std::vector<double>(W, 0.0), std::vector<double>(W, 0.0)};  // per wide channel
   std::vector<double> dl(W, 0.0), dout(W, 0.0);  // the quantizer's sums, per channel (then in channel order)

@@ -159,12 +159,13 @@ class Trainer:
         memory_format = torch.channels_last if opts.channels_last else torch.preserve_format
         self.model.to(device=self.device, memory_format=memory_format)
         self.model.train()
-        last_map = math.ceil(min(opts.resolution_list) / 32)  # the last stage's maps: stride 32
-        if opts.batch_size * last_map**2 < MIN_BN_VALUES:
+        min_res = min(opts.resolution_list)
+        last_stage_values = opts.batch_size * math.ceil(min_res / 32) ** 2  # its maps: stride 32
+        if last_stage_values < MIN_BN_VALUES:
             self.info(
-                f"warning: BN's batch statistics of the last stage come from {opts.batch_size * last_map**2} values "
-                f"per channel (--batch-size {opts.batch_size} at {min(opts.resolution_list)} px); gradients may "
-                "overflow, use a larger batch or resolution"
+                f"warning: BN's batch statistics of the last stage come from {last_stage_values} values per "
+                f"channel (--batch-size {opts.batch_size} at {min_res} px); gradients may overflow, use a larger "
+                "batch or resolution"
             )
         self.teacher = self._build_teacher()
         self.criterion: nn.Module = DistillationLoss(opts.label_smoothing, opts.kd_ratio, opts.kd_temperature)

@@ -28,8 +28,8 @@ the CPU model on the ``cpu`` backend whatever the device.
 Usage::
 
     python bench/epilogue.py [--device cpu|cuda] [--backend cpu|triton|...] [--threads 1]
-        [--batch-size 64] [--resolutions 24:32:4] [--steps 3] [--channels-last] [--skip-step]
-        [--skip-calls] [--json PATH]
+        [--batch-size 64] [--resolutions 24:32:4] [--steps 3] [--channels-last] [--amp none|bf16|fp16]
+        [--skip-step] [--skip-calls] [--json PATH]
     python bench/epilogue.py --device cuda --resolutions 224:224:1 --steps 2    # the GPU setting
 """
 
@@ -59,6 +59,7 @@ from bquant_kernels.epilogue import bn_act_quant  # noqa: E402
 from qfa import QFAMobileNetV3  # noqa: E402
 from qfa.data import parse_resolutions  # noqa: E402
 from qfa.io import atomic_write_text  # noqa: E402
+from qfa.train.trainer import AMP_DTYPES  # noqa: E402
 
 # Profiler names of the ops the fused epilogue replaces (forward and backward), and of the fused op.
 EPILOGUE_OPS = (
@@ -116,7 +117,7 @@ def make_trainer(fused: bool, args: argparse.Namespace):
         "data": "synthetic", "batch_size": args.batch_size, "resolutions": args.resolutions, "width_mult": 1.2,
         "subnets": 6, "bits": (2, 3, 4), "backend": args.backend, "channels_last": args.channels_last,
         "progress": False, "resume": "none", "out": tempfile.mkdtemp(prefix="qfa-bench-"), "calib_batches": 1,
-        "fused_epilogue": fused,
+        "fused_epilogue": fused, "amp": args.amp,
     }  # fmt: skip
     opts = options.resolve(options.TrainOptions, settings)
     return Trainer(opts, distributed.DistContext(device=torch.device(args.device)), log=lambda s: None)
@@ -198,9 +199,11 @@ def train_step(args: argparse.Namespace) -> dict:
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = images.contiguous(memory_format=fmt)  # on the step's device
     saved = {}
+    amp = AMP_DTYPES[args.amp]
     for fused in (False, True):
         model.fused_epilogue = fused
-        saved["fused" if fused else "unfused"] = saved_bytes(model, x)
+        with torch.autocast(args.device, dtype=amp, enabled=amp is not None):
+            saved["fused" if fused else "unfused"] = saved_bytes(model, x)
     result["saved_for_backward_mb"] = {k: v / 2**20 for k, v in saved.items()}
     return result
 
@@ -245,7 +248,7 @@ def per_call(args: argparse.Namespace) -> list[dict]:
     for C, div, act in CALL_SHAPES:
         H = max(1, res // div)
         y = torch.randn(args.batch_size, C, H, H, generator=torch.Generator().manual_seed(H))
-        y = y.to(dev).contiguous(memory_format=fmt).requires_grad_()
+        y = y.to(dev, AMP_DTYPES[args.amp] or torch.float32).contiguous(memory_format=fmt).requires_grad_()
         fns = call_fns(y, act, args.backend)
         if dev == "cuda":
             t = {name: time_fn(fn, device=dev) for name, fn in fns.items()}
@@ -271,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolutions", default="24:32:4")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--amp",
+        default="none",
+        choices=tuple(AMP_DTYPES),
+        help="autocast dtype of the training step; per call, the dtype of the conv output",
+    )
     p.add_argument("--skip-step", action="store_true", help="no training step")
     p.add_argument("--skip-calls", action="store_true", help="no per-call timing")
     p.add_argument("--json", default=None)

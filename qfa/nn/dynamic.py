@@ -77,11 +77,10 @@ def _fill_static(dst: QConv2d | QLinear, src: _ActiveBits, weight: Tensor, w_ful
 def _finish(layer: nn.Module, y: Tensor, next_quantizer: BatchQuantizer | None) -> Tensor:
     """``next_quantizer(act(bn(y)))`` of a conv layer (each part optional): one fused op when the layer's
     ``fused_epilogue`` is set and it has BN with batch statistics (training, recalibration) and an
-    activation or quantizer to fuse, else the modules. Evaluation keeps the modules, so that a supernet
-    and its exported static subnet give the same bits; 16-bit (autocast) too, see docs/epilogue.md."""
+    activation or quantizer to fuse, else the modules (any float dtype: 16-bit under autocast too).
+    Evaluation keeps the modules, so that a supernet and its exported static subnet give the same bits."""
     bn = layer.bn
     fusable = layer.fused_epilogue and bn is not None and bn.uses_batch_stats
-    fusable = fusable and y.dtype in (torch.float32, torch.float64)
     if fusable and (next_quantizer is not None or layer.act_name is not None):
         # The backend of the layer's own input quantizers (qfa.nn.BackendOwner sets them all alike). Fused
         # only where that backend has epilogue kernels of its own: on the cuda backend the op would run

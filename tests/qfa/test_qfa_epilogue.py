@@ -123,6 +123,30 @@ def test_same_logits_float32_w4a4():
     assert (total_f - total_u).norm() <= 0.05 * total_u.norm()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_16bit_fuses_with_the_separate_modules_numbers(dtype):
+    """Under 16-bit autocast the layers fuse too (conv outputs are 16-bit; the op rounds BN's and the
+    activation's outputs to 16 bits where the separate ops store them): the logits are those of the
+    separate modules, and the gradients differ only by where the backward rounds to 16 bits (the
+    separate ops after each op, the fused one once): a few percent in bf16, 16-bit noise that moves a
+    float32 run's gradients by over 100% on this untrained net with 4-bit activations."""
+    model, x = _model(torch.float32, 4), _images(torch.float32)
+    model.fused_epilogue = False
+    with torch.autocast("cpu", dtype=dtype):
+        separate = _bn_calls(model, x)
+        out_u, grads_u = _logits_and_grads(model, x, False)
+        out_f, grads_f = _logits_and_grads(model, x, True)
+        model.fused_epilogue = True
+        assert _bn_calls(model, x) < separate  # the fused path ran
+    assert out_u.dtype == dtype
+    torch.testing.assert_close(out_f, out_u, rtol=0, atol=0)
+    assert grads_f.keys() == grads_u.keys()
+    total_u = torch.cat([g.flatten() for g in grads_u.values()])
+    total_f = torch.cat([grads_f[n].flatten() for n in grads_u])
+    assert total_f.isfinite().all()
+    assert (total_f - total_u).norm() <= 0.15 * total_u.norm()
+
+
 def test_calibration_and_eval_agree():
     """Recalibration (batch statistics into BN's and BatchQuant's sinks) through the fused op gives the
     unfused path's running statistics and ranges, and so its evaluation logits."""

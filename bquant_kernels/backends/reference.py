@@ -145,10 +145,11 @@ def lsq_backward(
 
 
 # ----------------------------------------------------------------------------- fused layer epilogue
-# The composition of today's ops (BatchNorm -> PyTorch's relu / hardswish -> batchquant above): the
-# oracle of bquant_kernels.epilogue.bn_act_quant. The backward recomputes BN and the activation from y
-# and chains the ops' own backward kernels (no autograd: it also runs inside an opaque custom op, below
-# autograd, under torch.compile); the quantizer's part is batchquant_backward.
+# The composition of today's ops (BatchNorm -> PyTorch's relu / hardswish -> + residual -> batchquant
+# above): the oracle of bquant_kernels.epilogue.bn_act_quant. The backward recomputes BN, the activation
+# and the sum from y and the residual and chains the ops' own backward kernels (no autograd: it also runs
+# inside an opaque custom op, below autograd, under torch.compile); the quantizer's part is
+# batchquant_backward.
 
 
 def _bn(y: Tensor, gamma: Tensor, beta: Tensor, running: tuple[Tensor, Tensor] | None, eps: float):
@@ -165,6 +166,7 @@ def bn_act_quant_forward(
     y: Tensor,
     gamma: Tensor,
     beta: Tensor,
+    residual: Tensor | None,
     theta: Tensor | None,
     offset: Tensor | None,
     running_mean: Tensor | None,
@@ -174,11 +176,13 @@ def bn_act_quant_forward(
     act: int,
     bits: int,
     signed: bool,
+    keep: bool,
     C: int,
     inner: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(out, stats, qparams, aux)``: ``stats`` (2, C) the mean and biased variance BN used, ``qparams``
-    BatchQuant's (zeros without quantizer), ``aux`` empty (the backward recomputes from ``y``)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(out, kept, stats, qparams, aux)``: ``kept`` the quantizer's input ``act(bn(y)) + residual`` when
+    ``keep`` (else empty), ``stats`` (2, C) the mean and biased variance BN used, ``qparams`` BatchQuant's
+    (zeros without quantizer), ``aux`` empty (the backward recomputes from ``y`` and ``residual``)."""
     dt = _compute_dtype(y)
     if running_mean is None:
         var, mean = torch.var_mean(y.to(dt), dim=[d for d in range(y.dim()) if d != 1], correction=0)
@@ -186,17 +190,22 @@ def bn_act_quant_forward(
     else:
         stats = torch.stack([running_mean.to(dt), running_var.to(dt)])
         running = (stats[0], stats[1])
-    a = _act(_bn(y, gamma, beta, running, eps)[0], act)
+    s = _act(_bn(y, gamma, beta, running, eps)[0], act)
+    if residual is not None:
+        s = s + residual  # a y.dtype add, rounded as the composition's
+    kept = s if keep else y.new_empty(0)
     aux = y.new_empty(0, dtype=dt)
     if bits == 0:
-        return a, stats, y.new_zeros(NUM_QPARAMS, dtype=dt), aux
-    out, qp = batchquant_forward(a, theta, offset, lo_hi, bits, signed, C, inner)
-    return out, stats, qp, aux
+        return s, kept, stats, y.new_zeros(NUM_QPARAMS, dtype=dt), aux
+    out, qp = batchquant_forward(s, theta, offset, lo_hi, bits, signed, C, inner)
+    return out, kept, stats, qp, aux
 
 
 def bn_act_quant_backward(
     grad_out: Tensor,
+    grad_act: Tensor | None,
     y: Tensor,
+    residual: Tensor | None,
     gamma: Tensor,
     beta: Tensor,
     stats: Tensor,
@@ -210,23 +219,30 @@ def bn_act_quant_backward(
     signed: bool,
     C: int,
     inner: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(grad_y, grad_gamma, grad_beta, grad_theta[1], grad_offset[1])`` (scalars zero without quantizer)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_y, grad_residual, grad_gamma, grad_beta, grad_theta[1], grad_offset[1])`` (scalars zero
+    without quantizer, ``grad_residual`` empty without residual). ``grad_act``: the gradient into ``kept``
+    (``None``: none), added to the quantizer's input gradient as autograd adds the two uses of it."""
     running = None if batch_stats else (stats[0].to(gamma.dtype), stats[1].to(gamma.dtype))
     z, mean, invstd = _bn(y, gamma, beta, running, eps)
     if bits == 0:
-        grad_a, grad_theta = grad_out, qparams.new_zeros(1)
+        grad_s, grad_theta = grad_out, qparams.new_zeros(1)
         grad_offset = grad_theta.clone()
     else:
-        grad_a, grad_theta, grad_offset = batchquant_backward(grad_out, _act(z, act), offset, qparams, bits, signed)
+        s = _act(z, act)
+        s = s if residual is None else s + residual
+        grad_s, grad_theta, grad_offset = batchquant_backward(grad_out, s, offset, qparams, bits, signed)
+    if grad_act is not None:
+        grad_s = grad_s + grad_act
+    grad_residual = y.new_empty(0) if residual is None else grad_s
     if act == 1:
-        grad_z = torch.ops.aten.threshold_backward(grad_a, z, 0)
+        grad_z = torch.ops.aten.threshold_backward(grad_s, z, 0)
     elif act == 2:
-        grad_z = torch.ops.aten.hardswish_backward(grad_a, z)
+        grad_z = torch.ops.aten.hardswish_backward(grad_s, z)
     else:
-        grad_z = grad_a
+        grad_z = grad_s
     rm, rv = (None, None) if running is None else running
     grad_y, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
         grad_z, y, gamma, rm, rv, mean, invstd, batch_stats, eps, [True, True, True]
     )
-    return grad_y, grad_gamma, grad_beta, grad_theta, grad_offset
+    return grad_y, grad_residual, grad_gamma, grad_beta, grad_theta, grad_offset

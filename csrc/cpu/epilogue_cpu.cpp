@@ -1,25 +1,28 @@
 // Fused layer epilogue on the CPU: BatchNorm (batch or running statistics) -> activation (identity,
-// ReLU, h_swish) -> BatchQuant of the activated tensor, forward and backward, as the native ops
+// ReLU, h_swish) -> + residual (optional) -> BatchQuant of that sum s, forward and backward, as the native ops
 //
-//   native_bn_act_quant(y, gamma, beta, theta?, offset?, running_mean?, running_var?, lo_hi?, eps, act,
-//                       bits, signed) -> (out, stats, qparams)                               differentiable
+//   native_bn_act_quant(y, gamma, beta, residual?, theta?, offset?, running_mean?, running_var?, lo_hi?, eps,
+//                       act, bits, signed, keep) -> (out, kept, stats, qparams)               differentiable
 //   native_bn_act_quant_fwd / native_bn_act_quant_bwd                                          the kernels
 //
-// `bits = 0` stops the chain before the quantizer (BN + activation only). `stats` is (2, C): the
-// per-channel mean and biased variance BN used; `qparams` is BatchQuant's (zeros without quantizer).
-// The numbers are those of the unfused composition F.batch_norm -> activation -> batchquant
-// (bn_act_quant_forward / _backward in bquant_kernels/backends/reference.py): intermediates are rounded
-// to the input's dtype where the composition stores them, the activation formulas are PyTorch's, and
-// the quantization runs through the same vectorized BatchQuant loops as bquant::native_batchquant.
+// `bits = 0` stops the chain before the quantizer (out = s). `keep` (needs bits > 0) also returns s as
+// `kept` (an empty tensor otherwise), for a later shortcut; gradients into it add to the quantizer's.
+// `residual` has y's shape, dtype and strides. `stats` is (2, C): the per-channel mean and biased variance
+// BN used; `qparams` is BatchQuant's (zeros without quantizer). The numbers are those of the unfused
+// composition F.batch_norm -> activation -> + residual -> batchquant (bn_act_quant_forward / _backward
+// in bquant_kernels/backends/reference.py): intermediates are rounded to the input's dtype where the
+// composition stores them, the activation formulas are PyTorch's, and the quantization runs through the
+// same vectorized BatchQuant loops as bquant::native_batchquant.
 //
-// Passes over the activation (identity / ReLU): forward 2 reads + 1 write (statistics: BN's sums and
-// the per-channel min/max of y, from which the activated range follows exactly, every float step of
-// act((y - mean) * k + beta) being monotone in y; then the element pass); h_swish, not monotone, reads
-// once more for its per-channel extremes and stores the activation in the output, which the last pass
-// quantizes in place (recomputing h_swish, a division per element, costs more). Backward: read y and
-// the gradient, store the activation's gradient in grad_y's memory with BN's per-channel sums; then
-// rewrite grad_y in place. Each channel's sums are accumulated in a fixed order on one thread: results
-// do not depend on the thread count.
+// Passes over the activation (identity / ReLU, no residual): forward 2 reads + 1 write (statistics:
+// BN's sums and the per-channel min/max of y, from which the activated range follows exactly, every
+// float step of act((y - mean) * k + beta) being monotone in y; then the element pass). h_swish (not
+// monotone) or a residual (s is not a function of y) reads once more for the per-channel extremes of s
+// and stores s in `kept` (keep) or in the output, from which the last pass quantizes (in place in the
+// output; recomputing h_swish, a division per element, costs more). Backward: read y (and the residual)
+// and the gradients, store the activation's gradient in grad_y's memory (and g_s in grad_residual's)
+// with BN's per-channel sums; then rewrite grad_y in place. Each channel's sums are accumulated in a
+// fixed order on one thread: results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -168,26 +171,27 @@ auto dispatch_act(int64_t act, Args&&... args) {
 
 template <int64_t kAct, typename T>
 struct ForwardBody {
-  static int run(const Layout& L, const FwdArgs& a, at::Tensor& out, at::Tensor& stats, at::Tensor& qp) {
+  static int run(const Layout& L, const FwdArgs& a, const T* res, at::Tensor& out, T* kept, at::Tensor& stats,
+                 at::Tensor& qp) {
 #ifdef BQ_EPI_HAVE_AVX2
     if (use_avx2()) {
-      isa_avx2::forward_impl<kAct, T>(L, a, out, stats, qp);
+      isa_avx2::forward_impl<kAct, T>(L, a, res, out, kept, stats, qp);
       return 0;
     }
 #endif
-    isa_default::forward_impl<kAct, T>(L, a, out, stats, qp);
+    isa_default::forward_impl<kAct, T>(L, a, res, out, kept, stats, qp);
     return 0;
   }
 };
 
 template <int64_t kAct, typename T>
 struct BackwardBody {
-  static BwdSums run(const Layout& L, const T* g, const BwdArgs& a, const at::Tensor& stats, const at::Tensor& qp,
-                     T* grad_y) {
+  static BwdSums run(const Layout& L, const T* g, const T* g_act, const T* res, const BwdArgs& a,
+                     const at::Tensor& stats, const at::Tensor& qp, T* grad_y, T* grad_res) {
 #ifdef BQ_EPI_HAVE_AVX2
-    if (use_avx2()) return isa_avx2::backward_impl<kAct, T>(L, g, a, stats, qp, grad_y);
+    if (use_avx2()) return isa_avx2::backward_impl<kAct, T>(L, g, g_act, res, a, stats, qp, grad_y, grad_res);
 #endif
-    return isa_default::backward_impl<kAct, T>(L, g, a, stats, qp, grad_y);
+    return isa_default::backward_impl<kAct, T>(L, g, g_act, res, a, stats, qp, grad_y, grad_res);
   }
 };
 
@@ -206,14 +210,33 @@ at::Tensor restride_like(const at::Tensor& out, const at::Tensor& ref) {
   return target.strides() == out.strides() ? out : target.copy_(out);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> epilogue_fwd_cpu(
-    const at::Tensor& y, const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& theta,
-    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& lo_hi, double eps, int64_t act,
-    int64_t bits, bool is_signed) {
+// `t` (a residual or a gradient, y's shape and dtype) with the strides of L.x, which the kernels walk
+// with the same offsets as y: itself when it has them (always from the public function), else a copy.
+at::Tensor walked_like(const at::Tensor& t, const char* name, const at::Tensor& y, const Layout& L) {
+  cpu::check_cpu_floating(t, name);
+  TORCH_CHECK(t.sizes() == y.sizes() && t.scalar_type() == y.scalar_type(), "bquant: ", name,
+              " must have the shape and dtype of y (", y.sizes(), ", ", y.scalar_type(), "), got (", t.sizes(), ", ",
+              t.scalar_type(), ")");
+  return t.strides() == L.x.strides() ? t : at::empty_like(L.x).copy_(t);
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_fwd_cpu(
+    const at::Tensor& y, const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& theta, const std::optional<at::Tensor>& offset,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& lo_hi, double eps, int64_t act, int64_t bits, bool is_signed, bool keep) {
   check_common(y, act, bits);
+  TORCH_CHECK(!keep || bits > 0,
+              "bquant: keep (return_activation) needs a quantizer (bits > 0): without one the output is the "
+              "activation");
   const Layout L = layout_of(y);
   const int64_t C = L.C;
+  const at::Tensor res = residual.has_value() ? walked_like(*residual, "residual", y, L) : at::Tensor();
   FwdArgs args{read_vector(gamma, "gamma", C), read_vector(beta, "beta", C), std::nullopt,
                !running_mean.has_value(), eps, 0.0, 0.0, bits, is_signed};
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
@@ -244,15 +267,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> epilogue_fwd_cpu(
   }
   at::Tensor qparams = at::empty({kNumQParams}, y.options().dtype(math));
   at::Tensor out = at::empty_like(L.x);
-  BQ_DISPATCH_CPU_FLOATING(y.scalar_type(), "bquant_cpu_epilogue_forward",
-                           [&] { dispatch_act<ForwardBody, scalar_t>(act, L, args, out, stats, qparams); });
-  return {restride_like(out, y), stats, qparams};
+  at::Tensor kept = keep ? at::empty_like(L.x) : y.new_empty({0});
+  BQ_DISPATCH_CPU_FLOATING(y.scalar_type(), "bquant_cpu_epilogue_forward", [&] {
+    dispatch_act<ForwardBody, scalar_t>(act, L, args, data_or_null<scalar_t>(res), out,
+                                        keep ? kept.data_ptr<scalar_t>() : nullptr, stats, qparams);
+  });
+  return {restride_like(out, y), keep ? restride_like(kept, y) : kept, stats, qparams};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& gamma, const at::Tensor& beta,
-    const at::Tensor& stats, const at::Tensor& offset, const at::Tensor& qparams, bool batch_stats, double eps,
-    int64_t act, int64_t bits, bool is_signed) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_act, const at::Tensor& y,
+    const std::optional<at::Tensor>& residual, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& stats, const std::optional<at::Tensor>& offset, const at::Tensor& qparams, bool batch_stats,
+    double eps, int64_t act, int64_t bits, bool is_signed) {
   check_common(y, act, bits);
   const Layout L = layout_of(y);
   const int64_t C = L.C;
@@ -261,20 +288,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_
               "bquant: stats must be a contiguous (2, C) ", math, " tensor");
   TORCH_CHECK(qparams.scalar_type() == math && qparams.is_contiguous() && qparams.numel() == kNumQParams,
               "bquant: qparams must be a contiguous ", math, " tensor of ", kNumQParams, " elements");
-  TORCH_CHECK(grad_out.sizes() == y.sizes() && grad_out.scalar_type() == y.scalar_type(),
-              "bquant: grad_out must have the shape and dtype of y");
-  const at::Tensor g = grad_out.strides() == L.x.strides() ? grad_out : at::empty_like(L.x).copy_(grad_out);
+  const at::Tensor g = walked_like(grad_out, "grad_out", y, L);
+  const bool has_ga = grad_act.has_value() && grad_act->defined();
+  const at::Tensor ga = has_ga ? walked_like(*grad_act, "grad_act", y, L) : at::Tensor();
+  const at::Tensor res = residual.has_value() ? walked_like(*residual, "residual", y, L) : at::Tensor();
+  if (bits > 0) {
+    TORCH_CHECK(offset.has_value(), "bquant: offset is required when bits > 0");
+    cpu::check_cpu_floating(*offset, "offset", 1);
+  }
   BwdArgs args{read_vector(gamma, "gamma", C), read_vector(beta, "beta", C), batch_stats, eps,
-               bits > 0 ? cpu::read_scalar(offset) : 0.0, bits, is_signed};
+               bits > 0 ? cpu::read_scalar(*offset) : 0.0, bits, is_signed};
   at::Tensor grad_y = at::empty_like(L.x);
+  at::Tensor grad_res = res.defined() ? at::empty_like(L.x) : y.new_empty({0});
   at::Tensor grad_gamma = at::empty({C}, gamma.options());
   at::Tensor grad_beta = at::empty({C}, beta.options());
   at::Tensor grad_theta = at::zeros({1}, qparams.options());
   at::Tensor grad_offset = at::zeros({1}, qparams.options());
   BQ_DISPATCH_CPU_FLOATING(y.scalar_type(), "bquant_cpu_epilogue_backward", [&] {
     using A = cpu::acc_t<scalar_t>;
-    const BwdSums s = dispatch_act<BackwardBody, scalar_t>(act, L, g.const_data_ptr<scalar_t>(), args, stats,
-                                                           qparams, grad_y.data_ptr<scalar_t>());
+    const BwdSums s = dispatch_act<BackwardBody, scalar_t>(
+        act, L, g.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(ga), data_or_null<scalar_t>(res), args, stats,
+        qparams, grad_y.data_ptr<scalar_t>(), res.defined() ? grad_res.data_ptr<scalar_t>() : nullptr);
     const A* st = stats.const_data_ptr<A>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gamma.scalar_type(), "bquant_epilogue_gamma", [&] {
       scalar_t* gg = grad_gamma.data_ptr<scalar_t>();
@@ -291,7 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_
       grad_offset.data_ptr<A>()[0] = static_cast<A>(-s.dout * static_cast<double>(qp[kScale]) / l);
     }
   });
-  return {restride_like(grad_y, y), grad_gamma, grad_beta, grad_theta, grad_offset};
+  return {restride_like(grad_y, y), res.defined() ? restride_like(grad_res, *residual) : grad_res, grad_gamma,
+          grad_beta, grad_theta, grad_offset};
 }
 
 // ----------------------------------------------------------------------------- autograd
@@ -314,21 +349,22 @@ const c10::TypedOperatorHandle<EpilogueBwd>& bwd_op() {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Saves y and the per-channel statistics only: the backward recomputes BN, activation and
-// quantization from y (no BN output or activation is kept alive).
+// Saves y, the residual and the per-channel statistics only: the backward recomputes BN, activation,
+// sum and quantization from them (no BN output, activation or s is kept alive by autograd).
 class EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& gamma,
-                               const at::Tensor& beta, const std::optional<at::Tensor>& theta,
-                               const std::optional<at::Tensor>& offset,
+                               const at::Tensor& beta, const std::optional<at::Tensor>& residual,
+                               const std::optional<at::Tensor>& theta, const std::optional<at::Tensor>& offset,
                                const std::optional<at::Tensor>& running_mean,
                                const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& lo_hi,
-                               double eps, int64_t act, int64_t bits, bool is_signed) {
+                               double eps, int64_t act, int64_t bits, bool is_signed, bool keep) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, stats, qparams] =
-        fwd_op().call(y, gamma, beta, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, is_signed);
+    auto [out, kept, stats, qparams] = fwd_op().call(y, gamma, beta, residual, theta, offset, running_mean,
+                                                     running_var, lo_hi, eps, act, bits, is_signed, keep);
     const at::Tensor off = offset.has_value() ? *offset : at::Tensor();
-    ctx->save_for_backward({y, gamma, beta, stats, off, qparams});
+    const at::Tensor res = residual.has_value() ? *residual : at::Tensor();
+    ctx->save_for_backward({y, gamma, beta, stats, off, qparams, res});
     ctx->saved_data["batch_stats"] = !running_mean.has_value();
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
@@ -338,60 +374,70 @@ class EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
       ctx->saved_data["theta_sizes"] = theta->sizes().vec();
       ctx->saved_data["theta_dtype"] = static_cast<int64_t>(theta->scalar_type());
     }
-    ctx->mark_non_differentiable({stats, qparams});
+    if (keep) {
+      ctx->mark_non_differentiable({stats, qparams});
+    } else {
+      ctx->mark_non_differentiable({kept, stats, qparams});  // empty
+    }
     ctx->set_materialize_grads(false);
-    return {out, stats, qparams};
+    return {out, kept, stats, qparams};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& y = saved[0];
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(y);
+    const std::optional<at::Tensor> grad_act = grads[1].defined() ? std::optional(grads[1]) : std::nullopt;
+    const std::optional<at::Tensor> residual = saved[6].defined() ? std::optional(saved[6]) : std::nullopt;
+    const std::optional<at::Tensor> offset = saved[4].defined() ? std::optional(saved[4]) : std::nullopt;
     const int64_t bits = ctx->saved_data["bits"].toInt();
-    auto [grad_y, grad_gamma, grad_beta, grad_theta, grad_offset] =
-        bwd_op().call(grad_out, y, saved[1], saved[2], saved[3], bits > 0 ? saved[4] : saved[3], saved[5],
+    auto [grad_y, grad_res, grad_gamma, grad_beta, grad_theta, grad_offset] =
+        bwd_op().call(grad_out, grad_act, y, residual, saved[1], saved[2], saved[3], offset, saved[5],
                       ctx->saved_data["batch_stats"].toBool(), ctx->saved_data["eps"].toDouble(),
                       ctx->saved_data["act"].toInt(), bits, ctx->saved_data["signed"].toBool());
-    variable_list out{grad_y, grad_gamma, grad_beta, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+    variable_list out{grad_y, grad_gamma, grad_beta, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+    if (residual.has_value()) out[3] = grad_res;
     if (bits > 0) {
-      out[3] = as_param(grad_theta, ctx->saved_data["theta_sizes"].toIntVector(),
+      out[4] = as_param(grad_theta, ctx->saved_data["theta_sizes"].toIntVector(),
                         static_cast<at::ScalarType>(ctx->saved_data["theta_dtype"].toInt()));
-      out[4] = as_param(grad_offset, saved[4].sizes(), saved[4].scalar_type());
+      out[5] = as_param(grad_offset, saved[4].sizes(), saved[4].scalar_type());
     }
     return out;
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> epilogue_autograd(
-    const at::Tensor& y, const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& theta,
-    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& lo_hi, double eps, int64_t act,
-    int64_t bits, bool is_signed) {
-  auto out = EpilogueFunction::apply(y, gamma, beta, theta, offset, running_mean, running_var, lo_hi, eps, act, bits,
-                                     is_signed);
-  return {out[0], out[1], out[2]};
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_autograd(
+    const at::Tensor& y, const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& theta, const std::optional<at::Tensor>& offset,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& lo_hi, double eps, int64_t act, int64_t bits, bool is_signed, bool keep) {
+  auto out = EpilogueFunction::apply(y, gamma, beta, residual, theta, offset, running_mean, running_var, lo_hi, eps,
+                                     act, bits, is_signed, keep);
+  return {out[0], out[1], out[2], out[3]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> epilogue_no_grad(
-    const at::Tensor& y, const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& theta,
-    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& lo_hi, double eps, int64_t act,
-    int64_t bits, bool is_signed) {
-  return fwd_op().call(y, gamma, beta, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, is_signed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_no_grad(
+    const at::Tensor& y, const at::Tensor& gamma, const at::Tensor& beta, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& theta, const std::optional<at::Tensor>& offset,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& lo_hi, double eps, int64_t act, int64_t bits, bool is_signed, bool keep) {
+  return fwd_op().call(y, gamma, beta, residual, theta, offset, running_mean, running_var, lo_hi, eps, act, bits,
+                       is_signed, keep);
 }
 
 }  // namespace
 
 #define BQ_EPILOGUE_ARGS                                                                                     \
-  "Tensor y, Tensor gamma, Tensor beta, Tensor? theta, Tensor? offset, Tensor? running_mean, "              \
-  "Tensor? running_var, Tensor? lo_hi, float eps, int act, int bits, bool signed"
+  "Tensor y, Tensor gamma, Tensor beta, Tensor? residual, Tensor? theta, Tensor? offset, "                  \
+  "Tensor? running_mean, Tensor? running_var, Tensor? lo_hi, float eps, int act, int bits, bool signed, "   \
+  "bool keep"
 
 TORCH_LIBRARY_FRAGMENT(bquant, m) {
-  m.def("native_bn_act_quant(" BQ_EPILOGUE_ARGS ") -> (Tensor, Tensor, Tensor)");
-  m.def("native_bn_act_quant_fwd(" BQ_EPILOGUE_ARGS ") -> (Tensor, Tensor, Tensor)");
-  m.def("native_bn_act_quant_bwd(Tensor grad_out, Tensor y, Tensor gamma, Tensor beta, Tensor stats, "
-        "Tensor offset, Tensor qparams, bool batch_stats, float eps, int act, int bits, bool signed) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_bn_act_quant(" BQ_EPILOGUE_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_bn_act_quant_fwd(" BQ_EPILOGUE_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_bn_act_quant_bwd(Tensor grad_out, Tensor? grad_act, Tensor y, Tensor? residual, Tensor gamma, "
+        "Tensor beta, Tensor stats, Tensor? offset, Tensor qparams, bool batch_stats, float eps, int act, int bits, "
+        "bool signed) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 #undef BQ_EPILOGUE_ARGS
 

@@ -169,15 +169,24 @@ void bn_act_segment(const T* __restrict y, int64_t n, const Affine<A>& af, int64
   }
 }
 
-// Runs f(off, n, c, per_elem, z, a) on every segment of y (channel blocks in parallel) with the
-// segment's BN output z and activation a computed in local buffers.
+// a = round_T(a + b) over a segment, in place: the residual's sum (a T tensor in the composition) and
+// autograd's sum of the two gradients of s.
+template <typename T, typename A>
+inline void add_segment(T* __restrict a, const T* __restrict b, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) a[j] = static_cast<T>(static_cast<A>(a[j]) + static_cast<A>(b[j]));
+}
+
+// Runs f(off, n, c, per_elem, z, s) on every segment of y (channel blocks in parallel) with the
+// segment's BN output z and quantizer input s (the activation, plus the residual `res` where given:
+// it has y's strides, so a segment's offset is the same in both) computed in local buffers.
 template <int64_t kAct, typename T, typename A, typename F>
-void for_bn_act_segments(const Layout& L, const T* y, const Affine<A>& af, const F& f) {
+void for_bn_act_segments(const Layout& L, const T* y, const T* res, const Affine<A>& af, const F& f) {
   parallel_channels(L, [&](int64_t c0, int64_t c1) {
     std::array<A, kSeg> z;
     std::array<T, kSeg> a;
     for_segments(L, c0, c1, [&](int64_t off, int64_t n, int64_t c, bool per_elem) {
       bn_act_segment<kAct, T, A>(y + off, n, af, c, per_elem, z.data(), a.data());
+      if (res != nullptr) add_segment<T, A>(a.data(), res + off, n);
       f(off, n, c, per_elem, z.data(), a.data());
     });
   });
@@ -347,18 +356,19 @@ void channel_stats(const Layout& L, const T* y, double* mean, double* var, A* mn
   }
 }
 
-// Per-channel min / max of the activated values (h_swish: not monotone, so one more read), which are
-// stored in `a_out` (the output's memory): the quantizing pass then reads them instead of recomputing
-// BN and the activation (a division per element for h_swish, the CPU's bottleneck here).
+// Per-channel min / max of the quantizer's input s (h_swish: not monotone; with a residual: s is not a
+// function of y alone; so one more read), which is stored in `s_out` (the output's memory, or the kept
+// tensor): the quantizing pass then reads it instead of recomputing BN, the activation and the sum (a
+// division per element for h_swish, the CPU's bottleneck here).
 template <int64_t kAct, typename T, typename A>
-void activated_minmax(const Layout& L, const T* y, const Affine<A>& af, A* amin, A* amax, T* a_out) {
+void activated_minmax(const Layout& L, const T* y, const T* res, const Affine<A>& af, A* amin, A* amax, T* s_out) {
   for (int64_t c = 0; c < L.C; ++c) {
     amin[c] = std::numeric_limits<A>::infinity();
     amax[c] = -std::numeric_limits<A>::infinity();
   }
   const auto& kern = cpu::kernels<T>();
-  for_bn_act_segments<kAct>(L, y, af, [&](int64_t off, int64_t n, int64_t c, bool per_elem, const A*, const T* a) {
-    std::copy_n(a, n, a_out + off);
+  for_bn_act_segments<kAct>(L, y, res, af, [&](int64_t off, int64_t n, int64_t c, bool per_elem, const A*, const T* a) {
+    std::copy_n(a, n, s_out + off);
     if (per_elem) {
       A* __restrict mnc = amin + c;
       A* __restrict mxc = amax + c;
@@ -375,9 +385,11 @@ void activated_minmax(const Layout& L, const T* y, const Affine<A>& af, A* amin,
   });
 }
 
-
+// out = batchquant(s) (or s without quantizer), s = act(bn(y)) (+ res where given); kept = s where
+// `kept` is given (a separate tensor of y's layout).
 template <int64_t kAct, typename T>
-void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Tensor& stats, at::Tensor& qparams) {
+void forward_impl(const Layout& L, const FwdArgs& args, const T* res, at::Tensor& out, T* kept, at::Tensor& stats,
+                  at::Tensor& qparams) {
   using A = cpu::acc_t<T>;
   const int64_t C = L.C;
   const T* y = L.x.const_data_ptr<T>();
@@ -395,7 +407,8 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
   const auto [r, Lw, afw] = widened(L, af);
   A* qp = qparams.data_ptr<A>();
   T* po = out.data_ptr<T>();
-  bool a_in_out = false;  // whether `out` holds the activation already (activated_minmax)
+  T* s_store = kept != nullptr ? kept : po;  // where activated_minmax stores s
+  bool s_stored = false;  // whether s_store holds s already (activated_minmax)
   std::fill_n(qp, kNumQParams, A(0));
   BQScalarsT<A> p{};
   const bool quantize = args.bits > 0;
@@ -406,10 +419,10 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
       std::tie(lo, hi) = *args.lo_hi;
     } else {
       std::vector<A> amin(C), amax(C);
-      if (kAct == kHSwish || !args.batch_stats) {
+      if (kAct == kHSwish || !args.batch_stats || res != nullptr) {
         std::vector<A> wmin(Lw.C), wmax(Lw.C);
-        activated_minmax<kAct, T, A>(Lw, y, afw, wmin.data(), wmax.data(), po);
-        a_in_out = true;
+        activated_minmax<kAct, T, A>(Lw, y, res, afw, wmin.data(), wmax.data(), s_store);
+        s_stored = true;
         for (int64_t c = 0; c < C; ++c) {  // fold the replicas
           amin[c] = wmin[c];
           amax[c] = wmax[c];
@@ -439,13 +452,14 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
     p = bq_scalars<A>(qp[kL], qp[kScale], qp[kZero], static_cast<A>(args.offset), grid.qmin, grid.qmax);
   }
   const auto& kern = cpu::kernels<T>();
-  if (a_in_out) {  // quantize the stored activation in place
+  if (s_stored) {  // quantize the stored s (in place when it is in `out`)
     at::parallel_for(0, L.x.numel(), cpu::kMinParallelElems, [&](int64_t i0, int64_t i1) {
-      kern.bq_forward(po + i0, po + i0, i1 - i0, p);
+      kern.bq_forward(s_store + i0, po + i0, i1 - i0, p);
     });
     return;
   }
-  for_bn_act_segments<kAct>(Lw, y, afw, [&](int64_t off, int64_t n, int64_t, bool, const A*, const T* a) {
+  for_bn_act_segments<kAct>(Lw, y, res, afw, [&](int64_t off, int64_t n, int64_t, bool, const A*, const T* a) {
+    if (kept != nullptr) std::copy_n(a, n, kept + off);
     if (quantize) {
       kern.bq_forward(a, po + off, n, p);
     } else {
@@ -458,9 +472,11 @@ void forward_impl(const Layout& L, const FwdArgs& args, at::Tensor& out, at::Ten
 
 
 
+// g_s = dBatchQuant/ds * g (+ g_act, the gradient into the kept s, where given); grad_res = g_s where
+// given (s = a + r passes it unchanged); then as without residual: act' and BN's backward.
 template <int64_t kAct, typename T>
-BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at::Tensor& stats,
-                      const at::Tensor& qparams, T* grad_y) {
+BwdSums backward_impl(const Layout& L, const T* g, const T* g_act, const T* res, const BwdArgs& args,
+                      const at::Tensor& stats, const at::Tensor& qparams, T* grad_y, T* grad_res) {
   using A = cpu::acc_t<T>;
   const int64_t C = L.C;
   const T* y = L.x.const_data_ptr<T>();
@@ -479,16 +495,20 @@ BwdSums backward_impl(const Layout& L, const T* g, const BwdArgs& args, const at
   std::vector<double> dl(W, 0.0), dout(W, 0.0);  // the quantizer's sums, per channel (then in channel order)
   std::vector<A> run1(W, A(0)), run2(W, A(0));  // channels innermost: the current run of rows' sums
   const auto& kern = cpu::kernels<T>();
-  // Pass 1: gz = act'(z) * dBatchQuant/da * g into grad_y (exact in T), and the per-channel sums.
-  for_bn_act_segments<kAct>(Lw, y, afw, [&](int64_t off, int64_t n, int64_t c, bool per_elem, const A* z, const T* a) {
+  // Pass 1: gz = act'(z) * g_s into grad_y (g_s = dBatchQuant/ds * g exact in T, plus g_act rounded to
+  // T as autograd sums the two), and the per-channel sums.
+  for_bn_act_segments<kAct>(Lw, y, res, afw, [&](int64_t off, int64_t n, int64_t c, bool per_elem, const A* z,
+                                                 const T* s) {
     T* __restrict gz = grad_y + off;
     if (quantize) {
-      const cpu::BQChunkSums q = kern.bq_backward(g + off, a, gz, n, p);
+      const cpu::BQChunkSums q = kern.bq_backward(g + off, s, gz, n, p);
       dl[c] += q.dl;
       dout[c] += q.dout;
     } else {
       std::copy_n(g + off, n, gz);
     }
+    if (g_act != nullptr) add_segment<T, A>(gz, g_act + off, n);
+    if (grad_res != nullptr) std::copy_n(gz, n, grad_res + off);
     act_bwd_segment<kAct, T, A>(z, gz, n);
     if (per_elem) {  // channels innermost: this row's terms into the channels' run sums (see run_sums)
       A* __restrict r1 = run1.data() + c;

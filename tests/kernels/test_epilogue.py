@@ -59,22 +59,34 @@ def _params(C: int, seed: int, dtype=torch.float64):
     return gamma, beta, theta, offset, rm, rv, lo_hi
 
 
-def _run(y, gamma, beta, theta, offset, *, act, bits, mode, rm, rv, lo_hi, backend):
-    """Forward + backward of one call: (out, [grads of y, gamma, beta(, theta, offset)], mean, var, used)."""
+def _run(y, gamma, beta, theta, offset, *, act, bits, mode, rm, rv, lo_hi, backend, residual=None, keep=False):
+    """Forward + backward of one call: (out, [grads of y, gamma, beta(, theta, offset)(, residual)], mean, var,
+    used, g, kept); with ``keep`` a second random gradient flows into the kept activation."""
     leaves = [t.detach().clone().requires_grad_() for t in (y, gamma, beta, theta, offset)]
     if bits is None:
         leaves = leaves[:3]
-    kwargs = {"act": act, "return_stats": True, "backend": backend}
+    kwargs = {"act": act, "return_stats": True, "backend": backend, "return_activation": keep}
+    if residual is not None:
+        leaves.append(residual.detach().clone().requires_grad_())
+        kwargs["residual"] = leaves[-1]
     if mode != "train":  # "eval": running statistics and the stored range; "running": running statistics only
         kwargs.update(running_mean=rm, running_var=rv)
     if bits is not None:
         kwargs.update(theta=leaves[3], offset=leaves[4], bits=bits, lo_hi=lo_hi if mode == "eval" else None)
-    out, mean, var, used = bn_act_quant(leaves[0], leaves[1], leaves[2], **kwargs)
+    result = bn_act_quant(leaves[0], leaves[1], leaves[2], **kwargs)
+    (out, kept), (mean, var, used) = (result[:2], result[2:]) if keep else ((result[0], None), result[1:])
+    g, g_kept = _grad_outputs(y)
+    outputs, grad_outputs = ([out, kept], [g, g_kept]) if keep else ([out], [g])
+    grads = torch.autograd.grad(outputs, leaves, grad_outputs)
+    return out, grads, mean, var, used, g, kept
+
+
+def _grad_outputs(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random gradients of the output and of the kept activation, in ``y``'s dtype, device and layout."""
     gen = torch.Generator().manual_seed(7)
-    g = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)
-    g = h.to_layout(g, "channels_last" if not y.is_contiguous() else "contiguous")
-    grads = torch.autograd.grad(out, leaves, g)
-    return out, grads, mean, var, used, g
+    layout = "channels_last" if not y.is_contiguous() else "contiguous"
+    g, g_kept = (torch.randn(y.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    return (h.to_layout(t.to(y.device, y.dtype), layout) for t in (g, g_kept))
 
 
 def _step(used: torch.Tensor, theta: torch.Tensor, bits: int) -> float:
@@ -85,15 +97,19 @@ def _step(used: torch.Tensor, theta: torch.Tensor, bits: int) -> float:
     return max((hi - lo) / (qmax - qmin), 2.0**-23) / l
 
 
-def _composition(y, gamma, beta, theta, offset, *, act, bits, mode, rm, rv, lo_hi):
-    """The oracle written out: F.batch_norm -> activation -> batchquant on the reference backend, autograd
-    through all three, as (out, grads, mean, var, used) like :func:`_run`."""
+def _composition(y, gamma, beta, theta, offset, *, act, bits, mode, rm, rv, lo_hi, residual=None, keep=False):
+    """The oracle written out: F.batch_norm -> activation (-> + residual) -> batchquant on the reference
+    backend, autograd through all of them, as (out, grads, mean, var, used, kept) like :func:`_run`."""
     leaves = [t.detach().clone().requires_grad_() for t in (y, gamma, beta, theta, offset)]
     leaves = leaves[:3] if bits is None else leaves
+    if residual is not None:
+        leaves.append(residual.detach().clone().requires_grad_())
     train = mode == "train"
     z = F.batch_norm(leaves[0], None if train else rm, None if train else rv, leaves[1], leaves[2], train, 0.0, 1e-5)
     a = {None: z, "relu": F.relu(z) if act == "relu" else None, "h_swish": F.hardswish(z)}[act]
-    used = None
+    if residual is not None:
+        a = a + leaves[-1]
+    kept, used = a, None
     if bits is not None:
         a, used = batchquant(a, leaves[3], leaves[4], bits, lo_hi=lo_hi if mode == "eval" else None,
                              return_range=True, backend="reference")  # fmt: skip
@@ -101,10 +117,9 @@ def _composition(y, gamma, beta, theta, offset, *, act, bits, mode, rm, rv, lo_h
         var, mean = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != 1], correction=0)
     else:
         mean, var = rm, rv
-    gen = torch.Generator().manual_seed(7)
-    g = h.to_layout(torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype),
-                    "channels_last" if not y.is_contiguous() else "contiguous")  # fmt: skip
-    return a, torch.autograd.grad(a, leaves, g), mean, var, used
+    g, g_kept = _grad_outputs(y)
+    outputs, grad_outputs = ([a, kept], [g, g_kept]) if keep else ([a], [g])
+    return a, torch.autograd.grad(outputs, leaves, grad_outputs), mean, var, used, kept if keep else None
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3])
@@ -176,29 +191,38 @@ def test_cpu_kernel_runs_and_wide_rows(shape, layout, act, mode, dtype):
     _check_fused(shape, layout, act, 4, mode, "cpu", dtype, "cpu")
 
 
-def _check_fused(shape, layout, act, bits, mode, backend, dtype, device):
-    """``backend``'s fused op on ``device`` against the reference's float64 composition on the CPU."""
+def _check_fused(shape, layout, act, bits, mode, backend, dtype, device, residual=False, keep=False):
+    """``backend``'s fused op on ``device`` against the reference's float64 composition on the CPU (with a
+    random residual added after the activation, and the activation kept, when asked)."""
     if layout == "channels_last" and len(shape) == 2:
         pytest.skip("2-D tensors have one memory format")
     y64 = h.make_activation(shape, kind="shifted", seed=sum(shape))
+    r64 = h.to_layout(h.make_activation(shape, seed=sum(shape) + 1), layout) if residual else None
     gamma, beta, theta, offset, rm, rv, lo_hi = _params(shape[1], sum(shape))
-    args = {"act": act, "bits": bits, "mode": mode}
+    args = {"act": act, "bits": bits, "mode": mode, "keep": keep}
     ref = _run(h.to_layout(y64, layout), gamma, beta, theta, offset, rm=rm, rv=rv, lo_hi=lo_hi, backend="reference",
-               **args)  # fmt: skip
+               residual=r64, **args)  # fmt: skip
     y = h.to_layout(y64.to(device, dtype), layout)
+    r = None if r64 is None else h.to_layout(r64.to(device, dtype), layout)
     c = [t.to(device, dtype) for t in (gamma, beta, theta, offset, rm, rv, lo_hi)]
     h.poison_heap(y.numel() * y.element_size(), device)
-    out, grads, mean, var, used, _ = _run(y, *c[:4], rm=c[4], rv=c[5], lo_hi=c[6], backend=backend, **args)
+    out, grads, mean, var, used, _, kept = _run(y, *c[:4], rm=c[4], rv=c[5], lo_hi=c[6], backend=backend,
+                                                residual=r, **args)  # fmt: skip
     assert out.dtype == dtype and out.shape == y.shape and out.stride() == y.stride() and out.device == y.device
     out, grads, mean, var = out.cpu(), [t.cpu() for t in grads], mean.cpu(), var.cpu()
     used = None if used is None else used.cpu()
     ref_out = ref[0].detach().double().numpy()
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
     if bits is None:
-        tol = 1e-12 if dtype == torch.float64 else 2e-6
         np.testing.assert_allclose(out.detach().double().numpy(), ref_out, rtol=tol, atol=tol * np.abs(ref_out).max())
     else:
         h.assert_quant_close(out, ref_out, _step(ref[4], theta, bits), dtype)
         torch.testing.assert_close(used.double(), ref[4].double(), rtol=1e-6, atol=1e-7)
+    if keep:
+        assert kept.dtype == dtype and kept.shape == y.shape and kept.stride() == y.stride()
+        ref_kept = ref[6].detach().double().numpy()
+        np.testing.assert_allclose(kept.detach().cpu().double().numpy(), ref_kept, rtol=tol,
+                                   atol=tol * np.abs(ref_kept).max())  # fmt: skip
     # The mean within a fraction of the channel's spread: what BN's output sees (|mean| >> std costs
     # nothing). The Triton kernels (triton and cuda backends) sum in float32 (shifted by the channel's
     # first element; per-program partials folded in float64), the cpu backend in float32 runs of 16
@@ -208,28 +232,81 @@ def _check_fused(shape, layout, act, bits, mode, backend, dtype, device):
     assert ((mean.double() - ref_mean).abs() <= mean_tol).all(), f"mean: {mean} want {ref_mean}"
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-7)
     # Gradients. float64: no bin flips, every gradient tight. float32: a flip moves a whole channel's
-    # BN gradient by about g / count, so grad_y, gamma, beta are compared in norm.
-    for name, got, want in zip(("y", "gamma", "beta"), grads[:3], ref[1][:3], strict=True):
+    # BN gradient by about g / count, so grad_y, gamma, beta (and the residual's) are compared in norm.
+    tensor_grads = list(zip(("y", "gamma", "beta"), grads[:3], ref[1][:3], strict=True))
+    if residual:
+        tensor_grads.append(("residual", grads[-1], ref[1][-1]))
+    for name, got, want in tensor_grads:
         got, want = got.double(), want.double()
         assert torch.isfinite(got).all(), f"grad {name}: non-finite (unwritten?) elements"
         err = (got - want).norm() / want.norm().clamp_min(1e-30)
         assert err <= (1e-10 if dtype == torch.float64 else 1e-4), f"grad {name}: relative error {err:.3g}"
     if bits is not None:
         scale = float(ref[1][0].abs().sum())  # sum of |terms| order of magnitude
-        for name, got, want in zip(("theta", "offset"), grads[3:], ref[1][3:], strict=True):
+        for name, got, want in zip(("theta", "offset"), grads[3:5], ref[1][3:5], strict=True):
             h.assert_scalar_close(got, float(want), max(scale, 1.0) * 1e-3, 1e-4, f"grad {name}")
+
+
+# (bits, keep): BN + act + residual only; quantized; quantized with the activation kept for a shortcut.
+RESIDUAL_CASES = ((None, False), (4, False), (4, True))
+
+
+@pytest.mark.parametrize("shape", SHAPES[::2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bits, keep", RESIDUAL_CASES)
+@pytest.mark.parametrize("mode", ["train", "running"])
+@pytest.mark.parametrize("backend, dtype", [("cpu", torch.float32), ("cpu", torch.float64), ("triton", torch.float32)])
+def test_residual_fused_matches_float64_composition(shape, layout, act, bits, keep, mode, backend, dtype):
+    """``batchquant(act(bn(y)) + residual)`` (and the kept activation, with a gradient of its own): every
+    output and gradient, the residual's included, against the float64 composition."""
+    _require_fused(backend, dtype)
+    _check_fused(shape, layout, act, bits, mode, backend, dtype, "cpu", residual=True, keep=keep)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bits, keep", RESIDUAL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_residual_reference_is_the_composition(shape, act, bits, keep, dtype):
+    """The oracle's route with a residual and the kept activation: the bits of the separate ops."""
+    layout = "channels_last" if len(shape) == 4 else "contiguous"
+    y = h.to_layout(h.make_activation(shape, kind="shifted", seed=3).to(dtype), layout)
+    r = h.to_layout(h.make_activation(shape, seed=4).to(dtype), layout)
+    gamma, beta, theta, offset, rm, rv, lo_hi = (t.to(dtype) for t in _params(shape[1], 3))
+    args = {"act": act, "bits": bits, "mode": "train", "rm": rm, "rv": rv, "lo_hi": lo_hi, "keep": keep}
+    got = _run(y, gamma, beta, theta, offset, backend="reference", residual=r, **args)
+    want = _composition(y, gamma, beta, theta, offset, residual=r, **args)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    if keep:
+        torch.testing.assert_close(got[6], want[5], rtol=0, atol=0)
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES[::2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", ["relu", "h_swish"])
+@pytest.mark.parametrize("bits, keep", RESIDUAL_CASES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_residual_on_cuda_matches_float64_composition(shape, layout, act, bits, keep, backend):
+    """The residual and kept-activation kernels on a GPU (bench/gpu_check.sh runs this)."""
+    h.require(backend, "cuda", torch.float32)
+    _check_fused(shape, layout, act, bits, "train", backend, torch.float32, "cuda", residual=True, keep=keep)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_16bit_matches_the_composition_in_that_dtype(dtype, act, layout, backend):
+@pytest.mark.parametrize("residual, keep", [(False, False), (True, True)], ids=["plain", "residual-kept"])
+def test_16bit_matches_the_composition_in_that_dtype(dtype, act, layout, backend, residual, keep):
     _require_fused(backend, dtype)
     shape = (8, 12, 6, 5)
     y = h.to_layout(h.make_activation(shape, kind="shifted", seed=3).to(dtype), layout)
+    r = h.to_layout(h.make_activation(shape, seed=4).to(dtype), layout) if residual else None
     gamma, beta, theta, offset, rm, rv, lo_hi = _params(shape[1], 3, torch.float32)
-    args = {"act": act, "bits": 4, "mode": "train", "rm": rm, "rv": rv, "lo_hi": lo_hi}
+    args = {"act": act, "bits": 4, "mode": "train", "rm": rm, "rv": rv, "lo_hi": lo_hi, "residual": r, "keep": keep}
     ref = _run(y, gamma, beta, theta.float(), offset.float(), backend="reference", **args)
     h.poison_heap(y.numel() * y.element_size(), "cpu")
     got = _run(y, gamma, beta, theta.float(), offset.float(), backend=backend, **args)
@@ -240,7 +317,13 @@ def test_16bit_matches_the_composition_in_that_dtype(dtype, act, layout, backend
     flips = int((diff > rounding + 1e-6 * step).sum())
     assert (diff <= rounding + step * 1.01).all()
     assert flips <= h.allowed_flips(y.numel()), f"{flips} one-step flips"
-    for name, a, b in zip(("y", "gamma", "beta", "theta", "offset"), got[1], ref[1], strict=True):
+    if keep:  # rounded where the composition rounds; a value on a 16-bit rounding midpoint may round
+        # the other way (BN's statistics differ from PyTorch's in their last float32 bits on triton)
+        diff_kept = (got[6].double() - ref[6].double()).abs()
+        assert (diff_kept <= 2.0 ** (-7 if dtype == torch.bfloat16 else -10) * ref[6].double().abs()).all()
+        assert int((diff_kept > 0).sum()) <= h.allowed_flips(y.numel())
+    names = ("y", "gamma", "beta", "theta", "offset", "residual")[: len(ref[1])]
+    for name, a, b in zip(names, got[1], ref[1], strict=True):
         err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
         assert err <= 2e-2, f"grad {name}: relative error {err:.3g}"
 
@@ -310,11 +393,15 @@ def test_nan_input_makes_the_range_nan(backend, act):
         ({"eps": 0.0}, ValueError, "eps must be a positive"),
         ({"y": torch.zeros(2, 3, dtype=torch.int32)}, TypeError, "y must be a floating tensor"),
         ({"y": torch.zeros(0, 3)}, ValueError, "y must not be empty"),
+        ({"residual": torch.zeros(2, 3, 4, 5)}, ValueError, "residual must have the shape of y"),
+        ({"residual": torch.zeros(2, 3, 4, 4, dtype=torch.float64)}, TypeError, "residual must have the dtype"),
+        ({"residual": torch.zeros(2, 3, 4, 4, device="meta")}, ValueError, "residual is on meta"),
+        ({"return_activation": True, "bits": None}, ValueError, "return_activation needs a quantizer"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, exc, match):
     args = {"y": torch.randn(2, 3, 4, 4), "weight": torch.ones(3), "bias": torch.zeros(3),
-            "theta": torch.zeros(1), "offset": torch.zeros(1)}  # fmt: skip
+            "theta": torch.zeros(1), "offset": torch.zeros(1), "bits": 4}  # fmt: skip
     args.update(kwargs)
     y, w, b = args.pop("y"), args.pop("weight"), args.pop("bias")
     with pytest.raises(exc, match=match):
@@ -326,10 +413,13 @@ def test_opcheck_native_op():
     y = h.to_layout(h.make_activation((4, 6, 3, 3), seed=9).float(), "channels_last").requires_grad_()
     gamma, beta, theta, offset, rm, rv, lo_hi = (t.float().requires_grad_() for t in _params(6, 9))
     op = torch.ops.bquant.native_bn_act_quant
+    r = h.to_layout(h.make_activation((4, 6, 3, 3), seed=10).float(), "channels_last").requires_grad_()
     for args in [
-        (y, gamma, beta, theta, offset, None, None, None, 1e-5, 2, 4, False),
-        (y, gamma, beta, None, None, None, None, None, 1e-5, 1, 0, False),
-        (y, gamma, beta, theta, offset, rm.detach(), rv.detach(), lo_hi.detach(), 1e-5, 0, 3, False),
+        (y, gamma, beta, None, theta, offset, None, None, None, 1e-5, 2, 4, False, False),
+        (y, gamma, beta, None, None, None, None, None, None, 1e-5, 1, 0, False, False),
+        (y, gamma, beta, None, theta, offset, rm.detach(), rv.detach(), lo_hi.detach(), 1e-5, 0, 3, False, False),
+        (y, gamma, beta, r, theta, offset, None, None, None, 1e-5, 2, 4, False, True),
+        (y, gamma, beta, r, None, None, None, None, None, 1e-5, 0, 0, False, False),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -342,15 +432,18 @@ def test_compiled_call_has_no_graph_breaks(backend):
     y = h.make_activation((4, 6, 3, 3), seed=4).float()
     gamma, beta, theta, offset, *_ = (t.float().requires_grad_() for t in _params(6, 4))
 
+    r = h.make_activation((4, 6, 3, 3), seed=5).float().requires_grad_()
+
     def fn(y):
-        out = bn_act_quant(y, gamma, beta, act="h_swish", theta=theta, offset=offset, bits=4, backend=backend)
-        return out * 2
+        out, kept = bn_act_quant(y, gamma, beta, act="h_swish", residual=r, theta=theta, offset=offset, bits=4,
+                                 return_activation=True, backend=backend)  # fmt: skip
+        return out * 2 + kept
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     got, want = compiled(y), fn(y)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    params = (gamma, beta, theta, offset)
+    params = (gamma, beta, theta, offset, r)
     g = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -28,10 +28,10 @@ from bquant_kernels.backends.triton import batchquant, epilogue, lsq
 
 CONSTEXPRS = {"BLOCK": 1024, "TILE": 2048, "BLOCK_I": 64, "BLOCK_C": 128, "WITH_QPARAMS": True,
               "FINISH_S": 4, "FINISH_C": 256, "FROM_RANGE": False, "ACT": 2, "RANGE": True, "QUANT": True,
-              "BATCH": True, "BLOCK_R": 32}
+              "BATCH": True, "BLOCK_R": 32, "RESID": True, "KEEP": True, "GRAD_ACT": True}
 FLOATS = {"qmin", "qmax", "qn", "qp", "eps"}
 BF16 = {"x_ptr", "y_ptr"}  # 16-bit data; the epilogue's also in and out of these (elsewhere qparams, fp32)
-EPILOGUE_BF16 = {"out_ptr", "g_ptr", "gy_ptr"}
+EPILOGUE_BF16 = {"out_ptr", "g_ptr", "gy_ptr", "r_ptr", "kept_ptr", "ga_ptr", "gr_ptr"}
 KERNELS = [batchquant._channel_minmax_planes, batchquant._channel_minmax_rows, batchquant._quantize,
            batchquant._quantize_backward, lsq._lsq_quantize, lsq._lsq_quantize_backward,
            epilogue._stats_pass, epilogue._act_range_pass, epilogue._forward_elements, epilogue._backward_sums,

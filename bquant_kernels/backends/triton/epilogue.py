@@ -1,9 +1,11 @@
-"""Fused layer epilogue in Triton: BatchNorm -> activation -> BatchQuant (docs/epilogue.md), no host sync.
+"""Fused layer epilogue in Triton: BatchNorm -> activation (-> + residual) -> BatchQuant (docs/epilogue.md),
+no host sync.
 
 The math and operation order are those of the CPU kernel (``csrc/cpu/epilogue_kernels_impl.h``):
 ``z = round_T((y - mean) * k + beta)`` with ``k = float32(gamma / sqrt(var + eps))`` (computed in
 float64 from the float32 statistics), ``a = round_T(act(z))`` (``round_T``: a no-op for float32, the
-16-bit rounding where the composition stores 16-bit tensors), then BatchQuant of ``a``.
+16-bit rounding where the composition stores 16-bit tensors), ``s = round_T(a + r)`` with a residual
+``r`` (else ``s = a``), then BatchQuant of ``s``; ``kept`` (optional) is ``s``. ``r`` has ``y``'s strides.
 
 ``y`` is viewed as ``(outer, C, inner)`` in memory (contiguous: ``inner`` = spatial size; channels_last:
 ``inner = 1``). Per-channel passes run on a ``(channel blocks, splits)`` grid over ``(rows, BLOCK_C)``
@@ -13,12 +15,13 @@ tiles, ``rows = outer * inner`` (row ``j`` of channel ``c`` at ``(j // inner) * 
 
 Forward (batch statistics): one statistics pass (shifted sums, min/max of ``y``) whose last program
 writes ``stats`` (mean, biased var), the per-channel affine ``aff`` (mean, k, beta) and, for identity /
-ReLU, the quantizer's range from ``y``'s extremes (every step is monotone in ``y``); h_swish (or
-running statistics without a stored range) reads once more for the activated extremes; then the
-element pass. Backward: one pass recomputing ``z``, the activation and the quantizer mask, summing
-BN's per-channel terms and the quantizer's scalar terms (last program: grad_gamma, grad_beta, BN's
-per-channel coefficients, grad_theta, grad_offset), then one element pass writing grad_y (it
-recomputes the activation's gradient instead of storing it: 4 reads, 1 write).
+ReLU without residual, the quantizer's range from ``y``'s extremes (every step is monotone in ``y``);
+h_swish or a residual (or running statistics without a stored range) reads once more for the extremes
+of ``s``; then the element pass (writing ``kept`` too). Backward: one pass recomputing ``z``, the
+activation, ``s`` and the quantizer mask, summing BN's per-channel terms and the quantizer's scalar
+terms (last program: grad_gamma, grad_beta, BN's per-channel coefficients, grad_theta, grad_offset),
+then one element pass writing grad_y and grad_residual (the gradient reaching ``s``: the quantizer's
+plus the one flowing into ``kept``); it recomputes the activation's gradient instead of storing it.
 """
 
 from __future__ import annotations
@@ -95,18 +98,31 @@ def _bn_act(v, m, k, b, ACT: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
-def _grad_z(g, v, m, k, b, l, scale, zero, offset, qmin, qmax, step, ACT: tl.constexpr, QUANT: tl.constexpr,
-            T: tl.constexpr):  # fmt: skip
-    """``(gz, dl_term, do_term)``: the gradient reaching BN's output (rounded to ``T`` as the composition
-    stores it) and the quantizer's scalar-gradient terms of one element."""
+def _plus_residual(a, r_ptr, offs, mask, RESID: tl.constexpr, T: tl.constexpr):
+    """``s = a + r`` rounded to ``T`` (the composition's add in ``T``) with a residual, else ``a``."""
+    if RESID:
+        return _round_to(a + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32), T)
+    else:
+        return a
+
+
+@triton.jit
+def _grad_z(g, ga_ptr, r_ptr, offs, mask, v, m, k, b, l, scale, zero, offset, qmin, qmax, step, ACT: tl.constexpr,
+            QUANT: tl.constexpr, RESID: tl.constexpr, GRAD_ACT: tl.constexpr, T: tl.constexpr):  # fmt: skip
+    """``(gz, gs, dl_term, do_term)``: the gradients reaching BN's output and the sum ``s = a + r`` (each
+    rounded to ``T`` as the composition stores it) and the quantizer's scalar-gradient terms of one
+    element. ``GRAD_ACT``: the gradient flowing into the kept ``s`` adds to the quantizer's."""
     z, a = _bn_act(v, m, k, b, ACT, T)
     if QUANT:
-        ga, dl_term, do_term = batchquant_elem_backward(g, a, l, scale, zero, offset, qmin, qmax, step)
+        s = _plus_residual(a, r_ptr, offs, mask, RESID, T)
+        gs, dl_term, do_term = batchquant_elem_backward(g, s, l, scale, zero, offset, qmin, qmax, step)
     else:
-        ga = g
+        gs = g
         dl_term = tl.zeros_like(g)
         do_term = tl.zeros_like(g)
-    return _round_to(_act_backward(z, ga, ACT), T), dl_term, do_term
+    if GRAD_ACT:
+        gs = _round_to(gs + tl.load(ga_ptr + offs, mask=mask, other=0.0).to(tl.float32), T)
+    return _round_to(_act_backward(z, gs, ACT), T), gs, dl_term, do_term
 
 
 @triton.jit
@@ -286,6 +302,7 @@ def _finish_stats(y_ptr, gamma_ptr, beta_ptr, theta_ptr, part_ptr, ext_ptr, stat
 @triton.jit
 def _act_range_pass(
     y_ptr,
+    r_ptr,
     aff_ptr,
     theta_ptr,
     part_ptr,
@@ -297,13 +314,15 @@ def _act_range_pass(
     qmin,
     qmax,
     ACT: tl.constexpr,
+    RESID: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     FINISH_S: tl.constexpr,
     FINISH_C: tl.constexpr,
 ):
-    """Per-channel min/max partials of the activated tensor (h_swish is not monotone; running
-    statistics have no statistics pass), part[0|1, split, c]; the last program computes the qparams."""
+    """Per-channel min/max partials of the quantizer's input ``act(bn(y)) (+ r)`` (h_swish and the
+    residual's sum are not monotone in ``y``; running statistics have no statistics pass),
+    part[0|1, split, c]; the last program computes the qparams."""
     T: tl.constexpr = y_ptr.dtype.element_ty
     cols, col_mask, split, n_splits = _channel_block(C, BLOCK_C)
     m, k, b = _affine_row(aff_ptr, cols, col_mask, C)
@@ -313,6 +332,7 @@ def _act_range_pass(
         offs, mask = _channel_tile(j0, cols, rows, C, inner, BLOCK_R)
         v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         _, a = _bn_act(v, m, k, b, ACT, T)
+        a = _plus_residual(a, r_ptr, offs, mask, RESID, T)
         acc_min, acc_max = fold_minmax(acc_min, acc_max, a, a, mask)
     lo, hi = reduce_minmax(acc_min, acc_max, 0)
     p = split * C + cols
@@ -326,7 +346,9 @@ def _act_range_pass(
 @triton.jit
 def _forward_elements(
     y_ptr,
+    r_ptr,
     out_ptr,
+    kept_ptr,
     aff_ptr,
     qp_ptr,
     theta_ptr,
@@ -339,16 +361,22 @@ def _forward_elements(
     qmin,
     qmax,
     ACT: tl.constexpr,
+    RESID: tl.constexpr,
+    KEEP: tl.constexpr,
     QUANT: tl.constexpr,
     FROM_RANGE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """out = batchquant(act(bn(y))) (or act(bn(y)) without ``QUANT``), in memory order. ``FROM_RANGE``:
-    the qparams come from the stored ``lo_hi`` (every program computes them, program 0 stores them)."""
+    """out = batchquant(s) (or s without ``QUANT``), s = act(bn(y)) (+ r with ``RESID``), in memory order;
+    ``KEEP``: s into ``kept`` too. ``FROM_RANGE``: the qparams come from the stored ``lo_hi`` (every
+    program computes them, program 0 stores them)."""
     T: tl.constexpr = y_ptr.dtype.element_ty
     offs, mask, _, m, k, b = _element_block(aff_ptr, numel, C, inner, BLOCK)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     _, a = _bn_act(v, m, k, b, ACT, T)
+    a = _plus_residual(a, r_ptr, offs, mask, RESID, T)
+    if KEEP:
+        tl.store(kept_ptr + offs, cast_rne(a, T), mask=mask)
     if QUANT:
         if FROM_RANGE:
             first = tl.program_id(0) == 0
@@ -368,7 +396,9 @@ def _forward_elements(
 @triton.jit
 def _backward_sums(
     g_ptr,
+    ga_ptr,
     y_ptr,
+    r_ptr,
     aff_ptr,
     stats_ptr,
     qp_ptr,
@@ -388,6 +418,8 @@ def _backward_sums(
     eps,
     ACT: tl.constexpr,
     QUANT: tl.constexpr,
+    RESID: tl.constexpr,
+    GRAD_ACT: tl.constexpr,
     BATCH: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -408,7 +440,8 @@ def _backward_sums(
         offs, mask = _channel_tile(j0, cols, rows, C, inner, BLOCK_R)
         v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gz, dl_term, do_term = _grad_z(g, v, m, k, b, l, scale, zero, offset, qmin, qmax, step, ACT, QUANT, T)
+        gz, _, dl_term, do_term = _grad_z(g, ga_ptr, r_ptr, offs, mask, v, m, k, b, l, scale, zero, offset, qmin,
+                                          qmax, step, ACT, QUANT, RESID, GRAD_ACT, T)  # fmt: skip
         acc_1 += tl.where(mask, gz, 0.0)
         acc_2 += tl.where(mask, gz * (v - m), 0.0)
         acc_dl += tl.where(mask, dl_term, 0.0)
@@ -451,8 +484,11 @@ def _finish_backward(part_ptr, aff_ptr, stats_ptr, qp_ptr, coef_ptr, grad_gamma_
 @triton.jit
 def _backward_elements(
     g_ptr,
+    ga_ptr,
     y_ptr,
+    r_ptr,
     gy_ptr,
+    gr_ptr,
     aff_ptr,
     coef_ptr,
     qp_ptr,
@@ -465,9 +501,12 @@ def _backward_elements(
     size_class,
     ACT: tl.constexpr,
     QUANT: tl.constexpr,
+    RESID: tl.constexpr,
+    GRAD_ACT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """grad_y = k * gz - c1 - (y - mean) * c2, with gz recomputed from y and the incoming gradient."""
+    """grad_y = k * gz - c1 - (y - mean) * c2, with gz recomputed from y (and r) and the incoming
+    gradients; ``RESID``: grad_residual = gs, the gradient reaching the sum."""
     T: tl.constexpr = y_ptr.dtype.element_ty
     offs, mask, c, m, k, b = _element_block(aff_ptr, numel, C, inner, BLOCK)
     c1 = tl.load(coef_ptr + c, mask=mask, other=0.0)
@@ -475,8 +514,11 @@ def _backward_elements(
     l, scale, zero, offset, step = _quant_params(qp_ptr, offset_ptr, QUANT)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gz, _, _ = _grad_z(g, v, m, k, b, l, scale, zero, offset, qmin, qmax, step, ACT, QUANT, T)
+    gz, gs, _, _ = _grad_z(g, ga_ptr, r_ptr, offs, mask, v, m, k, b, l, scale, zero, offset, qmin, qmax, step, ACT,
+                           QUANT, RESID, GRAD_ACT, T)  # fmt: skip
     tl.store(gy_ptr + offs, cast_rne(k * gz - c1 - (v - m) * c2, gy_ptr.dtype.element_ty), mask=mask)
+    if RESID:
+        tl.store(gr_ptr + offs, cast_rne(gs, T), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -531,6 +573,7 @@ def bn_act_quant_forward(
     y: Tensor,
     gamma: Tensor,
     beta: Tensor,
+    residual: Tensor | None,
     theta: Tensor | None,
     offset: Tensor | None,
     running_mean: Tensor | None,
@@ -540,21 +583,28 @@ def bn_act_quant_forward(
     act: int,
     bits: int,
     signed: bool,
+    keep: bool,
     C: int,
     inner: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(out, stats, qparams, aff)`` for dense ``y`` viewed as ``(outer, C, inner)``: ``stats`` (2, C) the
-    float32 mean and biased var BN used (the running ones when given, else the batch's), ``qparams``
-    BatchQuant's (zeros when ``bits == 0``), ``aff`` (3, C) the per-channel affine the backward reuses."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(out, kept, stats, qparams, aff)`` for dense ``y`` viewed as ``(outer, C, inner)`` (``residual``:
+    ``y``'s strides): ``kept`` the quantizer's input ``act(bn(y)) + residual`` when ``keep`` (else empty),
+    ``stats`` (2, C) the float32 mean and biased var BN used (the running ones when given, else the
+    batch's), ``qparams`` BatchQuant's (zeros when ``bits == 0``), ``aff`` (3, C) the per-channel affine
+    the backward reuses."""
     p = plan(y, C, inner, eps, act, bits, signed)
     dev = y.device
     running_stats = None if running_mean is None else torch.stack([running_mean.float(), running_var.float()])
     out = torch.empty_like(y)
+    kept = torch.empty_like(y) if keep else y.new_empty(0)
     qp = (torch.empty if p.quant else torch.zeros)(NUM_QPARAMS, dtype=torch.float32, device=dev)
     theta = theta if p.quant else qp
     offset = offset if p.quant else qp
+    resid = residual is not None
+    r = residual if resid else y  # not read without a residual
     batch = running_stats is None
-    range_from_y = p.quant and lo_hi is None and batch and p.act != 2
+    # y's extremes give the range only where s is monotone in y: no h_swish, no residual
+    range_from_y = p.quant and lo_hi is None and batch and p.act != 2 and not resid
     with device_guard(y):
         if batch:
             stats = torch.empty((2, C), dtype=torch.float32, device=dev)
@@ -573,20 +623,23 @@ def bn_act_quant_forward(
             part = torch.empty((2, p.n_splits, C), dtype=torch.float32, device=dev)
             counter = torch.zeros(1, dtype=torch.int32, device=dev)
             _act_range_pass[(p.n_blocks, p.n_splits)](
-                y, aff, theta, part, qp, counter, C, inner, p.rows, p.qmin, p.qmax, ACT=p.act, BLOCK_R=p.block_r,
-                BLOCK_C=p.block_c, **range_finish_blocks(p.n_splits, C),
+                y, r, aff, theta, part, qp, counter, C, inner, p.rows, p.qmin, p.qmax, ACT=p.act, RESID=resid,
+                BLOCK_R=p.block_r, BLOCK_C=p.block_c, **range_finish_blocks(p.n_splits, C),
             )  # fmt: skip
         lo_hi_arg = lo_hi.contiguous() if lo_hi is not None else qp
         _forward_elements[lambda meta: (triton.cdiv(p.numel, meta["BLOCK"]),)](
-            y, out, aff, qp, theta, offset, lo_hi_arg, p.numel, C, inner, size_class(p.numel), p.qmin, p.qmax,
-            ACT=p.act, QUANT=p.quant, FROM_RANGE=p.quant and lo_hi is not None,
+            y, r, out, kept if keep else out, aff, qp, theta, offset, lo_hi_arg, p.numel, C, inner,
+            size_class(p.numel), p.qmin, p.qmax, ACT=p.act, RESID=resid, KEEP=keep, QUANT=p.quant,
+            FROM_RANGE=p.quant and lo_hi is not None,
         )  # fmt: skip
-    return out, stats, qp, aff
+    return out, kept, stats, qp, aff
 
 
 def bn_act_quant_backward(
     grad_out: Tensor,
+    grad_act: Tensor | None,
     y: Tensor,
+    residual: Tensor | None,
     gamma: Tensor,
     beta: Tensor,
     stats: Tensor,
@@ -600,12 +653,15 @@ def bn_act_quant_backward(
     signed: bool,
     C: int,
     inner: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(grad_y, grad_gamma, grad_beta, grad_theta[1], grad_offset[1])``; ``grad_out`` has ``y``'s strides.
-    The scalar gradients are float32 (zero when ``bits == 0``)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_y, grad_residual, grad_gamma, grad_beta, grad_theta[1], grad_offset[1])``; ``grad_out``,
+    ``grad_act`` (the gradient into ``kept``, or ``None``) and ``residual`` have ``y``'s strides.
+    ``grad_residual`` is empty without residual; the scalar gradients are float32 (zero when ``bits == 0``)."""
     p = plan(y, C, inner, eps, act, bits, signed)
     dev = y.device
+    resid, with_grad_act = residual is not None, grad_act is not None
     grad_y = torch.empty_like(y)
+    grad_residual = torch.empty_like(y) if resid else y.new_empty(0)
     grad_gamma = torch.empty(C, dtype=gamma.dtype, device=dev)
     grad_beta = torch.empty(C, dtype=beta.dtype, device=dev)
     grad_theta = (torch.empty if p.quant else torch.zeros)(1, dtype=torch.float32, device=dev)
@@ -614,14 +670,17 @@ def bn_act_quant_backward(
     coef = torch.empty((2, C), dtype=torch.float32, device=dev)
     counter = torch.zeros(1, dtype=torch.int32, device=dev)
     offset = offset if p.quant else qparams
+    r = residual if resid else y  # stand-ins that are not read
+    ga = grad_act if with_grad_act else grad_out
     with device_guard(y):
         _backward_sums[(p.n_blocks, p.n_splits)](
-            grad_out, y, aff, stats, qparams, offset, part, coef, grad_gamma, grad_beta, grad_theta, grad_offset,
-            counter, C, inner, p.rows, p.qmin, p.qmax, p.eps, ACT=p.act, QUANT=p.quant, BATCH=batch_stats,
-            BLOCK_R=p.block_r, BLOCK_C=p.block_c, FINISH_C=p.finish_c,
+            grad_out, ga, y, r, aff, stats, qparams, offset, part, coef, grad_gamma, grad_beta, grad_theta,
+            grad_offset, counter, C, inner, p.rows, p.qmin, p.qmax, p.eps, ACT=p.act, QUANT=p.quant, RESID=resid,
+            GRAD_ACT=with_grad_act, BATCH=batch_stats, BLOCK_R=p.block_r, BLOCK_C=p.block_c, FINISH_C=p.finish_c,
         )  # fmt: skip
         _backward_elements[lambda meta: (triton.cdiv(p.numel, meta["BLOCK"]),)](
-            grad_out, y, grad_y, aff, coef, qparams, offset, p.qmin, p.qmax, p.numel, C, inner, size_class(p.numel),
-            ACT=p.act, QUANT=p.quant,
+            grad_out, ga, y, r, grad_y, grad_residual if resid else grad_y, aff, coef, qparams, offset, p.qmin,
+            p.qmax, p.numel, C, inner, size_class(p.numel), ACT=p.act, QUANT=p.quant, RESID=resid,
+            GRAD_ACT=with_grad_act,
         )  # fmt: skip
-    return grad_y, grad_gamma, grad_beta, grad_theta, grad_offset
+    return grad_y, grad_residual, grad_gamma, grad_beta, grad_theta, grad_offset

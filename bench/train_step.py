@@ -123,6 +123,8 @@ def run_variant(variant: str, args: argparse.Namespace, ctx=None) -> dict:
         "width_mult": args.width_mult, "subnets": args.subnets, "bits": QUANT_BITS if quantized else (32,),
         "backend": backend, "amp": args.amp, "channels_last": args.channels_last, "progress": False,
         "resume": "none", "out": tempfile.mkdtemp(prefix="qfa-bench-"), "calib_batches": 1,
+        # the published code runs BN, activation and its quantizers one by one (no fused epilogue)
+        "fused_epilogue": variant != "eager",
     }  # fmt: skip
     opts = options.resolve(options.TrainOptions, settings)
     trainer = Trainer(opts, ctx or distributed.DistContext(device=device), log=lambda s: None)

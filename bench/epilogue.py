@@ -6,7 +6,7 @@ Measures, fused and unfused side by side in one process:
   and autograd's per-node evaluations) of one forward + backward of the max subnet, at W4A4 and in
   full precision (width 1.2, batch 8, 32 px, as counted in the issue), with the most frequent ones;
 - one supernet training step (``Trainer.train_step``: 6 subnets with in-place distillation): wall
-  time (interleaved steps, min and median), and the profiler's time of the BN, activation and
+  time (interleaved steps, min and median), and the profiler's time of the BN, activation, shortcut add and
   BatchQuant ops (the top-level forward ops and backward nodes, each with what it dispatches: CPU
   time, and on a GPU the time of the kernels they launch; min over interleaved profiled steps)
   against that of the fused op; on a GPU, the allocator's peak during each variant's steps above
@@ -61,11 +61,12 @@ from qfa.data import parse_resolutions  # noqa: E402
 from qfa.io import atomic_write_text  # noqa: E402
 from qfa.train.trainer import AMP_DTYPES  # noqa: E402
 
-# Profiler names of the ops the fused epilogue replaces (forward and backward), and of the fused op.
+# Profiler names of the ops the fused epilogue replaces (forward and backward: BN, activations, the
+# shortcut adds, BatchQuant), and of the fused op.
 EPILOGUE_OPS = (
     "aten::batch_norm", "NativeBatchNormBackward0", "aten::relu", "ReluBackward0", "aten::hardswish",
-    "HardswishBackward0", "bquant::native_batchquant", "BatchQuantFunction", "bquant::native_bn_act_quant",
-    "EpilogueFunction",
+    "HardswishBackward0", "aten::add", "AddBackward0", "bquant::native_batchquant", "BatchQuantFunction",
+    "bquant::native_bn_act_quant", "EpilogueFunction",
 )  # fmt: skip
 
 

@@ -7,21 +7,46 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from bquant_kernels import BatchQuantizer
+
 from ..nn import DynamicQConv2d, DynamicQDepthwiseConv2d, QConv2d
 from .arch import mid_channels
 
 
 class ResidualBlock(nn.Module):
-    """``conv(x) + x`` with an identity shortcut (full-precision add), else ``conv(x)``."""
+    """``conv(x) + x`` with an identity shortcut (full-precision add), else ``conv(x)``.
+
+    A supernet with fused epilogues chains its blocks (:meth:`QFAMobileNetV3.forward`): ``x_in`` is
+    then the block's input already quantized for its first layer (``x`` only feeds the shortcut, and
+    may be ``None`` without one), and the shortcut's add and the next block's quantizer
+    (``next_quantizer``) run in the project conv's fused epilogue; ``keep_activation`` also returns the
+    unquantized output for the next block's shortcut: ``(output, quantized output)``.
+    """
 
     def __init__(self, conv: nn.Module, shortcut: bool) -> None:
         super().__init__()
         self.conv = conv
         self.shortcut = shortcut
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.conv(x)
-        return y + x if self.shortcut else y
+    def forward(
+        self,
+        x: Tensor | None,
+        x_in: Tensor | None = None,
+        *,
+        input_quantized: bool = False,
+        next_quantizer: BatchQuantizer | None = None,
+        keep_activation: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if x_in is None and next_quantizer is None and not keep_activation:
+            y = self.conv(x)
+            return y + x if self.shortcut else y
+        return self.conv(
+            x if x_in is None else x_in,
+            input_quantized=input_quantized,
+            residual=x if self.shortcut else None,
+            next_quantizer=next_quantizer,
+            keep_activation=keep_activation,
+        )
 
     def extra_repr(self) -> str:
         return f"shortcut={self.shortcut}"
@@ -71,21 +96,38 @@ class DynamicMBConv(nn.Module):
             self.inverted_bottleneck.active_out_channels = self.mid_channels(expand)
         self.active_expand = expand
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.depth_conv.fused_epilogue:
-            if self.inverted_bottleneck is not None:
-                x = self.inverted_bottleneck(x)
-            return self.point_linear(self.depth_conv(x))
-        # Fused epilogues: each layer's output that is exactly the next layer's input is quantized in
-        # the same op as its BN and activation (not after SE).
-        dw_quantizer = self.depth_conv.input_quantizer()
-        pl_quantizer = None if self.depth_conv.se is not None else self.point_linear.input_quantizer()
-        dw_input_quantized = False
+    def input_quantizer(self) -> BatchQuantizer | None:
+        """The active quantizer of the block's input (its first layer's), None in full precision."""
+        first = self.depth_conv if self.inverted_bottleneck is None else self.inverted_bottleneck
+        return first.input_quantizer()
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        input_quantized: bool = False,
+        residual: Tensor | None = None,
+        next_quantizer: BatchQuantizer | None = None,
+        keep_activation: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``next_quantizer(project(depthwise(expand(x))) + residual)``; ``input_quantized``: ``x`` comes
+        quantized for the first layer; ``keep_activation``: ``(output, quantized output)``. With fused
+        epilogues each layer's output that is exactly the next layer's input is quantized in the same op
+        as its BN and activation (not after SE); without, each layer quantizes its own input."""
+        fused = self.depth_conv.fused_epilogue
+        dw_quantizer = self.depth_conv.input_quantizer() if fused else None
+        pl_quantizer = self.point_linear.input_quantizer() if fused and self.depth_conv.se is None else None
         if self.inverted_bottleneck is not None:
-            x = self.inverted_bottleneck(x, dw_quantizer)
-            dw_input_quantized = dw_quantizer is not None
-        x = self.depth_conv(x, pl_quantizer, input_quantized=dw_input_quantized)
-        return self.point_linear(x, input_quantized=pl_quantizer is not None)
+            x = self.inverted_bottleneck(x, dw_quantizer, input_quantized=input_quantized)
+            input_quantized = dw_quantizer is not None
+        x = self.depth_conv(x, pl_quantizer, input_quantized=input_quantized)
+        return self.point_linear(
+            x,
+            next_quantizer,
+            input_quantized=pl_quantizer is not None,
+            residual=residual,
+            keep_activation=keep_activation,
+        )
 
     @torch.no_grad()
     def to_static(self) -> MBConv:

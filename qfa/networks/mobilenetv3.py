@@ -167,13 +167,31 @@ class QFAMobileNetV3(BackendOwner):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x)
         with quantized_weights(self._active_qlayers if self.group_weight_quantization else ()):
-            x = self.first_conv(x)
-            x = self.blocks[0](x)
-            for block in self._active_blocks:
-                x = block(x)
-            x = self.final_expand_layer(x)
+            if self._fused_epilogue:
+                x = self._chained_features(x)
+            else:
+                x = self.first_conv(x)
+                x = self.blocks[0](x)
+                for block in self._active_blocks:
+                    x = block(x)
+                x = self.final_expand_layer(x)
             x = self.feature_mix_layer(x.mean((2, 3), keepdim=True))
             return self.classifier(self.dropout(torch.flatten(x, 1)))
+
+    def _chained_features(self, x: Tensor) -> Tensor:
+        """Stem, blocks and final expand layer with each layer's output quantized for the next layer in
+        its fused epilogue, across blocks too: a block's shortcut add and the next block's input
+        quantizer run in its project conv's epilogue, which also hands on the unquantized output where
+        the next block's shortcut needs it."""
+        blocks = (self.blocks[0], *self._active_blocks)
+        quantizers = [b.conv.input_quantizer() for b in blocks] + [self.final_expand_layer.input_quantizer()]
+        keeps = [b.shortcut for b in blocks] + [False]
+        out = self.first_conv(x, quantizers[0], keep_activation=keeps[0])
+        for i, block in enumerate(blocks):
+            x, x_in = out if keeps[i] else (None, out)
+            out = block(x, x_in, input_quantized=quantizers[i] is not None, next_quantizer=quantizers[i + 1],
+                        keep_activation=keeps[i + 1])  # fmt: skip
+        return self.final_expand_layer(out, input_quantized=quantizers[-1] is not None)
 
     # ------------------------------------------------------------------ subnet control
 

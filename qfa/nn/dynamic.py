@@ -74,25 +74,39 @@ def _fill_static(dst: QConv2d | QLinear, src: _ActiveBits, weight: Tensor, w_ful
     return dst
 
 
-def _finish(layer: nn.Module, y: Tensor, next_quantizer: BatchQuantizer | None) -> Tensor:
-    """``next_quantizer(act(bn(y)))`` of a conv layer (each part optional): one fused op when the layer's
-    ``fused_epilogue`` is set and it has BN with batch statistics (training, recalibration) and an
-    activation or quantizer to fuse, else the modules (any float dtype: 16-bit under autocast too).
-    Evaluation keeps the modules, so that a supernet and its exported static subnet give the same bits."""
+def _finish(
+    layer: nn.Module,
+    y: Tensor,
+    next_quantizer: BatchQuantizer | None,
+    residual: Tensor | None = None,
+    keep_activation: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``next_quantizer(act(bn(y)) + residual)`` of a conv layer (each part optional), and with
+    ``keep_activation`` ``(act(bn(y)) + residual, that quantized)`` (a later shortcut adds the former).
+    One fused op when the layer's ``fused_epilogue`` is set and it has BN with batch statistics
+    (training, recalibration) and something to fuse with it, else the modules (any float dtype: 16-bit
+    under autocast too). Evaluation keeps the modules, so that a supernet and its exported static subnet
+    give the same bits."""
     bn = layer.bn
     fusable = layer.fused_epilogue and bn is not None and bn.uses_batch_stats
-    if fusable and (next_quantizer is not None or layer.act_name is not None):
+    if fusable and (next_quantizer is not None or layer.act_name is not None or residual is not None):
         # The backend of the layer's own input quantizers (qfa.nn.BackendOwner sets them all alike). Fused
         # only where that backend has epilogue kernels of its own: on the cuda backend the op would run
         # Triton's, not measured on a GPU yet (docs/known-issues.md).
         any_quantizer = next(iter(layer._banks()[1].values()), None)
         backend = None if any_quantizer is None else any_quantizer.backend
         if fused_backend(backend, y) == resolve(backend, y.device, y.dtype):
-            return fused_epilogue(y, layer.bn, layer.act_name, next_quantizer, backend)
-    if layer.bn is not None:
-        y = layer.bn(y)
+            out = fused_epilogue(y, bn, layer.act_name, next_quantizer, backend, residual, keep_activation)
+            if not keep_activation:
+                return out
+            return (out, out) if next_quantizer is None else (out[1], out[0])  # (activation, quantized)
+    if bn is not None:
+        y = bn(y)
     y = layer.act(y)
-    return y if next_quantizer is None else next_quantizer(y)
+    if residual is not None:
+        y = y + residual
+    q = y if next_quantizer is None else next_quantizer(y)
+    return (y, q) if keep_activation else q
 
 
 class _ActiveBits:
@@ -174,18 +188,26 @@ class DynamicQConv2d(_ActiveBits, nn.Module):
         self._init_bits()
 
     def forward(
-        self, x: Tensor, next_quantizer: BatchQuantizer | None = None, *, input_quantized: bool = False
-    ) -> Tensor:
-        """``next_quantizer(act(bn(conv(quantize(x)))))``: ``next_quantizer`` is the next layer's input
-        quantizer when its input is exactly this output (fused with BN and activation when
-        ``fused_epilogue``); ``input_quantized``: ``x`` comes quantized from the previous layer."""
+        self,
+        x: Tensor,
+        next_quantizer: BatchQuantizer | None = None,
+        *,
+        input_quantized: bool = False,
+        residual: Tensor | None = None,
+        keep_activation: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``next_quantizer(act(bn(conv(quantize(x)))) + residual)``: ``next_quantizer`` is the next layer's
+        input quantizer when its input is exactly this output, ``residual`` a shortcut added to it (both
+        fused with BN and activation when ``fused_epilogue``); ``keep_activation``: return
+        ``(activation, quantized)`` (a later shortcut needs the former); ``input_quantized``: ``x`` comes
+        quantized from the previous layer."""
         c_in = x.shape[1]
         if c_in > self.in_channels:
             raise ValueError(f"input has {c_in} channels, this conv takes at most {self.in_channels}")
         if self._a_key is not None and not input_quantized:
             x = self.a_quantizer[self._a_key](x)
         y = F.conv2d(x, self._active_weight(self.active_out_channels, c_in), None, self.stride, self.padding)
-        return _finish(self, y, next_quantizer)
+        return _finish(self, y, next_quantizer, residual, keep_activation)
 
     def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
         """``(rows, quantizer, full weight)``: the active output rows of the weight (every input channel:

@@ -112,6 +112,34 @@ def test_same_logits_and_gradients_float64_w4a4_off_ties():
                                    msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
 
 
+def test_every_bn_runs_in_a_fused_op_at_w4a4():
+    """Chained across blocks, every BN of a W4A4 subnet is in a fused epilogue: the project convs' too
+    (with the shortcut add and the next block's quantizer); none runs its own module."""
+    model, x = _model(torch.float32, 4), _images(torch.float32)
+    assert _bn_calls(model, x) == 0
+    model.fused_epilogue = False
+    assert _bn_calls(model, x) > 0
+
+
+def test_mixed_bits_with_unquantized_inputs_float64():
+    """Per-layer activation bits with some 32 (layers whose input is not quantized: the chain hands
+    on the activation itself): both paths agree to float64 rounding in logits and every gradient."""
+    model = _model(torch.float64, 32)
+    n = len(model.space.qlayer_names)
+    model.set_active_subnet(a_bits=[(4, 32, 2, 32, 3)[i % 5] for i in range(n)])
+    x = _images(torch.float64)
+    out_u, grads_u = _logits_and_grads(model, x, False)
+    out_f, grads_f = _logits_and_grads(model, x, True)
+    torch.testing.assert_close(out_f, out_u, rtol=1e-10, atol=1e-12)
+    assert grads_f.keys() == grads_u.keys()
+    # Some BN biases feed only an unquantized conv and the next BN, which removes any shift: their
+    # gradient is 0 up to rounding (1e-16), so the absolute tolerance is on the scale of all gradients.
+    scale = max(float(g.abs().max()) for g in grads_u.values())
+    for name in grads_u:
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-7, atol=1e-9 * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
+
+
 def test_same_logits_float32_w4a4():
     model = _model(torch.float32, 4)
     x = _images(torch.float32)

@@ -15,10 +15,11 @@ Measures, fused and unfused side by side in one process:
   size (what the fused op keeps alive: ``y`` and per-channel statistics, not BN's and the
   activation's outputs);
 - per call, at one shape per stage of the supernet (expanded channels at input / 2 ... input / 32,
-  the step's batch size): forward + backward of the fused op against the separate ops (samples
-  interleaved on the CPU), and the fused op's time against the memory roofline: its floor traffic
-  (forward 2 reads + 1 write, backward 4 reads + 1 write of the activation) at the bandwidth of a
-  copy of the same tensor.
+  the step's batch size), and at two project convs' outputs with their shortcut (the sum handed on):
+  forward + backward of the fused op against the separate ops (samples interleaved on the CPU), and
+  the fused op's time against the memory roofline: its floor traffic (forward 2 reads + 1 write,
+  backward 4 reads + 1 write of the activation; 5 more with a shortcut) at the bandwidth of a copy of
+  the same tensor.
 
 Both trainers use one quantizer backend (``--backend``): the supernet fuses only where the epilogue
 runs that backend's own kernels, so on a GPU the comparison is ``triton`` fused against ``triton``
@@ -209,31 +210,43 @@ def train_step(args: argparse.Namespace) -> dict:
     return result
 
 
-# (expanded channels, input resolution / spatial size, activation) of one layer per stage of the
-# max subnet (width 1.2): the expand convs' outputs that the fused op finishes.
-CALL_SHAPES = ((96, 2, "relu"), (144, 4, "relu"), (288, 8, "h_swish"), (672, 16, "h_swish"), (1152, 32, "h_swish"))
+# (channels, input resolution / spatial size, activation, shortcut) of one layer per stage of the max
+# subnet (width 1.2): the expand convs' outputs that the fused op finishes, then two project convs'
+# outputs with their block's shortcut and the next block's quantizer, the sum handed on.
+CALL_SHAPES = (
+    (96, 2, "relu", False), (144, 4, "relu", False), (288, 8, "h_swish", False), (672, 16, "h_swish", False),
+    (1152, 32, "h_swish", False), (32, 4, None, True), (96, 16, None, True),
+)  # fmt: skip
 FLOOR_PASSES = 8  # forward 2 reads + 1 write, backward 4 reads + 1 write of the activation
+# With a shortcut: forward + the residual's read and the kept sum's write, backward + the residual's and
+# the kept sum's gradient reads and the residual's gradient write.
+SHORTCUT_PASSES = 5
 
 
-def call_fns(y: torch.Tensor, act: str, backend: str) -> dict:
+def call_fns(y: torch.Tensor, act: str | None, backend: str, shortcut: bool = False) -> dict:
     """Forward + backward of the fused op and of the separate ops on ``y`` (random BN and quantizer
-    parameters), and a copy of ``y`` (the bandwidth reference), as callables."""
+    parameters; with ``shortcut`` a residual added and the sum kept, a gradient flowing into both
+    outputs), and a copy of ``y`` (the bandwidth reference), as callables."""
     C, dev = y.shape[1], y.device
     gen = torch.Generator().manual_seed(C)
     gamma = (torch.rand(C, generator=gen) + 0.5).to(dev).requires_grad_()
     beta = torch.randn(C, generator=gen).to(dev).requires_grad_()
     theta, offset = (torch.zeros(1, device=dev, requires_grad=True) for _ in range(2))
     grad = torch.randn_like(y)
-    leaves = (y, gamma, beta, theta, offset)
-    act_fn = F.relu if act == "relu" else F.hardswish
+    r = torch.randn_like(y).requires_grad_() if shortcut else None
+    leaves = (y, gamma, beta, theta, offset) + ((r,) if shortcut else ())
+    act_fn = {None: lambda t: t, "relu": F.relu, "h_swish": F.hardswish}[act]
 
     def fused():
-        out = bn_act_quant(y, gamma, beta, act=act, theta=theta, offset=offset, bits=4, backend=backend)
-        return torch.autograd.grad(out, leaves, grad)
+        out = bn_act_quant(y, gamma, beta, act=act, residual=r, theta=theta, offset=offset, bits=4,
+                           return_activation=shortcut, backend=backend)  # fmt: skip
+        return torch.autograd.grad(out, leaves, (grad, grad) if shortcut else grad)
 
     def separate():
         z = act_fn(F.batch_norm(y, None, None, gamma, beta, True, 0.0, 1e-5))
-        return torch.autograd.grad(batchquant(z, theta, offset, 4, backend=backend), leaves, grad)
+        z = z + r if shortcut else z
+        out = batchquant(z, theta, offset, 4, backend=backend)
+        return torch.autograd.grad((out, z) if shortcut else out, leaves, (grad, grad) if shortcut else grad)
 
     def copy():
         return y.detach().clone(memory_format=torch.preserve_format)
@@ -246,22 +259,23 @@ def per_call(args: argparse.Namespace) -> list[dict]:
     dev, res = args.device, max(parse_resolutions(args.resolutions))
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     rows = []
-    for C, div, act in CALL_SHAPES:
+    for C, div, act, shortcut in CALL_SHAPES:
         H = max(1, res // div)
         y = torch.randn(args.batch_size, C, H, H, generator=torch.Generator().manual_seed(H))
         y = y.to(dev, AMP_DTYPES[args.amp] or torch.float32).contiguous(memory_format=fmt).requires_grad_()
-        fns = call_fns(y, act, args.backend)
+        fns = call_fns(y, act, args.backend, shortcut)
         if dev == "cuda":
             t = {name: time_fn(fn, device=dev) for name, fn in fns.items()}
         else:
             t = time_cpu_interleaved(fns, min_total_s=0.3)
         nbytes = y.numel() * y.element_size()
+        floor = (FLOOR_PASSES + (SHORTCUT_PASSES if shortcut else 0)) * nbytes
         copy_gbps = 2 * nbytes / t["copy"] / 1e9
         rows.append({
-            "shape": [args.batch_size, C, H, H], "act": act, "fused_us": 1e6 * t["fused"],
+            "shape": [args.batch_size, C, H, H], "act": act, "shortcut": shortcut, "fused_us": 1e6 * t["fused"],
             "separate_us": 1e6 * t["separate"], "ratio": t["fused"] / t["separate"], "copy_gbps": copy_gbps,
-            "fused_gbps_at_floor": FLOOR_PASSES * nbytes / t["fused"] / 1e9,
-            "fused_vs_roofline": t["fused"] / (FLOOR_PASSES * nbytes / (copy_gbps * 1e9)),
+            "fused_gbps_at_floor": floor / t["fused"] / 1e9,
+            "fused_vs_roofline": t["fused"] / (floor / (copy_gbps * 1e9)),
         })  # fmt: skip
     return rows
 
@@ -308,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_calls:
         calls = record["per_call"] = per_call(args)
         for r in calls:
-            print(f"per call {'x'.join(map(str, r['shape']))} {r['act']}: fused {r['fused_us']:.0f} us, "
+            what = f"{r['act']}{' + shortcut' if r['shortcut'] else ''}"
+            print(f"per call {'x'.join(map(str, r['shape']))} {what}: fused {r['fused_us']:.0f} us, "
                   f"separate {r['separate_us']:.0f} us ({r['ratio']:.2f}x); fused at its floor traffic "
                   f"{r['fused_gbps_at_floor']:.1f} GB/s = {1 / r['fused_vs_roofline']:.0%} of a copy's "
                   f"{r['copy_gbps']:.1f} GB/s")  # fmt: skip

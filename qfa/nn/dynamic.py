@@ -74,6 +74,9 @@ def _fill_static(dst: QConv2d | QLinear, src: _ActiveBits, weight: Tensor, w_ful
     return dst
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _finish(
     layer: nn.Module,
     y: Tensor,
@@ -84,9 +87,10 @@ def _finish(
     """``next_quantizer(act(bn(y)) + residual)`` of a conv layer (each part optional), and with
     ``keep_activation`` ``(act(bn(y)) + residual, that quantized)`` (a later shortcut adds the former).
     One fused op when the layer's ``fused_epilogue`` is set and it has BN with batch statistics
-    (training, recalibration) and something to fuse with it, else the modules (any float dtype: 16-bit
-    under autocast too). Evaluation keeps the modules, so that a supernet and its exported static subnet
-    give the same bits."""
+    (training, recalibration) and something to fuse with it, else the modules. 16-bit (autocast) fuses
+    where the op runs Triton's kernels; the CPU kernel's 16-bit loops are slower than the separate ops
+    (bench/results/README.md), so there it keeps the modules. Evaluation keeps the modules, so that a
+    supernet and its exported static subnet give the same bits."""
     bn = layer.bn
     fusable = layer.fused_epilogue and bn is not None and bn.uses_batch_stats
     if fusable and (next_quantizer is not None or layer.act_name is not None or residual is not None):
@@ -95,7 +99,8 @@ def _finish(
         # Triton's, not measured on a GPU yet (docs/known-issues.md).
         any_quantizer = next(iter(layer._banks()[1].values()), None)
         backend = None if any_quantizer is None else any_quantizer.backend
-        if fused_backend(backend, y) == resolve(backend, y.device, y.dtype):
+        fused = fused_backend(backend, y)
+        if fused == resolve(backend, y.device, y.dtype) and not (fused == "cpu" and y.dtype in _HALF):
             out = fused_epilogue(y, bn, layer.act_name, next_quantizer, backend, residual, keep_activation)
             if not keep_activation:
                 return out

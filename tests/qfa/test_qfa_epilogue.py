@@ -153,19 +153,21 @@ def test_same_logits_float32_w4a4():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_16bit_fuses_with_the_separate_modules_numbers(dtype):
-    """Under 16-bit autocast the layers fuse too (conv outputs are 16-bit; the op rounds BN's and the
-    activation's outputs to 16 bits where the separate ops store them): the logits are those of the
-    separate modules, and the gradients differ only by where the backward rounds to 16 bits (the
-    separate ops after each op, the fused one once): a few percent in bf16, 16-bit noise that moves a
-    float32 run's gradients by over 100% on this untrained net with 4-bit activations."""
+    """Under 16-bit autocast the layers fuse where the op runs Triton's kernels (here the reference
+    backend, the composition of the separate ops, drives the same chaining; the kernels' 16-bit numbers
+    are tests/kernels/test_epilogue.py's): the logits are those of the separate modules, and the
+    gradients differ only by where the backward rounds to 16 bits (the separate ops after each op, the
+    fused one once): a few percent in bf16, 16-bit noise that moves a float32 run's gradients by over
+    100% on this untrained net with 4-bit activations."""
     model, x = _model(torch.float32, 4), _images(torch.float32)
+    model.backend = "reference"
     model.fused_epilogue = False
     with torch.autocast("cpu", dtype=dtype):
         separate = _bn_calls(model, x)
         out_u, grads_u = _logits_and_grads(model, x, False)
         out_f, grads_f = _logits_and_grads(model, x, True)
         model.fused_epilogue = True
-        assert _bn_calls(model, x) < separate  # the fused path ran
+        assert _bn_calls(model, x) == 0 < separate  # the fused path ran
     assert out_u.dtype == dtype
     torch.testing.assert_close(out_f, out_u, rtol=0, atol=0)
     assert grads_f.keys() == grads_u.keys()
@@ -173,6 +175,22 @@ def test_autocast_16bit_fuses_with_the_separate_modules_numbers(dtype):
     total_f = torch.cat([grads_f[n].flatten() for n in grads_u])
     assert total_f.isfinite().all()
     assert (total_f - total_u).norm() <= 0.15 * total_u.norm()
+
+
+def test_cpu_backend_keeps_16bit_epilogues_separate():
+    """The CPU kernel's 16-bit loops are slower than the separate ops: under bf16 autocast the cpu
+    backend's layers keep the modules (float32 fuses)."""
+    from bquant_kernels.epilogue import fused_backend
+
+    model, x = _model(torch.float32, 4), _images(torch.float32)
+    if fused_backend(model.backend, x) != "cpu":
+        pytest.skip("the compiled extension (the cpu backend's epilogue kernel) is not built here")
+    model.fused_epilogue = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        separate = _bn_calls(model, x)
+        model.fused_epilogue = True
+        assert _bn_calls(model, x) == separate
+    assert _bn_calls(model, x) == 0
 
 
 def test_calibration_and_eval_agree():

@@ -214,9 +214,7 @@ def _check_residual(residual: object, y: Tensor) -> Tensor:
         raise TypeError(f"residual must have the dtype of y ({y.dtype}), got {r.dtype}")
     if r.device != y.device:
         raise ValueError(f"residual is on {r.device} but y is on {y.device}")
-    if r.stride() != y.stride():
-        r = torch.empty_like(y).copy_(r)  # empty_like keeps y's dense layout (contiguous or channels_last)
-    return r
+    return _like(r, y)
 
 
 def bn_act_quant(

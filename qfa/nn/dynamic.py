@@ -74,9 +74,6 @@ def _fill_static(dst: QConv2d | QLinear, src: _ActiveBits, weight: Tensor, w_ful
     return dst
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _finish(
     layer: nn.Module,
     y: Tensor,
@@ -100,11 +97,8 @@ def _finish(
         any_quantizer = next(iter(layer._banks()[1].values()), None)
         backend = None if any_quantizer is None else any_quantizer.backend
         fused = fused_backend(backend, y)
-        if fused == resolve(backend, y.device, y.dtype) and not (fused == "cpu" and y.dtype in _HALF):
-            out = fused_epilogue(y, bn, layer.act_name, next_quantizer, backend, residual, keep_activation)
-            if not keep_activation:
-                return out
-            return (out, out) if next_quantizer is None else (out[1], out[0])  # (activation, quantized)
+        if fused == resolve(backend, y.device, y.dtype) and not (fused == "cpu" and y.element_size() == 2):
+            return fused_epilogue(y, bn, layer.act_name, next_quantizer, backend, residual, keep_activation)
     if bn is not None:
         y = bn(y)
     y = layer.act(y)

@@ -27,7 +27,7 @@ def fused_epilogue(
     keep_activation: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``quantizer(act(bn(y)) + residual)`` (without quantizer ``act(bn(y)) + residual``) in one op; with
-    ``keep_activation`` and a quantizer ``(act(bn(y)) + residual, quantized)``."""
+    ``keep_activation`` ``(act(bn(y)) + residual, that quantized)`` (the same tensor twice without quantizer)."""
     c = y.shape[1]
     if c > bn.max_channels:
         raise ValueError(f"input has {c} channels, this BatchNorm holds {bn.max_channels}")
@@ -47,11 +47,12 @@ def fused_epilogue(
         running_var=None if batch_stats else leading(bn.running_var, c),
         return_activation=keep, return_stats=want_stats, backend=backend, **q,
     )  # fmt: skip
-    if not want_stats:
-        return result
-    *outs, mean, var, used = result
-    if bn.stats_sink is not None:
-        bn.stats_sink.add(mean, var, y.shape[0])
-    if range_sink is not None:
-        range_sink.add(used, y.shape[0])
-    return tuple(outs) if keep else outs[0]
+    outs = result if isinstance(result, tuple) else (result,)
+    if want_stats:
+        *outs, mean, var, used = outs
+        if bn.stats_sink is not None:
+            bn.stats_sink.add(mean, var, y.shape[0])
+        if range_sink is not None:
+            range_sink.add(used, y.shape[0])
+    out, kept = outs if keep else (outs[0], outs[0])  # without quantizer the output is the activation
+    return (kept, out) if keep_activation else out

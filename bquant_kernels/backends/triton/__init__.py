@@ -2,8 +2,8 @@
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 imported (Triton's NumPy interpreter: slow, for tests). The per-element math mirrors
-``csrc/common/quant_math.h``. Kernel modules: ``batchquant.py``, ``lsq.py``, ``epilogue.py``; their shared
-pieces: ``quant_math.py`` (element math), ``reductions.py``, ``rounding.py``, ``launch.py``.
+``csrc/common/quant_math.h``. Kernel modules: ``batchquant.py``, ``lsq.py``, ``epilogue.py``, ``gated.py``;
+their shared pieces: ``quant_math.py`` (element math), ``reductions.py``, ``rounding.py``, ``launch.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ __all__ = [
     "batchquant_forward",
     "bn_act_quant_backward",
     "bn_act_quant_forward",
+    "gated_batchquant_backward",
+    "gated_batchquant_forward",
     "lsq_backward",
     "lsq_forward",
 ]
@@ -31,6 +33,7 @@ _missing_reason = ""
 try:
     from .batchquant import batch_range, batchquant_backward, batchquant_forward
     from .epilogue import bn_act_quant_backward, bn_act_quant_forward
+    from .gated import gated_batchquant_backward, gated_batchquant_forward
     from .launch import INTERPRET
     from .lsq import lsq_backward, lsq_forward
 except ImportError as err:  # triton not installed (or not importable here): available() says why
@@ -50,6 +53,8 @@ except ImportError as err:  # triton not installed (or not importable here): ava
     lsq_backward = _unavailable("lsq_backward")
     bn_act_quant_forward = _unavailable("bn_act_quant_forward")
     bn_act_quant_backward = _unavailable("bn_act_quant_backward")
+    gated_batchquant_forward = _unavailable("gated_batchquant_forward")
+    gated_batchquant_backward = _unavailable("gated_batchquant_backward")
 
 
 DEVICES = ("cuda", "cpu") if INTERPRET else ("cuda",)

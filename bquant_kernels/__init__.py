@@ -1,7 +1,8 @@
 """bquant_kernels: fused BatchQuant and LSQ fake-quantization kernels (CPU, CUDA, Triton).
 
 Functional ops: :func:`batchquant`, :func:`batch_range`, :func:`lsq`; :func:`bn_act_quant` (fused
-BatchNorm + activation + BatchQuant, docs/epilogue.md).
+BatchNorm + activation + BatchQuant, docs/epilogue.md);
+:func:`gated_batchquant` (``batchquant(x * gate)``, a squeeze-excitation's output, in one op).
 Modules: :class:`BatchQuantizer`, :class:`LSQQuantizer` (:func:`lsq_quantize_weights` for many at once);
 :func:`recalibrate`.
 Backends: :func:`backends` reports what is available here.
@@ -10,6 +11,7 @@ Backends: :func:`backends` reports what is available here.
 from . import extension  # noqa: F401  (loads the compiled extension, warns once if it is missing)
 from .backends import backends
 from .epilogue import bn_act_quant
+from .gated import gated_batchquant
 from .lsq_multi import lsq_multi
 from .modules import BatchQuantizer, LSQQuantizer, lsq_quantize_weights
 from .ops import batch_range, batchquant, lsq, lsq_grad_scale
@@ -24,6 +26,7 @@ __all__ = [
     "batch_range",
     "batchquant",
     "bn_act_quant",
+    "gated_batchquant",
     "lsq",
     "lsq_grad_scale",
     "lsq_multi",

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_bits
+from .gated import gated_batchquant
 from .lsq_multi import lsq_multi
 from .ops import batchquant, lsq
 from .qparams import lsq_grid
@@ -60,20 +61,24 @@ class BatchQuantizer(FakeQuantizer):
         if loaded is not None:  # loading is no hot path: one look at the values
             self.calibrated = bool(loaded.ne(0).any())
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        """``x`` fake-quantized; with ``gate`` (one value per sample and channel, a squeeze-excitation's)
+        ``x * gate`` in one op (:func:`bquant_kernels.gated_batchquant`)."""
         if not self.training and not self.calibrated and self.range_sink is None:
             raise RuntimeError(
                 f"BatchQuantizer(bits={self.bits}) in eval mode was never calibrated (its range is [0, 0]): run "
                 "a few batches through bquant_kernels.recalibrate(model) (qfa.calibrate) first, or set_range()"
             )
-        if self.range_sink is not None:
-            y, used = batchquant(
-                x, self.theta, self.offset, self.bits, signed=self.signed, return_range=True, backend=self.backend
-            )
-            self.range_sink.add(used, x.shape[0])
-            return y
-        lo_hi = None if self.training else self.lo_hi
-        return batchquant(x, self.theta, self.offset, self.bits, signed=self.signed, lo_hi=lo_hi, backend=self.backend)
+        sink = self.range_sink
+        lo_hi = None if self.training or sink is not None else self.lo_hi
+        args = (x, self.theta, self.offset, self.bits)
+        kwargs = {"signed": self.signed, "lo_hi": lo_hi, "return_range": sink is not None, "backend": self.backend}
+        out = batchquant(*args, **kwargs) if gate is None else gated_batchquant(x, gate, *args[1:], **kwargs)
+        if sink is None:
+            return out
+        y, used = out
+        sink.add(used, x.shape[0])
+        return y
 
 
 class LSQQuantizer(FakeQuantizer):

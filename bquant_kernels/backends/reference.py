@@ -246,3 +246,32 @@ def bn_act_quant_backward(
         grad_z, y, gamma, rm, rv, mean, invstd, batch_stats, eps, [True, True, True]
     )
     return grad_y, grad_residual, grad_gamma, grad_beta, grad_theta, grad_offset
+
+
+# ----------------------------------------------------------------------------- gated BatchQuant
+
+
+def _gate_view(gate: Tensor, x: Tensor) -> Tensor:
+    """The ``(N, C)`` gate broadcast over ``x``'s spatial dimensions."""
+    return gate.reshape(gate.shape + (1,) * (x.dim() - 2))
+
+
+def gated_batchquant_forward(
+    x: Tensor, gate: Tensor, theta: Tensor, offset: Tensor, lo_hi: Tensor | None, bits: int, signed: bool, C: int,
+    inner: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """BatchQuant of ``x * gate`` (one gate value per sample and channel): the composition, materialized."""
+    return batchquant_forward(x * _gate_view(gate, x), theta, offset, lo_hi, bits, signed, C, inner)
+
+
+def gated_batchquant_backward(
+    grad_y: Tensor, x: Tensor, gate: Tensor, offset: Tensor, qp: Tensor, bits: int, signed: bool, C: int, inner: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_gate (N, C), grad_theta, grad_offset)``: BatchQuant's backward on ``z = x * gate``, then
+    the multiply's (each product in ``x``'s dtype, the gate's sums accumulated in the compute dtype)."""
+    g = _gate_view(gate, x)
+    grad_z, grad_theta, grad_offset = batchquant_backward(grad_y, x * g, offset, qp, bits, signed)
+    prod = grad_z * x
+    dims = tuple(range(2, x.dim()))
+    grad_gate = prod.sum(dims, dtype=_compute_dtype(x)).to(x.dtype) if dims else prod
+    return grad_z * g, grad_gate, grad_theta, grad_offset

@@ -6,8 +6,8 @@ Measures, fused and unfused side by side in one process:
   and autograd's per-node evaluations) of one forward + backward of the max subnet, at W4A4 and in
   full precision (width 1.2, batch 8, 32 px, as counted in the issue), with the most frequent ones;
 - one supernet training step (``Trainer.train_step``: 6 subnets with in-place distillation): wall
-  time (interleaved steps, min and median), and the profiler's time of the BN, activation, shortcut add and
-  BatchQuant ops (the top-level forward ops and backward nodes, each with what it dispatches: CPU
+  time (interleaved steps, min and median), and the profiler's time of the BN, activation, shortcut add,
+  SE gate multiply and BatchQuant ops (the top-level forward ops and backward nodes, each with what it dispatches: CPU
   time, and on a GPU the time of the kernels they launch; min over interleaved profiled steps)
   against that of the fused op; on a GPU, the allocator's peak during each variant's steps above
   what was allocated when the step began (both trainers stay resident);
@@ -15,7 +15,8 @@ Measures, fused and unfused side by side in one process:
   size (what the fused op keeps alive: ``y`` and per-channel statistics, not BN's and the
   activation's outputs);
 - per call, at one shape per stage of the supernet (expanded channels at input / 2 ... input / 32,
-  the step's batch size), and at two project convs' outputs with their shortcut (the sum handed on):
+  the step's batch size), at two project convs' outputs with their shortcut (the sum handed on), and
+  at the SE blocks' outputs (``gated_batchquant``: SE's gate multiply + the quantizer, act ``se_gate``):
   forward + backward of the fused op against the separate ops (samples interleaved on the CPU), and
   the fused op's time against the memory roofline: its floor traffic (forward 2 reads + 1 write,
   backward 4 reads + 1 write of the activation; 5 more with a shortcut) at the bandwidth of a copy of
@@ -57,17 +58,18 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from bench.timing import time_cpu_interleaved, time_fn  # noqa: E402
 from bquant_kernels import batchquant  # noqa: E402
 from bquant_kernels.epilogue import bn_act_quant  # noqa: E402
+from bquant_kernels.gated import gated_batchquant  # noqa: E402
 from qfa import QFAMobileNetV3  # noqa: E402
 from qfa.data import parse_resolutions  # noqa: E402
 from qfa.io import atomic_write_text  # noqa: E402
 from qfa.train.trainer import AMP_DTYPES  # noqa: E402
 
-# Profiler names of the ops the fused epilogue replaces (forward and backward: BN, activations, the
-# shortcut adds, BatchQuant), and of the fused op.
+# Profiler names of the ops the fused ops replace (forward and backward: BN, activations, the shortcut
+# adds, SE's gate multiplies, BatchQuant), and of the fused ops (the epilogue, the gated BatchQuant).
 EPILOGUE_OPS = (
     "aten::batch_norm", "NativeBatchNormBackward0", "aten::relu", "ReluBackward0", "aten::hardswish",
-    "HardswishBackward0", "aten::add", "AddBackward0", "bquant::native_batchquant", "BatchQuantFunction",
-    "bquant::native_bn_act_quant", "EpilogueFunction",
+    "HardswishBackward0", "aten::add", "AddBackward0", "aten::mul", "MulBackward0", "bquant::native_batchquant",
+    "BatchQuantFunction", "bquant::native_bn_act_quant", "EpilogueFunction", "bquant::native_gated_batchquant",
 )  # fmt: skip
 
 
@@ -254,6 +256,38 @@ def call_fns(y: torch.Tensor, act: str | None, backend: str, shortcut: bool = Fa
     return {"fused": fused, "separate": separate, "copy": copy}
 
 
+# (channels, input resolution / spatial size) of the SE blocks' depthwise outputs, one per SE stage of the
+# max subnet: SE's gate multiply with the project conv's quantizer (gated_batchquant) against the two ops.
+GATED_CALL_SHAPES = ((288, 8), (672, 16), (1152, 32))
+GATED_FLOOR_PASSES = 6  # forward 2 reads + 1 write, backward 2 reads (x, grad_y) + 1 write of the activation
+
+
+def gated_call_fns(x: torch.Tensor, backend: str) -> dict:
+    """Forward + backward of ``gated_batchquant`` and of ``x * gate`` then ``batchquant``, and a copy of ``x``."""
+    N, C, dev = x.shape[0], x.shape[1], x.device
+    gate = torch.rand(N, C, 1, 1, generator=torch.Generator().manual_seed(C)).to(dev, x.dtype).requires_grad_()
+    theta, offset = (torch.zeros(1, device=dev, requires_grad=True) for _ in range(2))
+    grad = torch.randn_like(x)
+    leaves = (x, gate, theta, offset)
+
+    def fused():
+        return torch.autograd.grad(gated_batchquant(x, gate, theta, offset, 4, backend=backend), leaves, grad)
+
+    def separate():
+        return torch.autograd.grad(batchquant(x * gate, theta, offset, 4, backend=backend), leaves, grad)
+
+    def copy():
+        return x.detach().clone(memory_format=torch.preserve_format)
+
+    return {"fused": fused, "separate": separate, "copy": copy}
+
+
+def _time_calls(fns: dict, dev: str) -> dict:
+    if dev == "cuda":
+        return {name: time_fn(fn, device=dev) for name, fn in fns.items()}
+    return time_cpu_interleaved(fns, min_total_s=0.3)
+
+
 def per_call(args: argparse.Namespace) -> list[dict]:
     """Fused op vs separate ops, forward + backward, per shape (see CALL_SHAPES)."""
     dev, res = args.device, max(parse_resolutions(args.resolutions))
@@ -263,11 +297,7 @@ def per_call(args: argparse.Namespace) -> list[dict]:
         H = max(1, res // div)
         y = torch.randn(args.batch_size, C, H, H, generator=torch.Generator().manual_seed(H))
         y = y.to(dev, AMP_DTYPES[args.amp] or torch.float32).contiguous(memory_format=fmt).requires_grad_()
-        fns = call_fns(y, act, args.backend, shortcut)
-        if dev == "cuda":
-            t = {name: time_fn(fn, device=dev) for name, fn in fns.items()}
-        else:
-            t = time_cpu_interleaved(fns, min_total_s=0.3)
+        t = _time_calls(call_fns(y, act, args.backend, shortcut), dev)
         nbytes = y.numel() * y.element_size()
         floor = (FLOOR_PASSES + (SHORTCUT_PASSES if shortcut else 0)) * nbytes
         copy_gbps = 2 * nbytes / t["copy"] / 1e9
@@ -276,6 +306,19 @@ def per_call(args: argparse.Namespace) -> list[dict]:
             "separate_us": 1e6 * t["separate"], "ratio": t["fused"] / t["separate"], "copy_gbps": copy_gbps,
             "fused_gbps_at_floor": floor / t["fused"] / 1e9,
             "fused_vs_roofline": t["fused"] / (floor / (copy_gbps * 1e9)),
+        })  # fmt: skip
+    for C, div in GATED_CALL_SHAPES:
+        H = max(1, res // div)
+        x = torch.randn(args.batch_size, C, H, H, generator=torch.Generator().manual_seed(H))
+        x = x.to(dev, AMP_DTYPES[args.amp] or torch.float32).contiguous(memory_format=fmt).requires_grad_()
+        t = _time_calls(gated_call_fns(x, args.backend), dev)
+        nbytes = x.numel() * x.element_size()
+        copy_gbps = 2 * nbytes / t["copy"] / 1e9
+        rows.append({
+            "shape": [args.batch_size, C, H, H], "act": "se_gate", "shortcut": False, "fused_us": 1e6 * t["fused"],
+            "separate_us": 1e6 * t["separate"], "ratio": t["fused"] / t["separate"], "copy_gbps": copy_gbps,
+            "fused_gbps_at_floor": GATED_FLOOR_PASSES * nbytes / t["fused"] / 1e9,
+            "fused_vs_roofline": t["fused"] / (GATED_FLOOR_PASSES * nbytes / (copy_gbps * 1e9)),
         })  # fmt: skip
     return rows
 

@@ -113,10 +113,11 @@ class DynamicMBConv(nn.Module):
         """``next_quantizer(project(depthwise(expand(x))) + residual)``; ``input_quantized``: ``x`` comes
         quantized for the first layer; ``keep_activation``: ``(output, quantized output)``. With fused
         epilogues each layer's output that is exactly the next layer's input is quantized in the same op
-        as its BN and activation (not after SE); without, each layer quantizes its own input."""
+        as its BN and activation (after SE: with SE's gate multiply); without, each layer quantizes its own
+        input."""
         fused = self.depth_conv.fused_epilogue
         dw_quantizer = self.depth_conv.input_quantizer() if fused else None
-        pl_quantizer = self.point_linear.input_quantizer() if fused and self.depth_conv.se is None else None
+        pl_quantizer = self.point_linear.input_quantizer() if fused else None
         if self.inverted_bottleneck is not None:
             x = self.inverted_bottleneck(x, dw_quantizer, input_quantized=input_quantized)
             input_quantized = dw_quantizer is not None

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from bquant_kernels import BatchQuantizer, LSQQuantizer
 from bquant_kernels.backends import resolve
 from bquant_kernels.epilogue import fused_backend
+from bquant_kernels.gated import gated_backend
 
 from .batchnorm import DynamicBatchNorm2d
 from .epilogue import fused_epilogue
@@ -106,6 +107,20 @@ def _finish(
         y = y + residual
     q = y if next_quantizer is None else next_quantizer(y)
     return (y, q) if keep_activation else q
+
+
+def _quantize_se(se: DynamicSE, y: Tensor, quantizer: BatchQuantizer) -> Tensor:
+    """``quantizer(se(y))``: SE's gate multiply in the quantizer's op (``gated_batchquant``) where, as in
+    :func:`_finish`, the quantizer's backend runs a kernel of its own for it, else the multiply then the
+    quantizer."""
+    gate = se.gate(y)
+    backend = quantizer.backend
+    fused = gated_backend(backend, y)
+    # Autocast may give the gate another dtype than y: then the product's type promotion decides.
+    same = gate.dtype == y.dtype and fused == resolve(backend, y.device, y.dtype)
+    if same and not (fused == "cpu" and y.element_size() == 2):
+        return quantizer(y, gate)
+    return quantizer(y * gate)
 
 
 class _ActiveBits:
@@ -310,12 +325,11 @@ class DynamicQDepthwiseConv2d(_ActiveBits, nn.Module):
     def forward(
         self, x: Tensor, next_quantizer: BatchQuantizer | None = None, *, input_quantized: bool = False
     ) -> Tensor:
-        """As :meth:`DynamicQConv2d.forward`; with SE the output is SE's, so there is no ``next_quantizer``."""
+        """As :meth:`DynamicQConv2d.forward`. With SE, ``next_quantizer`` quantizes SE's output ``x * gate``
+        in one op (:func:`bquant_kernels.gated_batchquant`)."""
         c = x.shape[1]
         if c > self.max_channels:
             raise ValueError(f"input has {c} channels, this depthwise conv holds {self.max_channels}")
-        if next_quantizer is not None and self.se is not None:
-            raise ValueError("a depthwise conv with SE cannot quantize for the next layer (SE comes last)")
         ks = self.active_kernel_size
         if self._a_key is not None and not input_quantized:
             x = self.a_quantizers[str(ks)][self._a_key](x)
@@ -326,8 +340,13 @@ class DynamicQDepthwiseConv2d(_ActiveBits, nn.Module):
             w = leading(w_full, c)
             if self._w_key is not None:
                 w = self.w_quantizers[str(ks)][self._w_key](w, w_full=w_full)
-        y = _finish(self, F.conv2d(x, w, None, self.stride, ks // 2, 1, c), next_quantizer)
-        return y if self.se is None else self.se(y)
+        y = F.conv2d(x, w, None, self.stride, ks // 2, 1, c)
+        if self.se is None:
+            return _finish(self, y, next_quantizer)
+        y = _finish(self, y, None)
+        if next_quantizer is None:
+            return self.se(y)
+        return _quantize_se(self.se, y, next_quantizer)
 
     def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
         """``(kernel, quantizer, kernel)``: the active-size kernel of every channel, or None in full precision."""

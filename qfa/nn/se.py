@@ -29,13 +29,16 @@ class DynamicSE(nn.Module):
         self.reduce = nn.Conv2d(max_channels, mid, 1, bias=True)
         self.expand = nn.Conv2d(mid, max_channels, 1, bias=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def gate(self, x: Tensor) -> Tensor:
+        """The ``(N, C, 1, 1)`` multipliers SE applies to ``x`` (``forward`` is ``x * gate(x)``)."""
         c = x.shape[1]
         mid = se_mid_channels(c)
         y = x.mean((2, 3), keepdim=True)
         y = F.relu(F.conv2d(y, leading(self.reduce.weight, mid, c), leading(self.reduce.bias, mid)))
-        y = F.hardsigmoid(F.conv2d(y, leading(self.expand.weight, c, mid), leading(self.expand.bias, c)))
-        return x * y
+        return F.hardsigmoid(F.conv2d(y, leading(self.expand.weight, c, mid), leading(self.expand.bias, c)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
 
     def extra_repr(self) -> str:
         return f"{self.max_channels}, reduction={SE_REDUCTION}"

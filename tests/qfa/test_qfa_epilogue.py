@@ -121,6 +121,32 @@ def test_every_bn_runs_in_a_fused_op_at_w4a4():
     assert _bn_calls(model, x) > 0
 
 
+def _se_multiplies(model: QFAMobileNetV3, x: torch.Tensor) -> int:
+    """How many squeeze-excitation gate multiplies run as ops of their own in a forward."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x)
+    return sum(e.name == "aten::mul" and e.cpu_parent is None for e in prof.events())
+
+
+def test_se_gate_multiply_runs_in_the_quantizer_op(monkeypatch):
+    """With SE, the project conv's quantizer takes SE's gate (``gated_batchquant``): no multiply of its own,
+    where the quantizer's backend runs the gated kernel itself (as for the epilogues); the numbers are
+    the composition's (the float64 tests above run through it)."""
+    import qfa.nn.dynamic
+    from bquant_kernels.gated import gated_backend
+
+    model, x = _model(torch.float32, 4), _images(torch.float32)
+    if gated_backend(model.backend, x) != "cpu":
+        pytest.skip("the compiled extension (the cpu backend's gated kernel) is not built here")
+    model.fused_epilogue = False
+    separate = _se_multiplies(model, x)
+    assert separate > 0
+    model.fused_epilogue = True
+    assert _se_multiplies(model, x) == 0
+    monkeypatch.setattr(qfa.nn.dynamic, "gated_backend", lambda backend, y: "triton")
+    assert _se_multiplies(model, x) == separate
+
+
 def test_mixed_bits_with_unquantized_inputs_float64():
     """Per-layer activation bits with some 32 (layers whose input is not quantized: the chain hands
     on the activation itself): both paths agree to float64 rounding in logits and every gradient."""

@@ -89,7 +89,8 @@ stage native_bt 40 395 "$OUT/pytest.log" /usr/local/cuda/bin/cuda-gdb -batch -ex
 GPU_TESTS="tests/kernels/test_cuda.py tests/kernels/test_parity.py tests/kernels/test_triton.py tests/kernels/test_ops.py tests/kernels/test_modules.py
   tests/qfa/test_qfa_layers.py tests/qfa/test_qfa_train_step.py
   tests/kernels/test_epilogue.py::test_fused_on_cuda_matches_float64_composition
-  tests/kernels/test_epilogue.py::test_residual_on_cuda_matches_float64_composition"
+  tests/kernels/test_epilogue.py::test_residual_on_cuda_matches_float64_composition
+  tests/kernels/test_gated.py::test_on_cuda_matches_float64_composition"
 stage pytest 110 285 "$OUT/pytest.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -n 6 \
   --durations=10 $GPU_TESTS
 

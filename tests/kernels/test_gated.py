@@ -73,27 +73,22 @@ def _composition(bits: int, lo_hi, backend: str):
     return fn
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize(
-    "backend, dtype",
-    [("cpu", torch.float32), ("cpu", torch.float64), ("triton", torch.float32), ("reference", torch.float32)],
-)
-def test_matches_float64_composition(shape, layout, bits, mode, backend, dtype):
+def _check_against_float64(shape, layout, bits, mode, backend, dtype, device):
+    """``backend``'s op on ``device`` against the reference's float64 composition on the CPU."""
     if layout == "channels_last" and len(shape) == 2:
         pytest.skip("2-D tensors have one memory format")
-    _require(backend, dtype)
     x64, gate64, theta64, offset64 = _inputs(shape, layout, sum(shape) + bits)
     lo_hi64 = torch.tensor([-0.7, 1.9], dtype=torch.float64) if mode == "eval" else None
-    ref_y, ref_used, ref_grads = _run(_composition(bits, lo_hi64, "reference"), x64, gate64, theta64, offset64,
-                                      _grad_y(x64))  # fmt: skip
-    x, gate, theta, offset = (t.to(dtype) for t in (x64, gate64, theta64, offset64))
-    lo_hi = None if lo_hi64 is None else lo_hi64.to(dtype)
-    h.poison_heap(x.numel() * x.element_size(), "cpu")
-    y, used, grads = _run(_fused(bits, lo_hi, backend), x, gate, theta, offset, _grad_y(x))
-    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+    ref_y, ref_used, ref_grads = _run(
+        _composition(bits, lo_hi64, "reference"), x64, gate64, theta64, offset64, _grad_y(x64)
+    )
+    x, gate, theta, offset = (t.to(device, dtype) for t in (x64, gate64, theta64, offset64))
+    x = h.to_layout(x, layout)
+    lo_hi = None if lo_hi64 is None else lo_hi64.to(device, dtype)
+    h.poison_heap(x.numel() * x.element_size(), device)
+    y, used, grads = _run(_fused(bits, lo_hi, backend), x, gate, theta, offset, _grad_y(x64).to(device, dtype))
+    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride() and y.device == x.device
+    y, used, grads = y.cpu(), used.cpu(), [t.cpu() for t in grads]
     torch.testing.assert_close(used.double(), ref_used.double(), rtol=1e-6, atol=1e-7)
     qmin, qmax = 0, 2**bits - 1
     lo, hi = min(float(ref_used[0]), 0.0), max(float(ref_used[1]), 0.0)
@@ -109,6 +104,31 @@ def test_matches_float64_composition(shape, layout, bits, mode, backend, dtype):
     scale = float((ref_grads[0].abs() * x64.abs()).sum()) + 1.0
     for name, got, want in zip(("theta", "offset"), grads[2:], ref_grads[2:], strict=True):
         h.assert_scalar_close(got, float(want), scale * 1e-3, 1e-4, f"grad {name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize(
+    "backend, dtype",
+    [("cpu", torch.float32), ("cpu", torch.float64), ("triton", torch.float32), ("reference", torch.float32)],
+)
+def test_matches_float64_composition(shape, layout, bits, mode, backend, dtype):
+    _require(backend, dtype)
+    _check_against_float64(shape, layout, bits, mode, backend, dtype, "cpu")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_on_cuda_matches_float64_composition(shape, layout, mode, backend):
+    """The Triton kernels compiled for and run on a GPU (the cuda backend's gated op is Triton's):
+    bench/gpu_check.sh runs this."""
+    h.require(backend, "cuda", torch.float32)
+    assert gated_backend(backend, torch.zeros(1, 1, device="cuda")) == "triton"
+    _check_against_float64(shape, layout, 4, mode, backend, torch.float32, "cuda")
 
 
 @pytest.mark.parametrize("shape", SHAPES[::2])

@@ -318,7 +318,9 @@ std::tuple<at::Tensor, at::Tensor> gated_fwd_cpu(const at::Tensor& x_in, const a
         });
       } else if (direct) {
         for_each_row_run(b, e, G.inner, [&](int64_t i, int64_t key, int64_t rows, int64_t len) {
-          for (int64_t r = 0; r < rows; ++r) k.scaled_bq_forward(px + i + r * len, pg + key + r, py + i + r * len, len, p);
+          for (int64_t r = 0; r < rows; ++r) {
+            k.scaled_bq_forward(px + i + r * len, pg + key + r, py + i + r * len, len, p);
+          }
         });
       } else {
         // Pieces start at multiples of kPiece: the vector blocks of native_batchquant's loop, and its tail.

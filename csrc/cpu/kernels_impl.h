@@ -61,10 +61,31 @@ struct VecIO16 {
 };
 
 template <>
-struct VecIO<c10::Half> : VecIO16<c10::Half> {};
+struct VecIO<c10::Half> : VecIO16<c10::Half> {
+#ifdef CPU_CAPABILITY_AVX2
+  // F16C's round trip per float vector (round to nearest even, as convert_from_float), without packing
+  // the two halves into one 16-bit vector and out again.
+  static void round(V* v) {
+    for (int k = 0; k < kParts; ++k) v[k] = _mm256_cvtph_ps(_mm256_cvtps_ph(v[k], _MM_FROUND_TO_NEAREST_INT));
+  }
+#endif
+};
 template <>
 struct VecIO<c10::BFloat16> : VecIO16<c10::BFloat16> {
 #ifdef CPU_CAPABILITY_AVX2
+  // Round to nearest even on the float's bits, as c10 and convert_from_float round (NaN kept as it is):
+  // no packing into a bfloat16 vector and out again.
+  static void round(V* v) {
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int k = 0; k < kParts; ++k) {
+      const __m256i u = _mm256_castps_si256(v[k]);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+      const __m256 r = _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, bias)), high));
+      v[k] = _mm256_blendv_ps(r, v[k], _mm256_cmp_ps(v[k], v[k], _CMP_UNORD_Q));
+    }
+  }
+
   // A float that came from a bfloat16 has its low 16 bits zero, so dropping them is exact: a shift and
   // a pack instead of convert_from_float's rounding and NaN handling (the backward's grad_x / grad_w
   // are such values, or zeros).

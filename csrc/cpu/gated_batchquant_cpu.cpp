@@ -4,20 +4,22 @@
 //   native_gated_batchquant(x, gate, theta, offset, lo_hi?, bits, signed) -> (y, qparams)        differentiable
 //   native_gated_batchquant_fwd / native_gated_batchquant_bwd                                     the kernels
 //
-// x: (N, C, ...), dense contiguous or channels_last (another layout runs on a contiguous copy); gate: (N, C) of
-// x's dtype. The numbers are those of the composition native_batchquant(x * gate.view(N, C, 1, ...)) and its
-// autograd: z = T(x * g) rounded as torch's mul stores it, the batch range, qparams and y of native_batchquant
-// on z bit for bit (also grad_theta / grad_offset: the same chunks and sums), grad_x = T(gz * g) bit for bit,
-// grad_gate[n, c] = the sum of T(gz * x) over that sample's and channel's elements, in float32 (float64 for
-// float64), rounded to T once; gz is native_batchquant's grad_x for z.
+// x: (N, C, ...), dense contiguous or channels_last (another layout runs on a contiguous copy); gate: (N, C) or
+// (N, C, 1, ..., 1) of x's dtype, its gradient returned in its shape and strides. The numbers are those of the
+// composition native_batchquant(x * gate.view(N, C, 1, ...)) and its autograd: z = T(x * g) rounded as torch's
+// mul stores it, the batch range, qparams and y of native_batchquant on z bit for bit (also grad_theta /
+// grad_offset: the same chunks and sums), grad_x = T(gz * g) bit for bit, grad_gate[n, c] = the sum of
+// T(gz * x) over that sample's and channel's elements, in float32 (float64 for float64), rounded to T once; gz
+// is native_batchquant's grad_x for z.
 //
-// z is never stored: the autograd Function saves x and gate, and the loops compute z = T(x * g) in registers
-// (the BatchQuant element loops of kernels_impl.h, with each element's gate from a buffer `ge` per chunk or
-// piece, in L1/L2). Forward: a statistics pass reading x (per (n, c) extremes of x mapped to those of z, see
-// gated_extremes), then one element pass. Backward: one element pass per chunk (the same chunks, vector
-// blocks and partial sums as native_batchquant's backward, so grad_theta / grad_offset are bit-identical),
-// writing grad_x and the products T(gz * x) into a chunk buffer, then that buffer's per-(n, c) sums.
-// Chunks are fixed and their partial sums folded in chunk order: results do not depend on the thread count.
+// z is never stored: the autograd Function saves x and gate, and z = T(x * g) is computed in registers by the
+// BatchQuant element loops of kernels_impl.h, the gates read in place (long runs, forward) or from a per-piece
+// (per-chunk) buffer `ge` of each element's gate. Forward: a statistics pass reading x (per-(n, c) extremes of
+// x mapped to those of z, gated_extremes; z's own for short rows), then one element pass. Backward: one
+// element pass per chunk (native_batchquant's backward chunks, vector blocks and partial sums, so grad_theta /
+// grad_offset are bit-identical), writing grad_x and the products T(gz * x) into a chunk buffer, then that
+// buffer's per-(n, c) sums. Chunks are fixed and partial sums folded in chunk order: results do not depend on
+// the thread count.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -79,13 +81,19 @@ Geometry geometry_of(const at::Tensor& x) {
 }
 
 // The gate as the kernels read it: (N, C) of x's dtype on the CPU, contiguous (a copy otherwise).
+// gate may also be (N, C, 1, ..., 1) (x's rank), as broadcast against x.
 at::Tensor dense_gate(const at::Tensor& gate, const Geometry& G, const at::Tensor& x) {
   cpu::check_cpu_floating(gate, "gate");
-  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == G.N && gate.size(1) == G.C, "bquant: gate must have shape (N, C) = (",
-              G.N, ", ", G.C, ") for x of shape ", x.sizes(), ", got ", gate.sizes());
+  bool ok = gate.dim() >= 2 && gate.size(0) == G.N && gate.size(1) == G.C;
+  if (ok && gate.dim() > 2) {
+    ok = gate.dim() == x.dim();
+    for (int64_t d = 2; d < gate.dim(); ++d) ok = ok && gate.size(d) == 1;
+  }
+  TORCH_CHECK(ok, "bquant: gate must have shape (N, C) = (", G.N, ", ", G.C, ") or (N, C, 1, ..., 1) for x of shape ",
+              x.sizes(), ", got ", gate.sizes());
   TORCH_CHECK(gate.scalar_type() == x.scalar_type(), "bquant: gate must have the dtype of x (", x.scalar_type(),
               "), got ", gate.scalar_type());
-  return gate.contiguous();
+  return gate.reshape({G.N, G.C}).contiguous();
 }
 
 // `out` (computed on the dense form of `ref`) with the memory format a PyTorch op gives for `ref`.
@@ -427,7 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bwd_cpu(const a
     grad_theta.data_ptr<A>()[0] = static_cast<A>(grads.theta);
     grad_offset.data_ptr<A>()[0] = static_cast<A>(grads.offset);
   });
-  return {restride_like(grad_x, x_in), grad_gate, grad_theta, grad_offset};
+  return {restride_like(grad_x, x_in), restride_like(grad_gate.view(gate_in.sizes()), gate_in), grad_theta,
+          grad_offset};
 }
 
 // ----------------------------------------------------------------------------- autograd

@@ -48,6 +48,8 @@ static_assert(cpu::kChunk % kPiece == 0, "pieces tile a chunk");
 // samples element-wise, as native_batchquant's column mode does (per-row extremes would be scalar loops).
 constexpr int64_t kShortRow = 16;
 constexpr int64_t kPad = 64;  // room for gate_expand's overlapping stores
+// Samples are reduced in fixed groups of about this many elements (the statistics' partial results).
+constexpr int64_t kGroupElems = 65536;
 // The forward reads the gates in place for runs of one gate (or gate row) at least this long.
 constexpr int64_t kDirectRun = 64;
 
@@ -157,21 +159,21 @@ void expand_gates(const Geometry& G, const T* gate, int64_t s, int64_t e, T* ge)
 template <typename T>
 using A_t = cpu::acc_t<T>;
 
-// min and max of z over the keys [k0, k1) (n = k / C, c = k % C) from those of x in mn / mx: v -> T(v * g)
-// is monotone for a finite g (non-decreasing for g > 0, non-increasing for g < 0), so the extremes of z are
-// the images of those of x, bit for bit (gate_extremes). For g = +-0 every z is +-0, and the signs of zeros
-// do not reach the range (its sums start from +0.0). Where g or an extreme is not finite (inf * 0 = NaN) z
-// is computed element by element.
+// min and max of z over each channel c of sample n from those of x in mn[c] / mx[c]: v -> T(v * g) is
+// monotone for a finite g (non-decreasing for g > 0, non-increasing for g < 0), so the extremes of z are the
+// images of those of x, bit for bit (gate_extremes). For g = +-0 every z is +-0, and the signs of zeros do not
+// reach the range (its sums start from +0.0). Where g or an extreme is not finite (inf * 0 = NaN) z is
+// computed element by element.
 template <typename T>
-void gated_extremes(const Geometry& G, const T* x, const T* gate, int64_t k0, int64_t k1, A_t<T>* mn, A_t<T>* mx) {
+void gated_extremes(const Geometry& G, const T* x, const T* gate, int64_t n, A_t<T>* mn, A_t<T>* mx) {
   using A = A_t<T>;
-  if (cpu::kernels<T>().gate_extremes(gate + k0, k1 - k0, mn + k0, mx + k0)) return;
-  for (int64_t key = k0; key < k1; ++key) {
-    const A g = static_cast<A>(gate[key]);
-    if (std::isfinite(g) && std::isfinite(mn[key]) && std::isfinite(mx[key])) continue;
-    // The key's elements: a row of `inner`, or (channels innermost) S elements C apart.
-    const int64_t n = key / G.C, c = key % G.C;
-    const T* p = G.cols() ? x + n * G.sample + c : x + key * G.inner;
+  const T* gn = gate + n * G.C;
+  if (cpu::kernels<T>().gate_extremes(gn, G.C, mn, mx)) return;
+  for (int64_t c = 0; c < G.C; ++c) {
+    const A g = static_cast<A>(gn[c]);
+    if (std::isfinite(g) && std::isfinite(mn[c]) && std::isfinite(mx[c])) continue;
+    // The elements of (n, c): a row of `inner`, or (channels innermost) S elements C apart.
+    const T* p = x + n * G.sample + (G.cols() ? c : c * G.inner);
     const int64_t count = G.cols() ? G.sample / G.C : G.inner, stride = G.cols() ? G.C : 1;
     A lo = static_cast<A>(static_cast<T>(static_cast<A>(p[0]) * g)), hi = lo;
     for (int64_t j = 1; j < count; ++j) {
@@ -179,8 +181,8 @@ void gated_extremes(const Geometry& G, const T* x, const T* gate, int64_t k0, in
       lo = nan_min(lo, z);
       hi = nan_max(hi, z);
     }
-    mn[key] = lo;
-    mx[key] = hi;
+    mn[c] = lo;
+    mx[c] = hi;
   }
 }
 
@@ -193,7 +195,7 @@ void gated_channel_minmax(const Geometry& G, const T* x, const T* gate, A_t<T>* 
   if (G.short_rows()) {
     // z itself, element-wise over samples (each sample one row of C * inner), in fixed groups of samples
     // whose partial results are folded in group order; then the inner columns of each channel.
-    const int64_t group = std::max<int64_t>(1, 65536 / sample);
+    const int64_t group = std::max<int64_t>(1, kGroupElems / sample);
     const int64_t groups = cpu::ceil_div(N, group);
     std::vector<A> mn(groups * sample), mx(groups * sample);
     at::parallel_for(0, groups, cpu::ceil_div(cpu::kMinParallelElems, group * sample), [&](int64_t g0, int64_t g1) {
@@ -220,25 +222,40 @@ void gated_channel_minmax(const Geometry& G, const T* x, const T* gate, A_t<T>* 
     }
     return;
   }
-  // Extremes of x per (n, c), mapped to those of z, then folded over n in order.
-  std::vector<A> mn(N * C), mx(N * C);
-  if (G.cols()) {
-    const int64_t S = sample / C;
-    at::parallel_for(0, N, std::max<int64_t>(1, cpu::kMinParallelElems / sample), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        k.col_minmax(x + n * sample, S, C, C, mn.data() + n * C, mx.data() + n * C);
+  // Per sample, folded over the samples of fixed groups, whose partial results are then folded in group
+  // order: the extremes of x per channel mapped to those of z (gated_extremes), or, channels innermost, z's
+  // own per column of the sample's S rows (a multiply per element, which costs less than the mapping and
+  // folding per channel, except for 16-bit types, whose z takes a rounding, on many rows).
+  const bool z_cols = G.cols() && (sizeof(T) > 2 || sample / C < 8);
+  const int64_t group = std::max<int64_t>(1, kGroupElems / sample);
+  const int64_t groups = cpu::ceil_div(N, group);
+  std::vector<A> gmn(groups * C), gmx(groups * C);
+  at::parallel_for(0, groups, cpu::ceil_div(cpu::kMinParallelElems, group * sample), [&](int64_t g0, int64_t g1) {
+    std::vector<A> smn(C), smx(C);
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      A* pmn = gmn.data() + gi * C;
+      A* pmx = gmx.data() + gi * C;
+      for (int64_t n = gi * group; n < std::min(N, (gi + 1) * group); ++n) {
+        const bool first = n == gi * group;
+        if (z_cols) {
+          k.gate_col_minmax(x + n * sample, gate + n * C, sample / C, C, first, pmn, pmx);
+          continue;
+        }
+        A* mn = first ? pmn : smn.data();
+        A* mx = first ? pmx : smx.data();
+        if (G.cols()) {
+          k.col_minmax(x + n * sample, sample / C, C, C, mn, mx);
+        } else {
+          k.row_minmax(x + n * sample, C, inner, inner, mn, mx);
+        }
+        gated_extremes(G, x, gate, n, mn, mx);
+        if (!first) k.minmax_accumulate(pmn, pmx, mn, mx, C);
       }
-      gated_extremes(G, x, gate, n0 * C, n1 * C, mn.data(), mx.data());
-    });
-  } else {
-    at::parallel_for(0, N * C, std::max<int64_t>(1, cpu::kMinParallelElems / inner), [&](int64_t r0, int64_t r1) {
-      k.row_minmax(x + r0 * inner, r1 - r0, inner, inner, mn.data() + r0, mx.data() + r0);
-      gated_extremes(G, x, gate, r0, r1, mn.data(), mx.data());
-    });
-  }
-  for (int64_t n = 1; n < N; ++n) k.minmax_accumulate(mn.data(), mx.data(), &mn[n * C], &mx[n * C], C);
-  std::copy_n(mn.data(), C, ch_min);
-  std::copy_n(mx.data(), C, ch_max);
+    }
+  });
+  for (int64_t gi = 1; gi < groups; ++gi) k.minmax_accumulate(gmn.data(), gmx.data(), &gmn[gi * C], &gmx[gi * C], C);
+  std::copy_n(gmn.data(), C, ch_min);
+  std::copy_n(gmx.data(), C, ch_max);
 }
 
 // (lo, hi) of spec 1.1 for z, summed as native_batchquant sums them (in double, in channel order).

@@ -502,37 +502,89 @@ bool gate_extremes(const T* g, int64_t n, acc_t<T>* mn, acc_t<T>* mx) {
   return all;
 }
 
-// Column min and max (NaN-propagating) of T(x[r][j] * g[j]) over `rows` rows of `len` (consecutive) into
-// mn / mx: started from row 0 when `first`, else accumulated.
+// Column min and max of z = T(x[r][j] * g[j]) over `rows` rows of a strip of kStrip blocks, rows `stride`
+// apart, the running values held in registers; they start from row 0 when `first`, else from mn / mx.
+template <typename T, int kStrip>
+void gate_col_minmax_strip(const T* x, const T* g, int64_t rows, int64_t stride, bool first, acc_t<T>* mn,
+                           acc_t<T>* mx) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  constexpr int kVecs = kStrip * IO::kParts;
+  V vg[kVecs], lo[kVecs], hi[kVecs], v[kVecs];
+  for (int s = 0; s < kStrip; ++s) IO::load(g + s * IO::kBlock, vg + s * IO::kParts);
+  const auto load_z = [&](int64_t r) {
+    for (int s = 0; s < kStrip; ++s) IO::load(x + r * stride + s * IO::kBlock, v + s * IO::kParts);
+    for (int k = 0; k < kVecs; ++k) v[k] = v[k] * vg[k];
+    for (int s = 0; s < kStrip; ++s) IO::round(v + s * IO::kParts);
+  };
+  int64_t r = 0;
+  if (first) {
+    load_z(r++);
+    for (int k = 0; k < kVecs; ++k) lo[k] = hi[k] = v[k];
+  } else {
+    for (int k = 0; k < kVecs; ++k) {
+      lo[k] = V::loadu(mn + k * V::size());
+      hi[k] = V::loadu(mx + k * V::size());
+    }
+  }
+  for (; r < rows; ++r) {
+    load_z(r);
+    for (int k = 0; k < kVecs; ++k) {
+      lo[k] = vec_min(lo[k], v[k]);
+      hi[k] = vec_max(hi[k], v[k]);
+    }
+  }
+  for (int k = 0; k < kVecs; ++k) {
+    lo[k].store(mn + k * V::size());
+    hi[k].store(mx + k * V::size());
+  }
+}
+
+// Column min and max (NaN-propagating) of z = T(x[r][j] * g[j]), rows of `len` consecutive elements, into
+// mn / mx: started from row 0 when `first`, else accumulated. Tiles and strips as in col_minmax.
 template <typename T>
 void gate_col_minmax(const T* x, const T* g, int64_t rows, int64_t len, bool first, acc_t<T>* mn, acc_t<T>* mx) {
   using IO = VecIO<T>;
+  constexpr int kStrip = std::max(1, 4 / IO::kParts);
   using V = typename IO::V;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* px = x + r * len;
-    const bool init = first && r == 0;
-    int64_t j = 0;
-    for (; j + IO::kBlock <= len; j += IO::kBlock) {
-      V v[IO::kParts], vg[IO::kParts];
-      IO::load(px + j, v);
-      IO::load(g + j, vg);
-      for (int k = 0; k < IO::kParts; ++k) v[k] = v[k] * vg[k];
-      IO::round(v);
-      for (int k = 0; k < IO::kParts; ++k) {
-        const int64_t o = j + k * V::size();
-        if (init) {
-          v[k].store(mn + o);
-          v[k].store(mx + o);
-        } else {
-          vec_min(V::loadu(mn + o), v[k]).store(mn + o);
-          vec_max(V::loadu(mx + o), v[k]).store(mx + o);
+  if (rows == 1 || len < IO::kBlock) {  // one row (short rows' samples) or narrow: a loop over the rows
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* px = x + r * len;
+      const bool init = first && r == 0;
+      int64_t j = 0;
+      for (; j + IO::kBlock <= len; j += IO::kBlock) {
+        V v[IO::kParts], vg[IO::kParts];
+        IO::load(px + j, v);
+        IO::load(g + j, vg);
+        for (int k = 0; k < IO::kParts; ++k) v[k] = v[k] * vg[k];
+        IO::round(v);
+        for (int k = 0; k < IO::kParts; ++k) {
+          const int64_t o = j + k * V::size();
+          (init ? v[k] : vec_min(V::loadu(mn + o), v[k])).store(mn + o);
+          (init ? v[k] : vec_max(V::loadu(mx + o), v[k])).store(mx + o);
         }
       }
+      for (; j < len; ++j) {
+        const acc_t<T> z = gated_a(px[j], g[j]);
+        mn[j] = init ? z : nan_min(mn[j], z);
+        mx[j] = init ? z : nan_max(mx[j], z);
+      }
     }
-    for (; j < len; ++j) {
-      const acc_t<T> z = gated_a(px[j], g[j]);
-      mn[j] = init ? z : nan_min(mn[j], z);
-      mx[j] = init ? z : nan_max(mx[j], z);
+    return;
+  }
+  const int64_t tile_rows = std::max<int64_t>(1, kColTileBytes / static_cast<int64_t>(len * sizeof(T)));
+  for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+    const T* tile = x + r0 * len;
+    const int64_t tr = std::min(tile_rows, rows - r0);
+    const bool init = first && r0 == 0;
+    int64_t j = 0;
+    for (; j + kStrip * IO::kBlock <= len; j += kStrip * IO::kBlock) {
+      gate_col_minmax_strip<T, kStrip>(tile + j, g + j, tr, len, init, mn + j, mx + j);
+    }
+    for (; j < len; j += IO::kBlock) {
+      // The last block may overlap the previous one (min and max are idempotent).
+      const int64_t c = std::min(j, len - IO::kBlock);
+      gate_col_minmax_strip<T, 1>(tile + c, g + c, tr, len, init, mn + c, mx + c);
     }
   }
 }

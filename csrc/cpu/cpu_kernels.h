@@ -43,6 +43,27 @@ struct Kernels {
   void (*lsq_forward)(const T* w, T* out, int64_t n, A abs_step, Grid grid);
   // LSQ backward of n elements: writes grad_w, returns the chunk's sum of ds_term.
   double (*lsq_backward)(const T* g, const T* w, T* grad_w, int64_t n, A abs_step, Grid grid);
+
+  // Gated BatchQuant (gated_batchquant_cpu.cpp): the BatchQuant loops on z = T(x * ge) (ge: each element's
+  // gate; products rounded to T once, like torch's mul), z computed in registers. The backward also writes
+  // grad_x = T(gz * ge) and prod = T(gz * x) (for the gate's gradient). Same numbers as the loops above on z.
+  void (*gated_bq_forward)(const T* x, const T* ge, T* y, int64_t n, const BQScalarsT<A>& p);
+  // The same with one gate, *g, for all n elements.
+  void (*scaled_bq_forward)(const T* x, const T* g, T* y, int64_t n, const BQScalarsT<A>& p);
+  BQChunkSums (*gated_bq_backward)(const T* g, const T* x, const T* ge, T* grad_x, A* prod, int64_t n,
+                                   const BQScalarsT<A>& p);
+  // Per-key extremes of x (mn, mx) -> those of T(x * g[key]) where g and both are finite; returns whether
+  // every key was.
+  bool (*gate_extremes)(const T* g, int64_t n, A* mn, A* mx);
+  // Column min and max (NaN-propagating) of T(x[r][j] * g[j]), rows of `len` consecutive elements, into
+  // mn / mx: started from row 0 when `first`, else accumulated.
+  void (*gate_col_minmax)(const T* x, const T* g, int64_t rows, int64_t len, bool first, A* mn, A* mx);
+  // out[0, n) = g[0] for the first `head` elements, then each next gate for the next `inner`. Writes up to
+  // 32 elements past n.
+  void (*gate_expand)(const T* g, int64_t n, int64_t inner, int64_t head, T* out);
+  // sums[r] = sum of row r (from +0); acc[j] += column j in row order. Rows of `len` consecutive elements.
+  void (*row_sums)(const A* p, int64_t rows, int64_t len, A* sums);
+  void (*col_sums)(const A* p, int64_t rows, int64_t len, A* acc);
 };
 
 struct KernelTable {

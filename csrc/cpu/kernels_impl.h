@@ -35,6 +35,8 @@ struct VecIO {
   static void store(T* p, const V* v) { v[0].store(p); }
   // Stores values that T holds exactly (loaded ones, masked, or zeros): no rounding needed.
   static void store_exact(T* p, const V* v) { store(p, v); }
+  // The values rounded to T (what a T tensor would hold): nothing to do.
+  static void round(V* v) {}
 };
 
 template <typename T>
@@ -51,13 +53,39 @@ struct VecIO16 {
   }
   static void store(T* p, const V* v) { at::vec::convert_from_float<T>(v[0], v[1]).store(p); }
   static void store_exact(T* p, const V* v) { store(p, v); }
+  static void round(V* v) {
+    auto [a, b] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
+    v[0] = a;
+    v[1] = b;
+  }
 };
 
 template <>
-struct VecIO<c10::Half> : VecIO16<c10::Half> {};
+struct VecIO<c10::Half> : VecIO16<c10::Half> {
+#ifdef CPU_CAPABILITY_AVX2
+  // F16C's round trip per float vector (round to nearest even, as convert_from_float), without packing
+  // the two halves into one 16-bit vector and out again.
+  static void round(V* v) {
+    for (int k = 0; k < kParts; ++k) v[k] = _mm256_cvtph_ps(_mm256_cvtps_ph(v[k], _MM_FROUND_TO_NEAREST_INT));
+  }
+#endif
+};
 template <>
 struct VecIO<c10::BFloat16> : VecIO16<c10::BFloat16> {
 #ifdef CPU_CAPABILITY_AVX2
+  // Round to nearest even on the float's bits, as c10 and convert_from_float round (NaN kept as it is):
+  // no packing into a bfloat16 vector and out again.
+  static void round(V* v) {
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int k = 0; k < kParts; ++k) {
+      const __m256i u = _mm256_castps_si256(v[k]);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+      const __m256 r = _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, bias)), high));
+      v[k] = _mm256_blendv_ps(r, v[k], _mm256_cmp_ps(v[k], v[k], _CMP_UNORD_Q));
+    }
+  }
+
   // A float that came from a bfloat16 has its low 16 bits zero, so dropping them is exact: a shift and
   // a pack instead of convert_from_float's rounding and NaN handling (the backward's grad_x / grad_w
   // are such values, or zeros).
@@ -245,23 +273,55 @@ void minmax_accumulate(A* mn, A* mx, const A* src_mn, const A* src_mx, int64_t n
 
 // ----------------------------------------------------------------------------- BatchQuant
 
+// A product as torch's mul stores it in T: for 16-bit inputs the float product (exact) rounded to T once.
 template <typename T>
-void bq_forward(const T* x, T* y, int64_t n, const BQScalarsT<acc_t<T>>& p) {
+inline T gated_t(T a, T b) {
+  return static_cast<T>(static_cast<acc_t<T>>(a) * static_cast<acc_t<T>>(b));
+}
+template <typename T>
+inline acc_t<T> gated_a(T a, T b) {
+  return static_cast<acc_t<T>>(gated_t(a, b));
+}
+
+// The element loops of BatchQuant, also for gated BatchQuant: the input is then z = T(x * gate), computed in
+// registers as torch's mul rounds it, with one gate per element (kGated, ge) or one for all (kScaled, *ge).
+// The backward's gated form also writes grad_x = T(gz * ge) and prod = T(gz * x). The operations on z are
+// the same in every form.
+enum Gating { kUngated, kGated, kScaled };
+
+template <typename T, Gating kGating>
+void bq_forward_impl(const T* x, const T* ge, T* y, int64_t n, const BQScalarsT<acc_t<T>>& p) {
   using IO = VecIO<T>;
+  using A = typename IO::A;
   using V = typename IO::V;
   const BQVecScalars<V> vp(p);
+  const V scale(kGating == kScaled ? static_cast<A>(*ge) : A(1));
   int64_t i = 0;
   for (; i + IO::kBlock <= n; i += IO::kBlock) {
     V v[IO::kParts];
     IO::load(x + i, v);
+    if constexpr (kGating != kUngated) {
+      V vg[IO::kParts];
+      if constexpr (kGating == kGated) {
+        IO::load(ge + i, vg);
+      } else {
+        for (int k = 0; k < IO::kParts; ++k) vg[k] = scale;
+      }
+      for (int k = 0; k < IO::kParts; ++k) v[k] = v[k] * vg[k];
+      IO::round(v);
+    }
     for (int k = 0; k < IO::kParts; ++k) v[k] = batchquant_elem_vec<sizeof(T)>(v[k], vp);
     IO::store(y + i, v);
   }
-  for (; i < n; ++i) y[i] = static_cast<T>(batchquant_elem<sizeof(T)>(static_cast<acc_t<T>>(x[i]), p));
+  for (; i < n; ++i) {
+    const T z = kGating == kUngated ? x[i] : gated_t(x[i], kGating == kGated ? ge[i] : *ge);
+    y[i] = static_cast<T>(batchquant_elem<sizeof(T)>(static_cast<acc_t<T>>(z), p));
+  }
 }
 
-template <typename T>
-BQChunkSums bq_backward(const T* g, const T* x, T* grad_x, int64_t n, const BQScalarsT<acc_t<T>>& p) {
+template <typename T, bool kWithGate>
+BQChunkSums bq_backward_impl(const T* g, const T* x, const T* ge, T* grad_x, acc_t<T>* prod, int64_t n,
+                             const BQScalarsT<acc_t<T>>& p) {
   using IO = VecIO<T>;
   using A = typename IO::A;
   using V = typename IO::V;
@@ -270,30 +330,80 @@ BQChunkSums bq_backward(const T* g, const T* x, T* grad_x, int64_t n, const BQSc
   V dl_acc(A(0)), do_acc(A(0));
   int64_t i = 0;
   for (; i + IO::kBlock <= n; i += IO::kBlock) {
-    V vg[IO::kParts], vx[IO::kParts], gx[IO::kParts];
+    V vg[IO::kParts], vx[IO::kParts], gx[IO::kParts], vz[IO::kParts], vge[IO::kParts];
     IO::load(g + i, vg);
     IO::load(x + i, vx);
+    if constexpr (kWithGate) {
+      IO::load(ge + i, vge);
+      for (int k = 0; k < IO::kParts; ++k) vz[k] = vx[k] * vge[k];
+      IO::round(vz);
+    } else {
+      for (int k = 0; k < IO::kParts; ++k) vz[k] = vx[k];
+    }
     for (int k = 0; k < IO::kParts; ++k) {
-      // batchquant_elem_backward of quant_math.h: in ? {g, g * (x - y), 0} : {0, -g * y, g}.
-      const V u = batchquant_u_vec(vx[k], vp);
+      // batchquant_elem_backward of quant_math.h: in ? {g, g * (z - y), 0} : {0, -g * y, g}.
+      const V u = batchquant_u_vec(vz[k], vp);
       const V in = (u >= vp.qmin) & (u <= vp.qmax);
       const V y = batchquant_y_vec<true>(u, vp);
       gx[k] = V::blendv(zero, vg[k], in);
       // -g * y == g * -y bit for bit (a product's sign does not affect its rounding): one multiply.
-      dl_acc = dl_acc + vg[k] * V::blendv(y.neg(), vx[k] - y, in);
+      dl_acc = dl_acc + vg[k] * V::blendv(y.neg(), vz[k] - y, in);
       do_acc = do_acc + V::blendv(vg[k], zero, in);
     }
-    IO::store_exact(grad_x + i, gx);  // g or 0
+    if constexpr (kWithGate) {
+      for (int k = 0; k < IO::kParts; ++k) {
+        vx[k] = gx[k] * vx[k];  // gz is g or 0: exact in T
+        gx[k] = gx[k] * vge[k];
+      }
+      IO::store(grad_x + i, gx);
+      IO::round(vx);
+      for (int k = 0; k < IO::kParts; ++k) vx[k].store(prod + i + k * V::size());
+    } else {
+      IO::store_exact(grad_x + i, gx);  // g or 0
+    }
   }
   const auto add = [](double s, A v) { return s + static_cast<double>(v); };
   BQChunkSums sums{fold_lanes(dl_acc, 0.0, add), fold_lanes(do_acc, 0.0, add)};
   for (; i < n; ++i) {
-    const BQGradT<A> e = batchquant_elem_backward(static_cast<A>(g[i]), static_cast<A>(x[i]), p);
-    grad_x[i] = static_cast<T>(e.grad_x);
+    const T z = kWithGate ? gated_t(x[i], ge[i]) : x[i];
+    const BQGradT<A> e = batchquant_elem_backward(static_cast<A>(g[i]), static_cast<A>(z), p);
+    const T gz = static_cast<T>(e.grad_x);
+    if constexpr (kWithGate) {
+      prod[i] = gated_a(gz, x[i]);
+      grad_x[i] = gated_t(gz, ge[i]);
+    } else {
+      grad_x[i] = gz;
+    }
     sums.dl += static_cast<double>(e.dl_term);
     sums.dout += static_cast<double>(e.do_term);
   }
   return sums;
+}
+
+template <typename T>
+void bq_forward(const T* x, T* y, int64_t n, const BQScalarsT<acc_t<T>>& p) {
+  bq_forward_impl<T, kUngated>(x, nullptr, y, n, p);
+}
+
+template <typename T>
+BQChunkSums bq_backward(const T* g, const T* x, T* grad_x, int64_t n, const BQScalarsT<acc_t<T>>& p) {
+  return bq_backward_impl<T, false>(g, x, nullptr, grad_x, nullptr, n, p);
+}
+
+template <typename T>
+void gated_bq_forward(const T* x, const T* ge, T* y, int64_t n, const BQScalarsT<acc_t<T>>& p) {
+  bq_forward_impl<T, kGated>(x, ge, y, n, p);
+}
+
+template <typename T>
+void scaled_bq_forward(const T* x, const T* g, T* y, int64_t n, const BQScalarsT<acc_t<T>>& p) {
+  bq_forward_impl<T, kScaled>(x, g, y, n, p);
+}
+
+template <typename T>
+BQChunkSums gated_bq_backward(const T* g, const T* x, const T* ge, T* grad_x, acc_t<T>* prod, int64_t n,
+                              const BQScalarsT<acc_t<T>>& p) {
+  return bq_backward_impl<T, true>(g, x, ge, grad_x, prod, n, p);
 }
 
 // ----------------------------------------------------------------------------- LSQ
@@ -345,12 +455,199 @@ double lsq_backward(const T* g, const T* w, T* grad_w, int64_t n, acc_t<T> abs_s
   return sum;
 }
 
+// ----------------------------------------------------------------------------- gated BatchQuant
+//
+// Helpers of gated_batchquant_cpu.cpp (its element loops are bq_forward_impl / bq_backward_impl above).
+
+// Extremes of x per key (mn, mx) -> those of T(x * g[key]), v -> T(v * g) being monotone for a finite g
+// (swapped for g < 0), where g and both extremes are finite; keys with a non-finite one are left as they
+// are. Returns whether every key was mapped.
+template <typename T>
+bool gate_extremes(const T* g, int64_t n, acc_t<T>* mn, acc_t<T>* mx) {
+  using IO = VecIO<T>;
+  using A = typename IO::A;
+  using V = typename IO::V;
+  const V zero(A(0));
+  bool all = true;
+  int64_t j = 0;
+  for (; j + IO::kBlock <= n; j += IO::kBlock) {
+    V vg[IO::kParts], lo[IO::kParts], hi[IO::kParts], a[IO::kParts], b[IO::kParts];
+    IO::load(g + j, vg);
+    for (int k = 0; k < IO::kParts; ++k) {
+      lo[k] = V::loadu(mn + j + k * V::size());
+      hi[k] = V::loadu(mx + j + k * V::size());
+      a[k] = lo[k] * vg[k];
+      b[k] = hi[k] * vg[k];
+    }
+    IO::round(a);
+    IO::round(b);
+    for (int k = 0; k < IO::kParts; ++k) {
+      const V finite = (vg[k] - vg[k] == zero) & (lo[k] - lo[k] == zero) & (hi[k] - hi[k] == zero);
+      const V neg = vg[k] < zero;
+      all = all && finite.zero_mask() == 0;
+      V::blendv(lo[k], V::blendv(a[k], b[k], neg), finite).store(mn + j + k * V::size());
+      V::blendv(hi[k], V::blendv(b[k], a[k], neg), finite).store(mx + j + k * V::size());
+    }
+  }
+  for (; j < n; ++j) {
+    const A ga = static_cast<A>(g[j]);
+    if (!(std::isfinite(ga) && std::isfinite(mn[j]) && std::isfinite(mx[j]))) {
+      all = false;
+      continue;
+    }
+    const A a = static_cast<A>(static_cast<T>(mn[j] * ga)), b = static_cast<A>(static_cast<T>(mx[j] * ga));
+    mn[j] = ga < 0 ? b : a;
+    mx[j] = ga < 0 ? a : b;
+  }
+  return all;
+}
+
+// Column min and max of z = T(x[r][j] * g[j]) over `rows` rows of a strip of kStrip blocks, rows `stride`
+// apart, the running values held in registers; they start from row 0 when `first`, else from mn / mx.
+template <typename T, int kStrip>
+void gate_col_minmax_strip(const T* x, const T* g, int64_t rows, int64_t stride, bool first, acc_t<T>* mn,
+                           acc_t<T>* mx) {
+  using IO = VecIO<T>;
+  using V = typename IO::V;
+  constexpr int kVecs = kStrip * IO::kParts;
+  V vg[kVecs], lo[kVecs], hi[kVecs], v[kVecs];
+  for (int s = 0; s < kStrip; ++s) IO::load(g + s * IO::kBlock, vg + s * IO::kParts);
+  const auto load_z = [&](int64_t r) {
+    for (int s = 0; s < kStrip; ++s) IO::load(x + r * stride + s * IO::kBlock, v + s * IO::kParts);
+    for (int k = 0; k < kVecs; ++k) v[k] = v[k] * vg[k];
+    for (int s = 0; s < kStrip; ++s) IO::round(v + s * IO::kParts);
+  };
+  int64_t r = 0;
+  if (first) {
+    load_z(r++);
+    for (int k = 0; k < kVecs; ++k) lo[k] = hi[k] = v[k];
+  } else {
+    for (int k = 0; k < kVecs; ++k) {
+      lo[k] = V::loadu(mn + k * V::size());
+      hi[k] = V::loadu(mx + k * V::size());
+    }
+  }
+  for (; r < rows; ++r) {
+    load_z(r);
+    for (int k = 0; k < kVecs; ++k) {
+      lo[k] = vec_min(lo[k], v[k]);
+      hi[k] = vec_max(hi[k], v[k]);
+    }
+  }
+  for (int k = 0; k < kVecs; ++k) {
+    lo[k].store(mn + k * V::size());
+    hi[k].store(mx + k * V::size());
+  }
+}
+
+// Column min and max (NaN-propagating) of z = T(x[r][j] * g[j]), rows of `len` consecutive elements, into
+// mn / mx: started from row 0 when `first`, else accumulated. Tiles and strips as in col_minmax.
+template <typename T>
+void gate_col_minmax(const T* x, const T* g, int64_t rows, int64_t len, bool first, acc_t<T>* mn, acc_t<T>* mx) {
+  using IO = VecIO<T>;
+  constexpr int kStrip = std::max(1, 4 / IO::kParts);
+  using V = typename IO::V;
+  if (rows == 1 || len < IO::kBlock) {  // one row (short rows' samples) or narrow: a loop over the rows
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* px = x + r * len;
+      const bool init = first && r == 0;
+      int64_t j = 0;
+      for (; j + IO::kBlock <= len; j += IO::kBlock) {
+        V v[IO::kParts], vg[IO::kParts];
+        IO::load(px + j, v);
+        IO::load(g + j, vg);
+        for (int k = 0; k < IO::kParts; ++k) v[k] = v[k] * vg[k];
+        IO::round(v);
+        for (int k = 0; k < IO::kParts; ++k) {
+          const int64_t o = j + k * V::size();
+          (init ? v[k] : vec_min(V::loadu(mn + o), v[k])).store(mn + o);
+          (init ? v[k] : vec_max(V::loadu(mx + o), v[k])).store(mx + o);
+        }
+      }
+      for (; j < len; ++j) {
+        const acc_t<T> z = gated_a(px[j], g[j]);
+        mn[j] = init ? z : nan_min(mn[j], z);
+        mx[j] = init ? z : nan_max(mx[j], z);
+      }
+    }
+    return;
+  }
+  const int64_t tile_rows = std::max<int64_t>(1, kColTileBytes / static_cast<int64_t>(len * sizeof(T)));
+  for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+    const T* tile = x + r0 * len;
+    const int64_t tr = std::min(tile_rows, rows - r0);
+    const bool init = first && r0 == 0;
+    int64_t j = 0;
+    for (; j + kStrip * IO::kBlock <= len; j += kStrip * IO::kBlock) {
+      gate_col_minmax_strip<T, kStrip>(tile + j, g + j, tr, len, init, mn + j, mx + j);
+    }
+    for (; j < len; j += IO::kBlock) {
+      // The last block may overlap the previous one (min and max are idempotent).
+      const int64_t c = std::min(j, len - IO::kBlock);
+      gate_col_minmax_strip<T, 1>(tile + c, g + c, tr, len, init, mn + c, mx + c);
+    }
+  }
+}
+
+// out[0, n): g[0] in the first `head` elements, then each next gate in the next `inner`. One broadcast store
+// (or a few) per gate, the last one overlapping the next gate's place, which that gate's own store then
+// overwrites: short runs (small spatial sizes) cost one store each. Writes up to 32 elements past n.
+template <typename T>
+void gate_expand(const T* g, int64_t n, int64_t inner, int64_t head, T* out) {
+  using V = Vectorized<T>;
+  int64_t pos = std::min(head, n);
+  for (int64_t j = 0; j < pos; j += V::size()) V(g[0]).store(out + j);
+  const T* gk = g + 1;
+  if (inner <= V::size()) {  // one store per gate, no inner loop
+    for (; pos < n; ++gk, pos += inner) V(*gk).store(out + pos);
+    return;
+  }
+  for (; pos < n; ++gk, pos += inner) {
+    const V v(*gk);
+    const int64_t len = std::min(inner, n - pos);
+    for (int64_t j = 0; j < len; j += V::size()) v.store(out + pos + j);
+  }
+}
+
+// sums[r] = the sum of row r of `rows` rows of `len` (consecutive), from +0, in A.
+template <typename A>
+void row_sums(const A* p, int64_t rows, int64_t len, A* sums) {
+  using V = Vectorized<A>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* pr = p + r * len;
+    int64_t j = 0;
+    A s = A(0);
+    if (len >= V::size()) {
+      V acc(A(0));
+      for (; j + V::size() <= len; j += V::size()) acc = acc + V::loadu(pr + j);
+      s = fold_lanes(acc, A(0), [](A a, A b) { return a + b; });
+    }
+    for (; j < len; ++j) s += pr[j];
+    sums[r] = s;
+  }
+}
+
+// acc[j] += p[r][j] over `rows` rows of `len` (consecutive), in row order.
+template <typename A>
+void col_sums(const A* p, int64_t rows, int64_t len, A* acc) {
+  using V = Vectorized<A>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* pr = p + r * len;
+    int64_t j = 0;
+    for (; j + V::size() <= len; j += V::size()) (V::loadu(acc + j) + V::loadu(pr + j)).store(acc + j);
+    for (; j < len; ++j) acc[j] += pr[j];
+  }
+}
+
 // ----------------------------------------------------------------------------- table
 
 template <typename T>
 Kernels<T> make_kernels() {
-  return {&row_minmax<T>,  &col_minmax<T>,  &minmax_accumulate<acc_t<T>>, &bq_forward<T>, &bq_backward<T>,
-          &lsq_forward<T>, &lsq_backward<T>};
+  return {&row_minmax<T>,       &col_minmax<T>,        &minmax_accumulate<acc_t<T>>, &bq_forward<T>,
+          &bq_backward<T>,      &lsq_forward<T>,       &lsq_backward<T>,             &gated_bq_forward<T>,
+          &scaled_bq_forward<T>,
+          &gated_bq_backward<T>, &gate_extremes<T>,    &gate_col_minmax<T>,          &gate_expand<T>,
+          &row_sums<acc_t<T>>,  &col_sums<acc_t<T>>};
 }
 
 inline KernelTable make_table(const char* isa) {

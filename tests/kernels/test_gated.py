@@ -9,6 +9,11 @@ where ``torch.mul`` does), the gate's and the quantizer's gradients to summation
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import helpers as h
 import pytest
 import torch
@@ -17,6 +22,7 @@ from bquant_kernels import batchquant, gated_batchquant
 from bquant_kernels.gated import gated_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[2]
 
 SHAPES = ((4, 6, 5, 7), (3, 5, 1, 1), (7, 9), (2, 3, 11), (5, 17, 3, 3), (1, 1, 4, 4))
 BACKENDS = ("cpu", "triton", "reference")
@@ -247,3 +253,44 @@ def test_compiled_call_has_no_graph_breaks(backend):
     params = (gate, theta, offset)
     for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+_ISA_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import torch
+from bquant_kernels import gated_batchquant
+outs = []
+for x, gate, theta, offset, g in torch.load(sys.argv[1]):
+    leaves = [t.clone().requires_grad_() for t in (x, gate, theta, offset)]
+    y = gated_batchquant(*leaves, 4, backend="cpu")
+    outs += [y.detach(), *torch.autograd.grad(y, leaves, g)]
+torch.save(outs, sys.argv[2])
+"""
+
+
+def test_portable_and_avx2_instances_agree(tmp_path):
+    """ATEN_CPU_CAPABILITY=default runs the baseline instance of the CPU kernels: the same bits as the
+    instance this process runs (AVX2 where the CPU has it)."""
+    _require("cpu")
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for layout in ("contiguous", "channels_last"):
+            x, gate, theta, offset = _inputs((6, 40, 7, 7), layout, 12)
+            x, gate = x.to(dtype), gate.to(dtype)
+            cases.append((x, gate, theta.float(), offset.float(), _grad_y(x)))
+    inputs = tmp_path / "inputs.pt"
+    torch.save(cases, inputs)
+    outputs = {}
+    for name, capability in (("portable", "default"), ("native", None)):
+        env = dict(os.environ)
+        if capability is not None:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        path = tmp_path / f"{name}.pt"
+        cmd = [sys.executable, "-c", _ISA_SCRIPT, str(inputs), str(path), str(REPO)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[name] = torch.load(path)
+    assert len(outputs["portable"]) == len(outputs["native"]) > 0
+    for i, (a, b) in enumerate(zip(outputs["portable"], outputs["native"], strict=True)):
+        assert torch.equal(a, b), f"output {i}: portable and native instances differ"

@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             r = step[name]
             mem = f", step peak {r['step_peak_mem_mb']:.0f} MB" if "step_peak_mem_mb" in r else ""
             print(f"train step {name}: min {r['ms_min']:.0f} ms, median {r['ms_median']:.0f} ms{mem}; "
-                  f"BN+act+BatchQuant time {r['epilogue_ms']:.1f} ms")  # fmt: skip
+                  f"time of the ops the fused ones replace {r['epilogue_ms']:.1f} ms")  # fmt: skip
         print(f"  ratios fused/unfused: step (min) {step['ratio_step_min']:.3f}, "
               f"epilogue time {step['ratio_epilogue']:.3f}")  # fmt: skip
         print(f"  saved for backward (max subnet forward): {step['saved_for_backward_mb']}")

@@ -109,16 +109,16 @@ def _finish(
     return (y, q) if keep_activation else q
 
 
-def _quantize_se(se: DynamicSE, y: Tensor, quantizer: BatchQuantizer) -> Tensor:
-    """``quantizer(se(y))``: SE's gate multiply in the quantizer's op (``gated_batchquant``) where, as in
-    :func:`_finish`, the quantizer's backend runs a kernel of its own for it, else the multiply then the
-    quantizer."""
-    gate = se.gate(y)
+def _quantize_se(layer: nn.Module, y: Tensor, quantizer: BatchQuantizer) -> Tensor:
+    """``quantizer(layer.se(y))``: SE's gate multiply in the quantizer's op (``gated_batchquant``) where
+    :func:`_finish` would fuse (batch statistics, a kernel of the quantizer's own backend, not 16-bit on
+    the cpu backend), else the multiply then the quantizer."""
+    gate = layer.se.gate(y)
     backend = quantizer.backend
     fused = gated_backend(backend, y)
     # Autocast may give the gate another dtype than y: then the product's type promotion decides.
-    same = gate.dtype == y.dtype and fused == resolve(backend, y.device, y.dtype)
-    if same and not (fused == "cpu" and y.element_size() == 2):
+    ok = layer.bn is not None and layer.bn.uses_batch_stats and gate.dtype == y.dtype
+    if ok and fused == resolve(backend, y.device, y.dtype) and not (fused == "cpu" and y.element_size() == 2):
         return quantizer(y, gate)
     return quantizer(y * gate)
 
@@ -346,7 +346,7 @@ class DynamicQDepthwiseConv2d(_ActiveBits, nn.Module):
         y = _finish(self, y, None)
         if next_quantizer is None:
             return self.se(y)
-        return _quantize_se(self.se, y, next_quantizer)
+        return _quantize_se(self, y, next_quantizer)
 
     def weight_for_quantization(self) -> tuple[Tensor, LSQQuantizer, Tensor] | None:
         """``(kernel, quantizer, kernel)``: the active-size kernel of every channel, or None in full precision."""

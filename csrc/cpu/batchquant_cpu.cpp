@@ -96,15 +96,7 @@ void channel_minmax_cols(const T* x, int64_t outer, int64_t C, int64_t inner, ac
   for (int64_t g = 1; g < groups; ++g) {
     k.minmax_accumulate(mn.data(), mx.data(), mn.data() + g * width, mx.data() + g * width, width);
   }
-  for (int64_t c = 0; c < C; ++c) {
-    A lo = mn[c * inner], hi = mx[c * inner];
-    for (int64_t j = c * inner + 1; j < (c + 1) * inner; ++j) {
-      lo = nan_min(lo, mn[j]);
-      hi = nan_max(hi, mx[j]);
-    }
-    ch_min[c] = lo;
-    ch_max[c] = hi;
-  }
+  fold_channel_columns(mn.data(), mx.data(), C, inner, ch_min, ch_max);
 }
 
 // (lo, hi) of spec 1.1: means over channels of the per-channel min and max, summed in double in

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/quant_math.h"
+
 namespace bquant::cpu {
 
 // Work is cut into chunks of kChunk elements whatever the thread count, and per-chunk partial sums
@@ -99,6 +101,21 @@ inline double read_scalar(const at::Tensor& t, int64_t i = 0) {
   BQ_DISPATCH_CPU_FLOATING(t.scalar_type(), "bquant_read_scalar",
                            [&] { v = static_cast<double>(t.const_data_ptr<scalar_t>()[offset]); });
   return v;
+}
+
+// Per-channel extremes from per-column ones (the column mode of the statistics): columns
+// [c * inner, (c + 1) * inner) of mn / mx folded in order, NaN propagating.
+template <typename A>
+void fold_channel_columns(const A* mn, const A* mx, int64_t C, int64_t inner, A* ch_min, A* ch_max) {
+  for (int64_t c = 0; c < C; ++c) {
+    A lo = mn[c * inner], hi = mx[c * inner];
+    for (int64_t j = c * inner + 1; j < (c + 1) * inner; ++j) {
+      lo = nan_min(lo, mn[j]);
+      hi = nan_max(hi, mx[j]);
+    }
+    ch_min[c] = lo;
+    ch_max[c] = hi;
+  }
 }
 
 }  // namespace bquant::cpu

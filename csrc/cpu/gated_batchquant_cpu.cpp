@@ -211,15 +211,7 @@ void gated_channel_minmax(const Geometry& G, const T* x, const T* gate, A_t<T>* 
     for (int64_t gi = 1; gi < groups; ++gi) {
       k.minmax_accumulate(mn.data(), mx.data(), mn.data() + gi * sample, mx.data() + gi * sample, sample);
     }
-    for (int64_t c = 0; c < C; ++c) {
-      A lo = mn[c * inner], hi = mx[c * inner];
-      for (int64_t j = c * inner + 1; j < (c + 1) * inner; ++j) {
-        lo = nan_min(lo, mn[j]);
-        hi = nan_max(hi, mx[j]);
-      }
-      ch_min[c] = lo;
-      ch_max[c] = hi;
-    }
+    cpu::fold_channel_columns(mn.data(), mx.data(), C, inner, ch_min, ch_max);
     return;
   }
   // Per sample, folded over the samples of fixed groups, whose partial results are then folded in group

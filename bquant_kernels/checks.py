@@ -37,6 +37,18 @@ def check_param(name: str, t: object, ref: Tensor, ref_name: str = "the input", 
     return t
 
 
+def check_batchquant_args(x: Tensor, theta: object, offset: object, bits: object, lo_hi: object) -> Tensor | None:
+    """The quantizer arguments of :func:`bquant_kernels.batchquant` (and of its gated form) for input ``x``:
+    one-element ``theta`` and ``offset`` on ``x``'s device, ``bits`` in [2, 8], an optional 2-element
+    ``lo_hi``, returned as shape ``(2,)``."""
+    check_param("theta", theta, x)
+    check_param("offset", offset, x)
+    check_bits("bits", bits, 2, 8)
+    if lo_hi is None:
+        return None
+    return check_param("lo_hi", lo_hi, x, numel=2).reshape(2)
+
+
 def check_bits(name: str, bits: object, lo: int, hi: int) -> int:
     """``bits`` is an int (not a bool) in ``[lo, hi]``."""
     if isinstance(bits, bool) or not isinstance(bits, int):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import extension
-from .backends import get_backend, resolve
+from .backends import get_backend, kernel_backend
 from .checks import check_bits, check_param, check_tensor
 from .ops import _as_param, _kernel, _like, dense_activation
 from .qparams import NUM_QPARAMS
@@ -36,11 +36,7 @@ def _math_dtype(y: Tensor) -> torch.dtype:
     return torch.float64 if y.dtype == torch.float64 else torch.float32
 
 
-def _native_available() -> bool:
-    return extension.ext is not None and hasattr(torch.ops.bquant, "native_bn_act_quant")
-
-
-if _native_available():
+if extension.has_op("native_bn_act_quant"):
 
     def _fake_epilogue(
         y, gamma, beta, residual, theta, offset, running_mean, running_var, lo_hi, eps, act, bits, signed, keep
@@ -63,14 +59,7 @@ def fused_backend(backend: str | None, y: Tensor) -> str:
     """The implementation the op runs for ``y`` on the BatchQuant ``backend``: ``cpu`` (the native op),
     ``triton``, or ``reference``. The ``cuda`` backend has no epilogue kernel of its own: Triton's where
     triton runs on ``y``, else the reference."""
-    name = resolve(backend, y.device, y.dtype)
-    if name == "cpu":
-        return "cpu" if _native_available() else "reference"
-    if name == "cuda":
-        triton = get_backend("triton")
-        ok = y.device.type in triton.DEVICES and y.dtype in triton.DTYPES and triton.available()[0]
-        return "triton" if ok else "reference"
-    return name
+    return kernel_backend(backend, y, "native_bn_act_quant")
 
 
 # ----------------------------------------------------------------------------- route 2

@@ -6,7 +6,7 @@ import importlib
 import warnings
 from types import ModuleType
 
-import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+import torch  # (loads libc10/libtorch, which _C links against)
 
 # Must equal kApiVersion of csrc/bquant.h (bump both when an op changes); a build with another value is stale.
 API_VERSION = 4
@@ -33,6 +33,11 @@ if ext is None:
         RuntimeWarning,
         stacklevel=2,
     )
+
+
+def has_op(name: str) -> bool:
+    """Whether the loaded extension registered the native op ``torch.ops.bquant.<name>``."""
+    return ext is not None and hasattr(torch.ops.bquant, name)
 
 
 def has_cuda() -> bool:

@@ -23,17 +23,12 @@ import torch
 from torch import Tensor
 
 from . import extension
-from .backends import get_backend, resolve
-from .checks import check_bits, check_param, check_tensor
+from .backends import get_backend, kernel_backend
+from .checks import check_batchquant_args, check_tensor
 from .ops import _as_param, _kernel, _like, _qparams_dtype, dense_activation
 from .qparams import NUM_QPARAMS
 
-
-def _native_available() -> bool:
-    return extension.ext is not None and hasattr(torch.ops.bquant, "native_gated_batchquant")
-
-
-if _native_available():
+if extension.has_op("native_gated_batchquant"):
 
     def _fake_gated(x, gate, theta, offset, lo_hi, bits, signed):
         return torch.empty_like(x), x.new_empty(NUM_QPARAMS, dtype=_qparams_dtype(x))
@@ -51,14 +46,7 @@ def gated_backend(backend: str | None, x: Tensor) -> str:
     """The implementation :func:`gated_batchquant` runs for ``x`` on the BatchQuant ``backend``: ``cpu`` (the
     native op), ``triton`` or ``reference``. The ``cuda`` backend has no kernel of its own for it: Triton's
     where triton runs on ``x``, else the reference."""
-    name = resolve(backend, x.device, x.dtype)
-    if name == "cpu":
-        return "cpu" if _native_available() else "reference"
-    if name == "cuda":
-        triton = get_backend("triton")
-        ok = x.device.type in triton.DEVICES and x.dtype in triton.DTYPES and triton.available()[0]
-        return "triton" if ok else "reference"
-    return name
+    return kernel_backend(backend, x, "native_gated_batchquant")
 
 
 # ----------------------------------------------------------------------------- route 2
@@ -174,12 +162,7 @@ def gated_batchquant(
     """
     check_tensor("x", x, min_dim=2)
     gate = _check_gate(gate, x)
-    check_param("theta", theta, x)
-    check_param("offset", offset, x)
-    check_bits("bits", bits, 2, 8)
-    if lo_hi is not None:
-        check_param("lo_hi", lo_hi, x, numel=2)
-        lo_hi = lo_hi.reshape(2)
+    lo_hi = check_batchquant_args(x, theta, offset, bits, lo_hi)
     name = gated_backend(backend, x)
     if name == "cpu":
         y, qp = torch.ops.bquant.native_gated_batchquant(x, gate, theta, offset, lo_hi, bits, bool(signed))

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import extension
 from .backends import NATIVE, get_backend, resolve
-from .checks import check_bits, check_numel_full, check_param, check_tensor
+from .checks import check_batchquant_args, check_bits, check_numel_full, check_param, check_tensor
 from .qparams import NUM_QPARAMS, lsq_grid
 
 # ----------------------------------------------------------------------------- layout (route 2)
@@ -276,12 +276,7 @@ def batchquant(
         ``lo_hi`` only the NaN elements become NaN. For ±inf see docs/spec-batchquant.md, 1.7.
     """
     check_tensor("x", x, min_dim=2)
-    check_param("theta", theta, x)
-    check_param("offset", offset, x)
-    check_bits("bits", bits, 2, 8)
-    if lo_hi is not None:
-        check_param("lo_hi", lo_hi, x, numel=2)
-        lo_hi = lo_hi.reshape(2)
+    lo_hi = check_batchquant_args(x, theta, offset, bits, lo_hi)
     name = resolve(backend, x.device, x.dtype)
     if name in NATIVE:
         y, qp = torch.ops.bquant.native_batchquant(x, theta, offset, lo_hi, bits, bool(signed))

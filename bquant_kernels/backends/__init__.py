@@ -30,6 +30,8 @@ from types import ModuleType
 
 import torch
 
+from .. import extension
+
 NAMES = ("reference", "cpu", "triton", "cuda")
 NATIVE = ("cpu", "cuda")  # the compiled backends: csrc/, behind torch.ops.bquant.native_*
 FUNCTIONS = ("batch_range", "batchquant_forward", "batchquant_backward", "lsq_forward", "lsq_backward")
@@ -66,6 +68,21 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> st
         if backend is None and requested is not None and requested not in NAMES:
             raise ValueError(f"environment variable BQUANT_BACKEND={requested!r}: use one of {NAMES}, or unset it")
         name = _RESOLVED[key] = _resolve_uncached(requested, device, dtype)
+    return name
+
+
+def kernel_backend(backend: str | None, x: torch.Tensor, native_op: str) -> str:
+    """The implementation an op with C++ (``cpu``) and Triton kernels but no CUDA C++ one (the fused
+    epilogue, the gated BatchQuant) runs for ``x`` on the BatchQuant ``backend``: ``cpu`` where the
+    extension has ``native_op``, else the reference; on ``cuda`` Triton's where triton runs on ``x``, else
+    the reference; ``triton`` and ``reference`` as they are."""
+    name = resolve(backend, x.device, x.dtype)
+    if name == "cpu":
+        return "cpu" if extension.has_op(native_op) else "reference"
+    if name == "cuda":
+        triton = get_backend("triton")
+        ok = x.device.type in triton.DEVICES and x.dtype in triton.DTYPES and triton.available()[0]
+        return "triton" if ok else "reference"
     return name
 
 

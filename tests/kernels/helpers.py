@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +110,28 @@ def assert_scalar_close(got: torch.Tensor, want: float, scale: float, rtol: floa
     g = float(got.detach().double().cpu().reshape(-1)[0])
     tol = rtol * max(abs(want), scale, 1e-30)
     assert abs(g - want) <= tol, f"{what}: got {g!r}, want {want!r} (tol {tol:.3g})"
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def assert_cpu_instances_agree(script: str, cases: list, tmp_path: Path) -> None:
+    """Run ``script`` (argv: the inputs file, the outputs file, the repository) on ``cases`` once under
+    ATEN_CPU_CAPABILITY=default (the baseline instance of the CPU kernels) and once as this process runs
+    (AVX2 where the CPU has it): every saved output equal bit for bit. Inputs are made here: torch's own
+    random generators differ between capabilities."""
+    inputs = tmp_path / "inputs.pt"
+    torch.save(cases, inputs)
+    outputs = {}
+    for name, capability in (("portable", "default"), ("native", None)):
+        env = dict(os.environ)
+        if capability is not None:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        path = tmp_path / f"{name}.pt"
+        cmd = [sys.executable, "-c", script, str(inputs), str(path), str(REPO)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[name] = torch.load(path)
+    assert len(outputs["portable"]) == len(outputs["native"]) > 0
+    for i, (a, b) in enumerate(zip(outputs["portable"], outputs["native"], strict=True)):
+        assert torch.equal(a, b), f"output {i}: portable and native instances differ"

@@ -9,11 +9,6 @@ spec's 1e-4: the fused kernels round at the same places).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import helpers as h
 import numpy as np
 import pytest
@@ -25,7 +20,6 @@ from bquant_kernels.epilogue import bn_act_quant, fused_backend
 from bquant_kernels.qparams import batchquant_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[2]
 
 ACTS = (None, "relu", "h_swish")
 SHAPES = ((4, 6, 5, 7), (3, 5, 1, 1), (7, 9), (2, 3, 11), (16, 40, 4, 4))
@@ -476,21 +470,7 @@ def test_portable_and_avx2_instances_agree(tmp_path):
             gamma, beta, theta, offset, *_ = (t.float() for t in _params(24, 6))
             g = h.to_layout(h.make_activation((16, 24, 6, 6), seed=7).to(dtype), layout)
             cases.append((y, gamma, beta, theta, offset, g))
-    inputs = tmp_path / "inputs.pt"
-    torch.save(cases, inputs)
-    outputs = {}
-    for name, capability in (("portable", "default"), ("native", None)):
-        env = dict(os.environ)
-        if capability is not None:
-            env["ATEN_CPU_CAPABILITY"] = capability
-        path = tmp_path / f"{name}.pt"
-        cmd = [sys.executable, "-c", _ISA_SCRIPT, str(inputs), str(path), str(REPO)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outputs[name] = torch.load(path)
-    assert len(outputs["portable"]) == len(outputs["native"]) > 0
-    for i, (a, b) in enumerate(zip(outputs["portable"], outputs["native"], strict=True)):
-        assert torch.equal(a, b), f"output {i}: portable and native instances differ"
+    h.assert_cpu_instances_agree(_ISA_SCRIPT, cases, tmp_path)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -9,11 +9,6 @@ where ``torch.mul`` does), the gate's and the quantizer's gradients to summation
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import helpers as h
 import pytest
 import torch
@@ -22,7 +17,6 @@ from bquant_kernels import batchquant, gated_batchquant
 from bquant_kernels.gated import gated_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[2]
 
 SHAPES = ((4, 6, 5, 7), (3, 5, 1, 1), (7, 9), (2, 3, 11), (5, 17, 3, 3), (1, 1, 4, 4))
 BACKENDS = ("cpu", "triton", "reference")
@@ -279,18 +273,4 @@ def test_portable_and_avx2_instances_agree(tmp_path):
             x, gate, theta, offset = _inputs((6, 40, 7, 7), layout, 12)
             x, gate = x.to(dtype), gate.to(dtype)
             cases.append((x, gate, theta.float(), offset.float(), _grad_y(x)))
-    inputs = tmp_path / "inputs.pt"
-    torch.save(cases, inputs)
-    outputs = {}
-    for name, capability in (("portable", "default"), ("native", None)):
-        env = dict(os.environ)
-        if capability is not None:
-            env["ATEN_CPU_CAPABILITY"] = capability
-        path = tmp_path / f"{name}.pt"
-        cmd = [sys.executable, "-c", _ISA_SCRIPT, str(inputs), str(path), str(REPO)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outputs[name] = torch.load(path)
-    assert len(outputs["portable"]) == len(outputs["native"]) > 0
-    for i, (a, b) in enumerate(zip(outputs["portable"], outputs["native"], strict=True)):
-        assert torch.equal(a, b), f"output {i}: portable and native instances differ"
+    h.assert_cpu_instances_agree(_ISA_SCRIPT, cases, tmp_path)

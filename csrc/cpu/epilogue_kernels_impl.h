@@ -368,16 +368,21 @@ Widened<A> widened(const Layout& L, const Affine<A>& af) {
 // ----------------------------------------------------------------------------- forward
 
 constexpr int64_t kTile = 8;  // channels per register tile (channels-innermost statistics)
+constexpr int64_t kStatsBlockBytes = 16384;
 
-// Shifted sums, min and max of W adjacent channels over `rows` rows `stride` elements apart. Plain
-// selects (vectorized); a NaN, which they may skip, makes the channel's sum NaN, and then its min/max.
+// Shifted sums, min and max of W adjacent channels over `rows` rows `stride` elements apart, carried on
+// from s, q, mn, mx (a channel's rows come in several calls, each a whole number of kFloatRun runs but
+// the last: the same additions in the same order as in one call). Plain selects (vectorized); a NaN,
+// which they may skip, makes the channel's sum NaN, and then its min/max.
 template <typename T, typename A, int W>
 void stats_tile(const T* __restrict y, int64_t rows, int64_t stride, const double* shift, double* s, double* q,
                 A* mn, A* mx) {
-  std::array<double, W> ls{}, lq{}, sh;
+  std::array<double, W> ls, lq, sh;
   std::array<A, W> lmn, lmx;
   for (int l = 0; l < W; ++l) {
     sh[l] = shift[l];
+    ls[l] = s[l];
+    lq[l] = q[l];
     lmn[l] = mn[l];
     lmx[l] = mx[l];
   }
@@ -393,8 +398,8 @@ void stats_tile(const T* __restrict y, int64_t rows, int64_t stride, const doubl
     }
   }
   for (int l = 0; l < W; ++l) {
-    s[l] += ls[l];
-    q[l] += lq[l];
+    s[l] = ls[l];
+    q[l] = lq[l];
     const bool nan = ls[l] != ls[l];
     mn[l] = nan ? static_cast<A>(ls[l]) : lmn[l];
     mx[l] = nan ? static_cast<A>(ls[l]) : lmx[l];
@@ -411,8 +416,14 @@ inline vd4 hi_half(vf8 v) { return __builtin_convertvector(__builtin_shufflevect
 template <>
 void stats_tile<float, float, 8>(const float* __restrict y, int64_t rows, int64_t stride, const double* shift,
                                  double* s, double* q, float* mn, float* mx) {
-  vd4 s0{}, s1{}, q0{}, q1{};
+  vd4 s0, s1, q0, q1;
   vf8 h, vmn, vmx;
+  for (int l = 0; l < 4; ++l) {
+    s0[l] = s[l];
+    s1[l] = s[l + 4];
+    q0[l] = q[l];
+    q1[l] = q[l + 4];
+  }
   for (int l = 0; l < 8; ++l) h[l] = static_cast<float>(shift[l]);  // a float value: exact
   std::memcpy(&vmn, mn, sizeof(vmn));
   std::memcpy(&vmx, mx, sizeof(vmx));
@@ -437,8 +448,8 @@ void stats_tile<float, float, 8>(const float* __restrict y, int64_t rows, int64_
     const double sums[2] = {s0[l], s1[l]};
     for (int h2 = 0; h2 < 2; ++h2) {
       const int i = l + 4 * h2;
-      s[i] += sums[h2];
-      q[i] += h2 == 0 ? q0[l] : q1[l];
+      s[i] = sums[h2];
+      q[i] = h2 == 0 ? q0[l] : q1[l];
       const bool nan = sums[h2] != sums[h2];
       mn[i] = nan ? static_cast<float>(sums[h2]) : vmn[i];
       mx[i] = nan ? static_cast<float>(sums[h2]) : vmx[i];
@@ -450,10 +461,14 @@ void stats_tile<float, float, 8>(const float* __restrict y, int64_t rows, int64_
 template <>
 void stats_tile<c10::BFloat16, float, 8>(const c10::BFloat16* __restrict y, int64_t rows, int64_t stride,
                                          const double* shift, double* s, double* q, float* mn, float* mx) {
-  vd4 s0{}, s1{}, q0{}, q1{}, h0, h1;
+  vd4 s0, s1, q0, q1, h0, h1;
   for (int l = 0; l < 4; ++l) {
     h0[l] = shift[l];
     h1[l] = shift[l + 4];
+    s0[l] = s[l];
+    s1[l] = s[l + 4];
+    q0[l] = q[l];
+    q1[l] = q[l + 4];
   }
   vf8 vmn = load_f8(mn), vmx = load_f8(mx);
   for (int64_t r = 0; r < rows; ++r) {
@@ -468,8 +483,8 @@ void stats_tile<c10::BFloat16, float, 8>(const c10::BFloat16* __restrict y, int6
   }
   for (int i = 0; i < 8; ++i) {
     const double ls = i < 4 ? s0[i] : s1[i - 4];
-    s[i] += ls;
-    q[i] += i < 4 ? q0[i] : q1[i - 4];
+    s[i] = ls;
+    q[i] = i < 4 ? q0[i] : q1[i - 4];
     const bool nan = ls != ls;
     mn[i] = nan ? static_cast<float>(ls) : vmn[i];
     mx[i] = nan ? static_cast<float>(ls) : vmx[i];
@@ -488,14 +503,22 @@ void channel_stats(const Layout& L, const T* y, double* mean, double* var, A* mn
     mx[c] = mn[c];
   }
   const auto& kern = cpu::kernels<T>();
-  if (L.inner == 1) {  // channels innermost: tiles of kTile channels down all rows, sums in registers
+  if (L.inner == 1) {  // channels innermost: tiles of kTile channels down a block of rows, sums in registers
     parallel_channels(L, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; c += kTile) {
-        if (c + kTile <= c1) {
-          stats_tile<T, A, kTile>(y + c, L.outer, C, &shift[c], &s[c], &q[c], mn + c, mx + c);
-        } else {
-          for (int64_t t = c; t < c1; ++t) {
-            stats_tile<T, A, 1>(y + t, L.outer, C, &shift[t], &s[t], &q[t], mn + t, mx + t);
+      // Blocks of about kStatsBlockBytes of this thread's channels, so that the kTile-channel tiles after
+      // the first read a block from L1 / L2 (down all rows, each tile re-read the tensor from memory).
+      const int64_t bytes = (c1 - c0) * static_cast<int64_t>(sizeof(T));
+      const int64_t block = std::max<int64_t>(1, kStatsBlockBytes / bytes / kFloatRun) * kFloatRun;
+      for (int64_t r0 = 0; r0 < L.outer; r0 += block) {
+        const int64_t rows = std::min(block, L.outer - r0);
+        const T* yb = y + r0 * C;
+        for (int64_t c = c0; c < c1; c += kTile) {
+          if (c + kTile <= c1) {
+            stats_tile<T, A, kTile>(yb + c, rows, C, &shift[c], &s[c], &q[c], mn + c, mx + c);
+          } else {
+            for (int64_t t = c; t < c1; ++t) {
+              stats_tile<T, A, 1>(yb + t, rows, C, &shift[t], &s[t], &q[t], mn + t, mx + t);
+            }
           }
         }
       }

@@ -172,7 +172,9 @@ def test_fused_on_cuda_matches_float64_composition(shape, layout, act, bits, mod
 
 @pytest.mark.parametrize(
     "shape",
-    [(37, 12, 9, 9), (5, 3, 17, 19)],  # 2997 rows (81 per wide row, a partial run), 12 = one tile + 4; rows of 323
+    # 2997 rows (81 per wide row, a partial run; statistics: 8 blocks of 336 rows and a partial one), 12 = one
+    # tile + 4; rows of 323 (channels_last: 2 blocks of 1360 rows)
+    [(37, 12, 9, 9), (5, 3, 17, 19)],
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("act", ["relu", "h_swish"])
@@ -180,7 +182,8 @@ def test_fused_on_cuda_matches_float64_composition(shape, layout, act, bits, mod
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_kernel_runs_and_wide_rows(shape, layout, act, mode, dtype):
     """The CPU kernel's blocking: float32 runs of 16 rows / vectors folded into float64 (several runs and
-    a partial one), channels_last rows widened to r * C channels (tiled, folded back), tile remainders."""
+    a partial one), channels_last statistics in blocks of rows, channels_last rows widened to r * C
+    channels (tiled, folded back), tile remainders."""
     _require_cpu_kernel()
     _check_fused(shape, layout, act, 4, mode, "cpu", dtype, "cpu")
 

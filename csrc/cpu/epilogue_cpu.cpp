@@ -37,6 +37,9 @@
 #include <type_traits>
 #include <tuple>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>  // F16C conversions of the AVX2 instance
+#endif
 
 #include "bquant.h"
 #include "common/quant_math.h"
@@ -140,7 +143,9 @@ struct BwdSums {
 #pragma GCC target("avx2,fma,f16c")
 #pragma GCC optimize("fp-contract=off")  // as on the command line: no FMA the source does not spell out
 #define BQ_EPI_ISA isa_avx2
+#define BQ_EPI_F16C 1  // the F16C intrinsics are usable (g++ defines no __F16C__ for a pragma target)
 #include "cpu/epilogue_kernels_impl.h"
+#undef BQ_EPI_F16C
 #undef BQ_EPI_ISA
 #pragma GCC pop_options
 #endif

@@ -58,9 +58,9 @@ inline A round_to(A v) {
   }
 }
 
-// 8 bfloat16 lanes as floats, in GCC vector types: GCC does not vectorize the scalar loops over
-// c10::BFloat16 even with the branch-free conversions above, so the segment loops have an explicit
-// vector body for bfloat16 (the same operations per lane as the scalar tail: the same bits).
+// 8 16-bit lanes as floats, in GCC vector types: GCC does not vectorize the scalar loops over
+// c10::BFloat16 even with the branch-free conversions above (nor over c10::Half), so the segment loops
+// have an explicit vector body for 16-bit T (the same operations per lane as the scalar tail: the same bits).
 using vf8 = float __attribute__((vector_size(32)));
 using vu8 = uint32_t __attribute__((vector_size(32)));
 using vi8 = int32_t __attribute__((vector_size(32)));
@@ -100,7 +100,55 @@ inline void store_bf16(c10::BFloat16* p, vf8 f) {
   const vh8 h = __builtin_convertvector(bf16_round_bits(f) >> 16, vh8);
   std::memcpy(p, &h, sizeof(h));
 }
-inline vf8 splat8(float v) { return vf8{} + v; }
+
+// float16 where F16C is targeted (BQ_EPI_F16C: the AVX2 instance): vcvtph2ps widens exactly, as c10 does, and
+// vcvtps2ph rounds to nearest even, as c10 does, but keeps a NaN's payload where c10 stores the quiet NaN
+// 0x7E00 with the NaN's sign: NaN lanes are first replaced by the float NaN that converts to it. The
+// baseline instance keeps the scalar loops.
+#if defined(BQ_EPI_F16C)
+template <typename T>
+constexpr bool kVec16 = kBF16<T> || std::is_same_v<T, c10::Half>;
+
+inline vf8 load_half(const c10::Half* p) {
+  return reinterpret_cast<vf8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m128i half_bits(vf8 f) {
+  vu8 u;
+  std::memcpy(&u, &f, sizeof(u));
+  const vi8 nan = f != f;
+  const vu8 c = nan ? (u & 0x80000000u) | 0x7FC00000u : u;
+  return _mm256_cvtps_ph(reinterpret_cast<__m256>(c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline vf8 round_half(vf8 f) { return reinterpret_cast<vf8>(_mm256_cvtph_ps(half_bits(f))); }
+inline void store_half(c10::Half* p, vf8 f) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), half_bits(f)); }
+#else
+template <typename T>
+constexpr bool kVec16 = kBF16<T>;
+#endif
+
+// 8 lanes of a 16-bit T with a vector body (kVec16<T>): loaded as floats, rounded to T, stored.
+template <typename T>
+inline vf8 load16(const T* p) {
+  if constexpr (kBF16<T>) return load_bf16(p);
+#if defined(BQ_EPI_F16C)
+  else return load_half(p);
+#endif
+}
+template <typename T>
+inline vf8 round16(vf8 f) {
+  if constexpr (kBF16<T>) return round_bf16(f);
+#if defined(BQ_EPI_F16C)
+  else return round_half(f);
+#endif
+}
+template <typename T>
+inline void store16(T* p, vf8 f) {
+  if constexpr (kBF16<T>) store_bf16(p, f);
+#if defined(BQ_EPI_F16C)
+  else store_half(p, f);
+#endif
+}
+inline vf8 splat8(float v) { return vf8{v, v, v, v, v, v, v, v}; }  // not {} + v: +0 + -0 is +0
 
 // PyTorch's relu (NaN passes) and hardswish, x * min(max(x + 3, 0), 6) / 6.
 template <int64_t kAct, typename A>
@@ -173,8 +221,8 @@ inline void act_bwd_segment(const A* __restrict z, T* __restrict gz, int64_t n) 
       std::memcpy(gz + j, &out, sizeof(out));
     }
   }
-  if constexpr (kBF16<T>) {  // rounding once: round_to then the store's rounding give the same bits
-    for (; j + 8 <= n; j += 8) store_bf16(gz + j, act_bwd8<kAct>(load_f8(z + j), load_bf16(gz + j)));
+  if constexpr (kVec16<T>) {  // rounding once: round_to then the store's rounding give the same bits
+    for (; j + 8 <= n; j += 8) store16(gz + j, act_bwd8<kAct>(load_f8(z + j), load16(gz + j)));
   }
   for (; j < n; ++j) gz[j] = narrow<T>(round_to<T>(act_bwd<kAct>(z[j], widen<A>(gz[j]))));
 }
@@ -273,11 +321,11 @@ void bn_act_segment(const T* __restrict y, int64_t n, const Affine<A>& af, int64
     const A* __restrict m = af.mean.data() + c;
     const A* __restrict k = af.k.data() + c;
     const A* __restrict b = af.b.data() + c;
-    if constexpr (kBF16<T>) {
+    if constexpr (kVec16<T>) {
       for (; j + 8 <= n; j += 8) {
-        const vf8 zv = round_bf16((load_bf16(y + j) - load_f8(m + j)) * load_f8(k + j) + load_f8(b + j));
+        const vf8 zv = round16<T>((load16(y + j) - load_f8(m + j)) * load_f8(k + j) + load_f8(b + j));
         store_f8(z + j, zv);
-        store_bf16(a + j, act_fwd8<kAct>(zv));
+        store16(a + j, act_fwd8<kAct>(zv));
       }
     }
     for (; j < n; ++j) {
@@ -286,12 +334,12 @@ void bn_act_segment(const T* __restrict y, int64_t n, const Affine<A>& af, int64
     }
   } else {
     const A mc = af.mean[c], kc = af.k[c], bc = af.b[c];
-    if constexpr (kBF16<T>) {
+    if constexpr (kVec16<T>) {
       const vf8 mv = splat8(mc), kv = splat8(kc), bv = splat8(bc);
       for (; j + 8 <= n; j += 8) {
-        const vf8 zv = round_bf16((load_bf16(y + j) - mv) * kv + bv);
+        const vf8 zv = round16<T>((load16(y + j) - mv) * kv + bv);
         store_f8(z + j, zv);
-        store_bf16(a + j, act_fwd8<kAct>(zv));
+        store16(a + j, act_fwd8<kAct>(zv));
       }
     }
     for (; j < n; ++j) {
@@ -306,8 +354,8 @@ void bn_act_segment(const T* __restrict y, int64_t n, const Affine<A>& af, int64
 template <typename T, typename A>
 inline void add_segment(T* __restrict a, const T* __restrict b, int64_t n) {
   int64_t j = 0;
-  if constexpr (kBF16<T>) {
-    for (; j + 8 <= n; j += 8) store_bf16(a + j, load_bf16(a + j) + load_bf16(b + j));
+  if constexpr (kVec16<T>) {
+    for (; j + 8 <= n; j += 8) store16(a + j, load16(a + j) + load16(b + j));
   }
   for (; j < n; ++j) a[j] = narrow<T>(widen<A>(a[j]) + widen<A>(b[j]));
 }
@@ -368,7 +416,46 @@ Widened<A> widened(const Layout& L, const Affine<A>& af) {
 // ----------------------------------------------------------------------------- forward
 
 constexpr int64_t kTile = 8;  // channels per register tile (channels-innermost statistics)
-constexpr int64_t kStatsBlockBytes = 16384;
+constexpr int64_t kStatsBlockBytes = 16384;  // rows per block of the statistics (see channel_stats)
+
+using vd4 = double __attribute__((vector_size(32)));
+
+inline vd4 lo_half(vf8 v) { return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), vd4); }
+inline vd4 hi_half(vf8 v) { return __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), vd4); }
+
+// 16-bit T, 8 channels: stats_tile's double sums (the same operations per lane) on vectors.
+template <typename T>
+void stats_tile16(const T* __restrict y, int64_t rows, int64_t stride, const double* shift, double* s, double* q,
+                  float* mn, float* mx) {
+  vd4 s0, s1, q0, q1, h0, h1;
+  for (int l = 0; l < 4; ++l) {
+    h0[l] = shift[l];
+    h1[l] = shift[l + 4];
+    s0[l] = s[l];
+    s1[l] = s[l + 4];
+    q0[l] = q[l];
+    q1[l] = q[l + 4];
+  }
+  vf8 vmn = load_f8(mn), vmx = load_f8(mx);
+  for (int64_t r = 0; r < rows; ++r) {
+    const vf8 v = load16(y + r * stride);
+    const vd4 d0 = lo_half(v) - h0, d1 = hi_half(v) - h1;
+    s0 += d0;
+    s1 += d1;
+    q0 += d0 * d0;
+    q1 += d1 * d1;
+    vmn = v < vmn ? v : vmn;
+    vmx = v > vmx ? v : vmx;
+  }
+  for (int i = 0; i < 8; ++i) {
+    const double ls = i < 4 ? s0[i] : s1[i - 4];
+    s[i] = ls;
+    q[i] = i < 4 ? q0[i] : q1[i - 4];
+    const bool nan = ls != ls;
+    mn[i] = nan ? static_cast<float>(ls) : vmn[i];
+    mx[i] = nan ? static_cast<float>(ls) : vmx[i];
+  }
+}
 
 // Shifted sums, min and max of W adjacent channels over `rows` rows `stride` elements apart, carried on
 // from s, q, mn, mx (a channel's rows come in several calls, each a whole number of kFloatRun runs but
@@ -377,6 +464,10 @@ constexpr int64_t kStatsBlockBytes = 16384;
 template <typename T, typename A, int W>
 void stats_tile(const T* __restrict y, int64_t rows, int64_t stride, const double* shift, double* s, double* q,
                 A* mn, A* mx) {
+  if constexpr (W == 8 && kVec16<T>) {
+    stats_tile16(y, rows, stride, shift, s, q, mn, mx);
+    return;
+  }
   std::array<double, W> ls, lq, sh;
   std::array<A, W> lmn, lmx;
   for (int l = 0; l < W; ++l) {
@@ -408,11 +499,6 @@ void stats_tile(const T* __restrict y, int64_t rows, int64_t stride, const doubl
 
 // float32, 8 channels, in GCC vector types: shifted sums in float over runs of kFloatRun rows, each run
 // folded into double accumulators (see run_sums): 3 vector operations and a min / max per 8 elements.
-using vd4 = double __attribute__((vector_size(32)));
-
-inline vd4 lo_half(vf8 v) { return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), vd4); }
-inline vd4 hi_half(vf8 v) { return __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), vd4); }
-
 template <>
 void stats_tile<float, float, 8>(const float* __restrict y, int64_t rows, int64_t stride, const double* shift,
                                  double* s, double* q, float* mn, float* mx) {
@@ -454,40 +540,6 @@ void stats_tile<float, float, 8>(const float* __restrict y, int64_t rows, int64_
       mn[i] = nan ? static_cast<float>(sums[h2]) : vmn[i];
       mx[i] = nan ? static_cast<float>(sums[h2]) : vmx[i];
     }
-  }
-}
-
-// bfloat16, 8 channels: the generic tile's double sums (the same operations per lane) on vectors.
-template <>
-void stats_tile<c10::BFloat16, float, 8>(const c10::BFloat16* __restrict y, int64_t rows, int64_t stride,
-                                         const double* shift, double* s, double* q, float* mn, float* mx) {
-  vd4 s0, s1, q0, q1, h0, h1;
-  for (int l = 0; l < 4; ++l) {
-    h0[l] = shift[l];
-    h1[l] = shift[l + 4];
-    s0[l] = s[l];
-    s1[l] = s[l + 4];
-    q0[l] = q[l];
-    q1[l] = q[l + 4];
-  }
-  vf8 vmn = load_f8(mn), vmx = load_f8(mx);
-  for (int64_t r = 0; r < rows; ++r) {
-    const vf8 v = load_bf16(y + r * stride);
-    const vd4 d0 = lo_half(v) - h0, d1 = hi_half(v) - h1;
-    s0 += d0;
-    s1 += d1;
-    q0 += d0 * d0;
-    q1 += d1 * d1;
-    vmn = v < vmn ? v : vmn;
-    vmx = v > vmx ? v : vmx;
-  }
-  for (int i = 0; i < 8; ++i) {
-    const double ls = i < 4 ? s0[i] : s1[i - 4];
-    s[i] = ls;
-    q[i] = i < 4 ? q0[i] : q1[i - 4];
-    const bool nan = ls != ls;
-    mn[i] = nan ? static_cast<float>(ls) : vmn[i];
-    mx[i] = nan ? static_cast<float>(ls) : vmx[i];
   }
 }
 
@@ -560,7 +612,15 @@ void activated_minmax(const Layout& L, const T* y, const T* res, const Affine<A>
     if (per_elem) {
       A* __restrict mnc = amin + c;
       A* __restrict mxc = amax + c;
-      for (int64_t j = 0; j < n; ++j) {
+      int64_t j = 0;
+      if constexpr (kVec16<T>) {
+        for (; j + 8 <= n; j += 8) {
+          const vf8 v = load16(a + j);
+          store_f8(mnc + j, vmin(load_f8(mnc + j), v));
+          store_f8(mxc + j, vmax(load_f8(mxc + j), v));
+        }
+      }
+      for (; j < n; ++j) {
         mnc[j] = vmin(mnc[j], widen<A>(a[j]));
         mxc[j] = vmax(mxc[j], widen<A>(a[j]));
       }
@@ -704,11 +764,11 @@ BwdSums backward_impl(const Layout& L, const T* g, const T* g_act, const T* res,
       const A* __restrict m = afw.mean.data() + c;
       const T* __restrict py = y + off;
       int64_t j = 0;
-      if constexpr (kBF16<T>) {
+      if constexpr (kVec16<T>) {
         for (; j + 8 <= n; j += 8) {
-          const vf8 v = load_bf16(gz + j);
+          const vf8 v = load16(gz + j);
           store_f8(r1 + j, load_f8(r1 + j) + v);
-          store_f8(r2 + j, load_f8(r2 + j) + v * (load_bf16(py + j) - load_f8(m + j)));
+          store_f8(r2 + j, load_f8(r2 + j) + v * (load16(py + j) - load_f8(m + j)));
         }
       }
       for (; j < n; ++j) {
@@ -758,10 +818,10 @@ BwdSums backward_impl(const Layout& L, const T* g, const T* g_act, const T* res,
       const T* __restrict py = y + off;
       int64_t j = 0;
       if (per_elem) {
-        if constexpr (kBF16<T>) {
+        if constexpr (kVec16<T>) {
           for (; j + 8 <= n; j += 8) {
-            const vf8 d = load_bf16(py + j) - load_f8(afw.mean.data() + c + j);
-            store_bf16(gz + j, load_f8(afw.k.data() + c + j) * load_bf16(gz + j) - load_f8(c1.data() + c + j) -
+            const vf8 d = load16(py + j) - load_f8(afw.mean.data() + c + j);
+            store16(gz + j, load_f8(afw.k.data() + c + j) * load16(gz + j) - load_f8(c1.data() + c + j) -
                                    d * load_f8(c2.data() + c + j));
           }
         }
@@ -772,10 +832,10 @@ BwdSums backward_impl(const Layout& L, const T* g, const T* g_act, const T* res,
         return;
       }
       const A k = afw.k[c], a1 = c1[c], a2 = c2[c], m = afw.mean[c];
-      if constexpr (kBF16<T>) {
+      if constexpr (kVec16<T>) {
         const vf8 kv = splat8(k), a1v = splat8(a1), a2v = splat8(a2), mv = splat8(m);
         for (; j + 8 <= n; j += 8) {
-          store_bf16(gz + j, kv * load_bf16(gz + j) - a1v - (load_bf16(py + j) - mv) * a2v);
+          store16(gz + j, kv * load16(gz + j) - a1v - (load16(py + j) - mv) * a2v);
         }
       }
       for (; j < n; ++j) {

@@ -467,12 +467,19 @@ def test_portable_and_avx2_instances_agree(tmp_path):
     random generators differ between capabilities."""
     _require_cpu_kernel()
     cases = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for layout in ("contiguous", "channels_last"):
             y = h.to_layout(h.make_activation((16, 24, 6, 6), kind="shifted", seed=6).to(dtype), layout)
             gamma, beta, theta, offset, *_ = (t.float() for t in _params(24, 6))
             g = h.to_layout(h.make_activation((16, 24, 6, 6), seed=7).to(dtype), layout)
             cases.append((y, gamma, beta, theta, offset, g))
+    # NaN in the 16-bit types: the vector conversions store c10's NaN (0x7E00 / 0x7FC0 with the sign)
+    for dtype in (torch.bfloat16, torch.float16):
+        y = h.make_activation((16, 24, 6, 6), kind="shifted", seed=8).to(dtype)
+        y[3, 5, 2, 1] = float("nan")
+        y = y.contiguous(memory_format=torch.channels_last)
+        gamma, beta, theta, offset, *_ = (t.float() for t in _params(24, 8))
+        cases.append((y, gamma, beta, theta, offset, -torch.ones_like(y)))
     h.assert_cpu_instances_agree(_ISA_SCRIPT, cases, tmp_path)
 
 

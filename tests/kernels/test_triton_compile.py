@@ -29,20 +29,23 @@ from bquant_kernels.backends.triton import batchquant, epilogue, gated, lsq
 CONSTEXPRS = {"BLOCK": 1024, "TILE": 2048, "BLOCK_I": 64, "BLOCK_C": 128, "WITH_QPARAMS": True,
               "FINISH_S": 4, "FINISH_C": 256, "FROM_RANGE": False, "ACT": 2, "RANGE": True, "QUANT": True,
               "BATCH": True, "BLOCK_R": 32, "RESID": True, "KEEP": True, "GRAD_ACT": True, "BLOCK_N": 2,
-              "BLOCK_S": 8, "CL": False}
+              "BLOCK_S": 8, "CL": False, "GATED": False}
 FLOATS = {"qmin", "qmax", "qn", "qp", "eps"}
-BF16 = {"x_ptr", "y_ptr"}  # 16-bit data; the epilogue's also in and out of these (elsewhere qparams, fp32)
+BF16 = {"x_ptr", "y_ptr", "gate_ptr"}  # 16-bit data; the epilogue's also in and out of these (elsewhere fp32)
 EPILOGUE_BF16 = {"out_ptr", "g_ptr", "gy_ptr", "r_ptr", "kept_ptr", "ga_ptr", "gr_ptr"}
 GATED_DATA = {"x_ptr", "y_ptr", "gate_ptr", "g_ptr", "gx_ptr", "gg_ptr"}  # the gated kernels' data in x's dtype
 KERNELS = [batchquant._channel_minmax_planes, batchquant._channel_minmax_rows, batchquant._quantize,
            batchquant._quantize_backward, lsq._lsq_quantize, lsq._lsq_quantize_backward,
            epilogue._stats_pass, epilogue._act_range_pass, epilogue._forward_elements, epilogue._backward_sums,
-           epilogue._backward_elements, gated._gated_minmax_planes, gated._gated_minmax_rows,
-           gated._gated_quantize, gated._gated_backward]
-# (kernel, name suffix, constexpr overrides, data dtype of the gated kernels): further instances
+           epilogue._backward_elements, gated._gated_backward]
+# (kernel, name suffix, constexpr overrides, data dtype): further instances; the gated op's forward is
+# batchquant.py's kernels with GATED
 VARIANTS = [(kernel, "", {}, "bf16") for kernel in KERNELS] + [
+    (batchquant._channel_minmax_planes, " gated", {"GATED": True}, "bf16"),
+    (batchquant._channel_minmax_rows, " gated", {"GATED": True}, "bf16"),
+    (batchquant._quantize, " gated", {"GATED": True}, "bf16"),
+    (batchquant._quantize, " gated range_fp32", {"GATED": True, "FROM_RANGE": True}, "fp32"),
     (gated._gated_backward, " cl_fp32", {"CL": True}, "fp32"),
-    (gated._gated_quantize, " range_fp32", {"FROM_RANGE": True}, "fp32"),
 ]
 
 def jit_of(kernel):
@@ -61,9 +64,10 @@ for arch in (80, 90):
             elif name.endswith("_ptr"):
                 # 16-bit data in and out (y: the forward's 16-bit branch), float32 qparams and partials
                 if fn.__module__.endswith("gated"):
-                    bf16 = name in GATED_DATA and data == "bf16"
+                    bf16 = name in GATED_DATA
                 else:
                     bf16 = name in BF16 or (name in EPILOGUE_BF16 and fn.__module__.endswith("epilogue"))
+                bf16 = bf16 and data == "bf16"
                 sig[name] = "*i32" if "counter" in name else "*bf16" if bf16 else "*fp32"
             else:
                 sig[name] = "fp32" if name in FLOATS else "i64" if name == "numel" else "i32"
@@ -89,7 +93,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(kernels) == 34
-    elementwise = {"_quantize", "_lsq_quantize", "_forward_elements", "_backward_elements", "_gated_quantize"}
+    elementwise = {"_quantize", "_lsq_quantize", "_forward_elements", "_backward_elements"}
     finishing = [name for name in kernels if name.split()[1] not in elementwise]
     for name in finishing:  # the kernels whose last program finishes the reduction
         k = kernels[name]

@@ -1,5 +1,9 @@
 """BatchQuant (spec 1) in Triton: batch range, observer, fake-quantization and its backward.
 
+The three forward kernels are also the gated op's (``gated.py`` launches them with ``GATED=True``; its
+backward is its own kernel): with ``GATED`` they read ``z = round_T(x * gate[n, c])`` in place of x, the
+product taken where x is loaded (:func:`gate_product`); without it that code is pruned at compile time.
+
 Forward with batch statistics is two launches and no host sync:
   1. per-channel min/max partials, read in place for both layouts (``_channel_minmax_planes`` for
      contiguous NCHW/NCL, ``_channel_minmax_rows`` for channels_last and 2-D), one partial per
@@ -21,6 +25,8 @@ from torch import Tensor
 
 from ...qparams import DL_DTHETA, HI, LO, NUM_QPARAMS, SCALE, ZERO, L, batchquant_grid
 from .launch import (
+    ELEMENTWISE_CONFIGS,
+    ELEMENTWISE_INTERPRET,
     FINISH_BLOCK,
     device_guard,
     elementwise_tuned,
@@ -56,7 +62,18 @@ _RANGE_FINISH_TILE = 4096  # (split, channel) partials per iteration of the one-
 # ----------------------------------------------------------------------------- kernels
 
 
-@tuned(_TILE_CONFIGS, key=["size_class", "BLOCK_I"], interpret=triton.Config({"TILE": 1024}))
+@triton.jit
+def gate_product(x, g, T: tl.constexpr):
+    """``z = x * g`` of float32 ``x`` and ``g`` (values of ``T``), rounded to ``T`` like torch's mul."""
+    z = x * g
+    if T == tl.float32:
+        return z
+    else:
+        return cast_rne(z, T).to(tl.float32)
+
+
+# GATED in the tuning keys: gated and plain launches of one size keep separate tunings.
+@tuned(_TILE_CONFIGS, key=["size_class", "BLOCK_I", "GATED"], interpret=triton.Config({"TILE": 1024}))
 @triton.jit
 def _channel_minmax_planes(
     x_ptr,
@@ -73,8 +90,10 @@ def _channel_minmax_planes(
     size_class,
     qmin,
     qmax,
+    gate_ptr,
     BLOCK_I: tl.constexpr,
     WITH_QPARAMS: tl.constexpr,
+    GATED: tl.constexpr,
     FINISH_S: tl.constexpr,
     FINISH_C: tl.constexpr,
     TILE: tl.constexpr,
@@ -86,7 +105,7 @@ def _channel_minmax_planes(
     The channel is walked as ``n_rows = outer * n_inner_blocks`` rows of ``BLOCK_I`` contiguous
     elements (row q: batch index q // n_inner_blocks, inner block q % n_inner_blocks), BLOCK_Q rows
     per tile: one division per row, vector loads along the row, and no lanes lost to a short
-    ``inner`` (7x7) or to a batch of one."""
+    ``inner`` (7x7) or to a batch of one. ``GATED``: of ``z``, one gate value per row (gate ``(outer, C)``)."""
     BLOCK_Q: tl.constexpr = TILE // BLOCK_I
     c = tl.program_id(0)
     split = tl.program_id(1)
@@ -101,6 +120,9 @@ def _channel_minmax_planes(
         offs = (n.to(tl.int64) * plane + i)[:, None] + cols[None, :]
         mask = (q < n_rows)[:, None] & ((i[:, None] + cols[None, :]) < inner)
         v = tl.load(channel_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            g = tl.load(gate_ptr + n * C + c, mask=q < n_rows, other=0.0).to(tl.float32)
+            v = gate_product(v, g[:, None], x_ptr.dtype.element_ty)
         acc_min, acc_max = fold_minmax(acc_min, acc_max, v, v, mask)
     lo, hi = reduce_minmax(acc_min, acc_max, None)
     tl.store(part_ptr + split * C + c, lo)
@@ -109,7 +131,7 @@ def _channel_minmax_planes(
         finish_range(part_ptr, out_ptr, theta_ptr, n_splits, C, qmin, qmax, WITH_QPARAMS, FINISH_S, FINISH_C)
 
 
-@tuned(_TILE_CONFIGS, key=["size_class", "BLOCK_C"], interpret=triton.Config({"TILE": 1024}))
+@tuned(_TILE_CONFIGS, key=["size_class", "BLOCK_C", "GATED"], interpret=triton.Config({"TILE": 1024}))
 @triton.jit
 def _channel_minmax_rows(
     x_ptr,
@@ -123,15 +145,19 @@ def _channel_minmax_rows(
     size_class,
     qmin,
     qmax,
+    gate_ptr,
+    S,
     BLOCK_C: tl.constexpr,
     WITH_QPARAMS: tl.constexpr,
+    GATED: tl.constexpr,
     FINISH_S: tl.constexpr,
     FINISH_C: tl.constexpr,
     TILE: tl.constexpr,
 ):
     """Partial min/max of x viewed as ``(rows, C)`` (channels_last, 2-D): program ``(cb, s)`` folds
     channels ``[cb * BLOCK_C, ...)`` over rows of split ``s`` (grid ``(cdiv(C, BLOCK_C), n_splits)``);
-    the last program finishes the range into ``out`` (:func:`finish_range`)."""
+    the last program finishes the range into ``out`` (:func:`finish_range`). ``GATED``: of ``z``, ``S``
+    rows per sample (gate ``(rows // S, C)``)."""
     BLOCK_R: tl.constexpr = TILE // BLOCK_C
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
@@ -143,6 +169,9 @@ def _channel_minmax_rows(
         mask = (r < rows)[:, None] & col_mask[None, :]
         offs = r.to(tl.int64)[:, None] * C + cols[None, :]
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            g = tl.load(gate_ptr + (r // S * C)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            v = gate_product(v, g, x_ptr.dtype.element_ty)
         acc_min, acc_max = fold_minmax(acc_min, acc_max, v, v, mask)
     lo, hi = reduce_minmax(acc_min, acc_max, 0)
     tl.store(part_ptr + split * C + cols, lo, mask=col_mask)
@@ -214,7 +243,7 @@ def qparams_from_range(lo_hi_ptr, theta_ptr, qp_ptr, qmin, qmax, store):
     return scale, zero, l
 
 
-@elementwise_tuned
+@tuned(ELEMENTWISE_CONFIGS, key=["size_class", "GATED"], interpret=ELEMENTWISE_INTERPRET)
 @triton.jit
 def _quantize(
     x_ptr,
@@ -227,11 +256,18 @@ def _quantize(
     size_class,
     qmin,
     qmax,
+    gate_ptr,
+    C,
+    inner,
+    sample,
     FROM_RANGE: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """The element pass (spec 1.4). ``FROM_RANGE``: the qparams come from ``lo_hi`` and theta,
-    computed by every program (a few float64 scalar ops) and stored by program 0; else they are read."""
+    computed by every program (a few float64 scalar ops) and stored by program 0; else they are read.
+    ``GATED``: of ``z``, x viewed as ``(outer, C, inner)``: element ``i`` has sample ``i // sample``
+    (``sample = numel // N``) and channel ``(i % sample // inner) % C``."""
     pid = tl.program_id(0)
     if FROM_RANGE:
         scale, zero, l = qparams_from_range(lo_hi_ptr, theta_ptr, qp_ptr, qmin, qmax, pid == 0)
@@ -243,6 +279,11 @@ def _quantize(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        n = offs // sample
+        c = ((offs - n * sample).to(tl.int32) // inner) % C
+        g = tl.load(gate_ptr + n * C + c, mask=mask, other=0.0).to(tl.float32)
+        x = gate_product(x, g, x_ptr.dtype.element_ty)
     y_dtype = y_ptr.dtype.element_ty
     by_step = (y_dtype == tl.float16) or (y_dtype == tl.bfloat16)
     y = batchquant_elem(x, l, scale, zero, offset, qmin, qmax, tl.math.div_rn(scale, l), by_step)
@@ -331,14 +372,15 @@ def _range(x: Tensor, C: int, inner: int, out: Tensor, theta: Tensor, grid: tupl
     numel = x.numel()
     counter = torch.zeros(1, dtype=torch.int32, device=x.device)
     with_qparams = out.numel() == NUM_QPARAMS
+    # GATED=False: x stands in for the gate pointer and 1 for the gate's index arguments (not read).
     if inner == 1:
         rows = numel // C
         block_c = min(triton.next_power_of_2(C), _ROWS_MAX_BLOCK_C)
         n_splits = reduction_programs(rows * min(C, block_c), triton.cdiv(C, block_c), x.device)
         part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
         _channel_minmax_rows[lambda meta: (triton.cdiv(C, block_c), n_splits)](
-            x, part, out, theta, counter, rows, C, n_splits, size_class(numel), grid[0], grid[1],
-            BLOCK_C=block_c, WITH_QPARAMS=with_qparams, **range_finish_blocks(n_splits, C),
+            x, part, out, theta, counter, rows, C, n_splits, size_class(numel), grid[0], grid[1], x, 1,
+            BLOCK_C=block_c, WITH_QPARAMS=with_qparams, GATED=False, **range_finish_blocks(n_splits, C),
         )  # fmt: skip
         return
     outer = numel // (C * inner)
@@ -351,7 +393,8 @@ def _range(x: Tensor, C: int, inner: int, out: Tensor, theta: Tensor, grid: tupl
     part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
     _channel_minmax_planes[(C, n_splits)](
         x, part, out, theta, counter, C, inner, C * inner, n_rows, n_inner_blocks, n_splits, size_class(numel),
-        grid[0], grid[1], BLOCK_I=block_i, WITH_QPARAMS=with_qparams, **range_finish_blocks(n_splits, C),
+        grid[0], grid[1], x, BLOCK_I=block_i, WITH_QPARAMS=with_qparams, GATED=False,
+        **range_finish_blocks(n_splits, C),
     )  # fmt: skip
 
 
@@ -379,8 +422,9 @@ def batchquant_forward(
             _range(x, C, inner, qp, theta, grid)
             lo_hi = qp  # not read
         _quantize[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
-            x, y, qp, theta, offset, lo_hi, numel, size_class(numel), grid[0], grid[1], FROM_RANGE=from_range
-        )
+            x, y, qp, theta, offset, lo_hi, numel, size_class(numel), grid[0], grid[1], x, 1, 1, 1,
+            FROM_RANGE=from_range, GATED=False,
+        )  # fmt: skip
     return y, qp
 
 

@@ -6,17 +6,19 @@ rounded to ``T`` once) is computed where ``x`` is loaded and never stored. ``x``
 ``(outer, C, inner)`` in memory (backend contract): contiguous ``(N, C, S)`` or channels-innermost
 ``(N, S, C)`` (``inner == 1``), ``S`` the spatial size; ``gate`` is ``(N, C)`` contiguous.
 
-Forward: the launches of ``batchquant_forward`` on ``z``: per-channel min/max partials of ``z`` (the
-same two layouts and splits as ``batchquant.py``) whose last program computes the qparams with
-``finish_range``, then the element pass (or the element pass alone with a stored range). The same
-element math on the same ``z`` values: ``y`` and the qparams are those of the composition bit for bit.
+Forward: no kernel of its own. The launches of ``batchquant_forward`` with ``batchquant.py``'s kernels
+run with ``GATED=True``: per-channel min/max partials of ``z`` (``_channel_minmax_planes`` or
+``_channel_minmax_rows``, the same layouts and splits) whose last program computes the qparams with
+``finish_range``, then the element pass ``_quantize`` (alone with a stored range). The same element math
+on the same ``z`` values: ``y`` and the qparams are those of the composition bit for bit.
 
-Backward: one launch over work units of ``(BLOCK_N samples, BLOCK_C channels)``, each walking the
-units' whole spatial extent in ``(BLOCK_N, BLOCK_C, BLOCK_S)`` tiles: it recomputes ``z``, takes
-BatchQuant's element gradient ``gz`` (``batchquant_elem_backward``), writes ``grad_x = round_T(gz * g)``
-and ``grad_gate[n, c] = round_T(sum_s round_T(gz * x))`` (float32 sum in a fixed order, stored by the
-unit's program: no partials, no atomics), and keeps per-program float32 partials of the two scalar
-sums, which the last program adds in float64 (``finish_grads``, as ``batchquant_backward``).
+Backward: ``_gated_backward`` (here), one launch over work units of ``(BLOCK_N samples, BLOCK_C
+channels)``, each walking the units' whole spatial extent in ``(BLOCK_N, BLOCK_C, BLOCK_S)`` tiles: it
+recomputes ``z``, takes BatchQuant's element gradient ``gz`` (``batchquant_elem_backward``), writes
+``grad_x = round_T(gz * g)`` and ``grad_gate[n, c] = round_T(sum_s round_T(gz * x))`` (float32 sum in a
+fixed order, stored by the unit's program: no partials, no atomics), and keeps per-program float32
+partials of the two scalar sums, which the last program adds in float64 (``finish_grads``, as
+``batchquant_backward``).
 """
 
 from __future__ import annotations
@@ -29,25 +31,24 @@ from torch import Tensor
 from ...qparams import NUM_QPARAMS, SCALE, ZERO, L, batchquant_grid
 from .batchquant import (
     _ROWS_MAX_BLOCK_C,
-    _TILE_CONFIGS,
+    _channel_minmax_planes,
+    _channel_minmax_rows,
     _inner_block,
+    _quantize,
     finish_grads,
-    finish_range,
-    qparams_from_range,
+    gate_product,
     range_finish_blocks,
 )
 from .launch import (
     FINISH_BLOCK,
     INTERPRET,
     device_guard,
-    elementwise_tuned,
     reduction_programs,
     size_class,
     target_programs,
-    tuned,
 )
-from .quant_math import batchquant_elem, batchquant_elem_backward
-from .reductions import fold_minmax, last_program, reduce_minmax
+from .quant_math import batchquant_elem_backward
+from .reductions import last_program
 from .rounding import cast_rne
 
 _QP_SCALE: tl.constexpr = tl.constexpr(SCALE)
@@ -59,157 +60,6 @@ _QP_L: tl.constexpr = tl.constexpr(L)
 _TILE = 64 if INTERPRET else 2048
 _BACKWARD_WARPS = 4
 _MIN_BLOCK_C_ROWS = 16  # channels-innermost: the narrowest channel block the backward shrinks to
-
-
-@triton.jit
-def _gated(x, g, T: tl.constexpr):
-    """``z = x * g`` of float32 ``x`` and ``g`` (values of ``T``), rounded to ``T`` like torch's mul."""
-    z = x * g
-    if T == tl.float32:
-        return z
-    else:
-        return cast_rne(z, T).to(tl.float32)
-
-
-# ----------------------------------------------------------------------------- forward kernels
-
-
-@tuned(_TILE_CONFIGS, key=["size_class", "BLOCK_I"], interpret=triton.Config({"TILE": 1024}))
-@triton.jit
-def _gated_minmax_planes(
-    x_ptr,
-    gate_ptr,
-    part_ptr,
-    out_ptr,
-    theta_ptr,
-    counter_ptr,
-    C,
-    inner,
-    plane,
-    n_rows,
-    n_inner_blocks,
-    n_splits,
-    size_class,
-    qmin,
-    qmax,
-    BLOCK_I: tl.constexpr,
-    FINISH_S: tl.constexpr,
-    FINISH_C: tl.constexpr,
-    TILE: tl.constexpr,
-):
-    """``batchquant._channel_minmax_planes`` of ``z`` (contiguous x, ``inner > 1``): partial min/max of
-    channel ``c``, split ``s`` (grid ``(C, n_splits)``), rows of ``BLOCK_I`` elements of one sample each
-    (row q: sample q // n_inner_blocks), so one gate value per row; the last program computes the qparams."""
-    T: tl.constexpr = x_ptr.dtype.element_ty
-    BLOCK_Q: tl.constexpr = TILE // BLOCK_I
-    c = tl.program_id(0)
-    split = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_I)
-    channel_ptr = x_ptr + c.to(tl.int64) * inner
-    acc_min = tl.full([BLOCK_Q, BLOCK_I], float("inf"), tl.float32)
-    acc_max = tl.full([BLOCK_Q, BLOCK_I], float("-inf"), tl.float32)
-    for start in range(split * BLOCK_Q, n_rows, n_splits * BLOCK_Q):
-        q = start + tl.arange(0, BLOCK_Q)
-        n = q // n_inner_blocks
-        i = (q - n * n_inner_blocks) * BLOCK_I
-        offs = (n.to(tl.int64) * plane + i)[:, None] + cols[None, :]
-        row_mask = q < n_rows
-        mask = row_mask[:, None] & ((i[:, None] + cols[None, :]) < inner)
-        g = tl.load(gate_ptr + n * C + c, mask=row_mask, other=0.0).to(tl.float32)
-        v = _gated(tl.load(channel_ptr + offs, mask=mask, other=0.0).to(tl.float32), g[:, None], T)
-        acc_min, acc_max = fold_minmax(acc_min, acc_max, v, v, mask)
-    lo, hi = reduce_minmax(acc_min, acc_max, None)
-    tl.store(part_ptr + split * C + c, lo)
-    tl.store(part_ptr + (n_splits + split) * C + c, hi)
-    if last_program(counter_ptr):
-        finish_range(part_ptr, out_ptr, theta_ptr, n_splits, C, qmin, qmax, True, FINISH_S, FINISH_C)
-
-
-@tuned(_TILE_CONFIGS, key=["size_class", "BLOCK_C"], interpret=triton.Config({"TILE": 1024}))
-@triton.jit
-def _gated_minmax_rows(
-    x_ptr,
-    gate_ptr,
-    part_ptr,
-    out_ptr,
-    theta_ptr,
-    counter_ptr,
-    rows,
-    C,
-    S,
-    n_splits,
-    size_class,
-    qmin,
-    qmax,
-    BLOCK_C: tl.constexpr,
-    FINISH_S: tl.constexpr,
-    FINISH_C: tl.constexpr,
-    TILE: tl.constexpr,
-):
-    """``batchquant._channel_minmax_rows`` of ``z`` (x viewed as ``(rows, C)``, ``S`` rows per sample):
-    program ``(cb, s)`` folds channels ``[cb * BLOCK_C, ...)`` over rows of split ``s``; the last program
-    computes the qparams."""
-    T: tl.constexpr = x_ptr.dtype.element_ty
-    BLOCK_R: tl.constexpr = TILE // BLOCK_C
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(1)
-    col_mask = cols < C
-    acc_min = tl.full([BLOCK_R, BLOCK_C], float("inf"), tl.float32)
-    acc_max = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
-    for start in range(split * BLOCK_R, rows, n_splits * BLOCK_R):
-        r = start + tl.arange(0, BLOCK_R)
-        mask = (r < rows)[:, None] & col_mask[None, :]
-        offs = r.to(tl.int64)[:, None] * C + cols[None, :]
-        g = tl.load(gate_ptr + (r // S * C)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        v = _gated(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), g, T)
-        acc_min, acc_max = fold_minmax(acc_min, acc_max, v, v, mask)
-    lo, hi = reduce_minmax(acc_min, acc_max, 0)
-    tl.store(part_ptr + split * C + cols, lo, mask=col_mask)
-    tl.store(part_ptr + (n_splits + split) * C + cols, hi, mask=col_mask)
-    if last_program(counter_ptr):
-        finish_range(part_ptr, out_ptr, theta_ptr, n_splits, C, qmin, qmax, True, FINISH_S, FINISH_C)
-
-
-@elementwise_tuned
-@triton.jit
-def _gated_quantize(
-    x_ptr,
-    gate_ptr,
-    y_ptr,
-    qp_ptr,
-    theta_ptr,
-    offset_ptr,
-    lo_hi_ptr,
-    numel,
-    C,
-    inner,
-    sample,
-    size_class,
-    qmin,
-    qmax,
-    FROM_RANGE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """``batchquant._quantize`` of ``z``, in memory order: element ``i`` has sample ``i // sample``
-    (``sample = numel // N``) and channel ``(i % sample // inner) % C``."""
-    T: tl.constexpr = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    if FROM_RANGE:
-        scale, zero, l = qparams_from_range(lo_hi_ptr, theta_ptr, qp_ptr, qmin, qmax, pid == 0)
-    else:
-        scale = tl.load(qp_ptr + _QP_SCALE)
-        zero = tl.load(qp_ptr + _QP_ZERO)
-        l = tl.load(qp_ptr + _QP_L)
-    offset = tl.load(offset_ptr).to(tl.float32)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    n = offs // sample
-    c = ((offs - n * sample).to(tl.int32) // inner) % C
-    g = tl.load(gate_ptr + n * C + c, mask=mask, other=0.0).to(tl.float32)
-    z = _gated(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), g, T)
-    by_step: tl.constexpr = T != tl.float32
-    y = batchquant_elem(z, l, scale, zero, offset, qmin, qmax, tl.math.div_rn(scale, l), by_step)
-    tl.store(y_ptr + offs, cast_rne(y, T), mask=mask)
 
 
 # ----------------------------------------------------------------------------- backward kernel
@@ -278,10 +128,10 @@ def _gated_backward(
                 offs = base + s
             gy = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            z = _gated(x, gate, T)
+            z = gate_product(x, gate, T)
             gz, dl_term, do_term = batchquant_elem_backward(gy, z, l, scale, zero, offset, qmin, qmax, step)
             tl.store(gx_ptr + offs, cast_rne(gz * gate, T), mask=mask)
-            acc_gg += tl.where(mask, _gated(gz, x, T), 0.0)  # each product rounded to T, summed in float32
+            acc_gg += tl.where(mask, gate_product(gz, x, T), 0.0)  # each product rounded to T, summed in float32
             acc_dl += tl.where(mask, dl_term, 0.0)
             acc_do += tl.where(mask, do_term, 0.0)
         tl.store(gg_ptr + gate_offs, cast_rne(tl.sum(acc_gg, axis=2), T), mask=nc_mask)
@@ -318,9 +168,9 @@ def _range(x: Tensor, gate: Tensor, C: int, inner: int, S: int, qp: Tensor, thet
         block_c = min(triton.next_power_of_2(C), _ROWS_MAX_BLOCK_C)
         n_splits = reduction_programs(rows * min(C, block_c), triton.cdiv(C, block_c), x.device)
         part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
-        _gated_minmax_rows[lambda meta: (triton.cdiv(C, block_c), n_splits)](
-            x, gate, part, qp, theta, counter, rows, C, S, n_splits, size_class(numel), grid[0], grid[1],
-            BLOCK_C=block_c, **range_finish_blocks(n_splits, C),
+        _channel_minmax_rows[lambda meta: (triton.cdiv(C, block_c), n_splits)](
+            x, part, qp, theta, counter, rows, C, n_splits, size_class(numel), grid[0], grid[1], gate, S,
+            BLOCK_C=block_c, WITH_QPARAMS=True, GATED=True, **range_finish_blocks(n_splits, C),
         )  # fmt: skip
         return
     outer = numel // (C * inner)
@@ -331,9 +181,9 @@ def _range(x: Tensor, gate: Tensor, C: int, inner: int, S: int, qp: Tensor, thet
         raise ValueError(f"x has {outer * inner} elements per channel; the Triton kernels support fewer")
     n_splits = reduction_programs(outer * inner, C, x.device)
     part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
-    _gated_minmax_planes[(C, n_splits)](
-        x, gate, part, qp, theta, counter, C, inner, C * inner, n_rows, n_inner_blocks, n_splits, size_class(numel),
-        grid[0], grid[1], BLOCK_I=block_i, **range_finish_blocks(n_splits, C),
+    _channel_minmax_planes[(C, n_splits)](
+        x, part, qp, theta, counter, C, inner, C * inner, n_rows, n_inner_blocks, n_splits, size_class(numel),
+        grid[0], grid[1], gate, BLOCK_I=block_i, WITH_QPARAMS=True, GATED=True, **range_finish_blocks(n_splits, C),
     )  # fmt: skip
 
 
@@ -363,9 +213,9 @@ def gated_batchquant_forward(
         else:
             _range(x, gate, C, inner, S, qp, theta, grid)
             lo_hi = qp  # not read
-        _gated_quantize[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
-            x, gate, y, qp, theta, offset, lo_hi, numel, C, inner, C * S, size_class(numel), grid[0], grid[1],
-            FROM_RANGE=from_range,
+        _quantize[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
+            x, y, qp, theta, offset, lo_hi, numel, size_class(numel), grid[0], grid[1], gate, C, inner, C * S,
+            FROM_RANGE=from_range, GATED=True,
         )  # fmt: skip
     return y, qp
 

@@ -366,21 +366,32 @@ def range_finish_blocks(n_splits: int, C: int) -> dict[str, int]:
     return {"FINISH_S": block_s, "FINISH_C": min(triton.next_power_of_2(C), max(16, _RANGE_FINISH_TILE // block_s))}
 
 
-def _range(x: Tensor, C: int, inner: int, out: Tensor, theta: Tensor, grid: tuple[float, float]) -> None:
-    """One launch: per-channel min/max partials of ``x``, folded by the last program into ``out``
-    (``[lo, hi]``, or the full qparams when ``out`` has NUM_QPARAMS elements)."""
+def _range(
+    x: Tensor,
+    C: int,
+    inner: int,
+    out: Tensor,
+    theta: Tensor,
+    grid: tuple[float, float],
+    gate: Tensor | None = None,
+    S: int = 1,
+) -> None:
+    """One launch: per-channel min/max partials of ``x`` (of ``z = round_T(x * gate)`` where a gate,
+    ``(N, C)`` contiguous with ``S`` spatial elements per (sample, channel), is given), folded by the last
+    program into ``out`` (``[lo, hi]``, or the full qparams when ``out`` has NUM_QPARAMS elements)."""
     numel = x.numel()
     counter = torch.zeros(1, dtype=torch.int32, device=x.device)
     with_qparams = out.numel() == NUM_QPARAMS
-    # GATED=False: x stands in for the gate pointer and 1 for the gate's index arguments (not read).
+    gated = gate is not None
+    gate_arg = gate if gated else x  # not read without GATED
     if inner == 1:
         rows = numel // C
         block_c = min(triton.next_power_of_2(C), _ROWS_MAX_BLOCK_C)
         n_splits = reduction_programs(rows * min(C, block_c), triton.cdiv(C, block_c), x.device)
         part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
         _channel_minmax_rows[lambda meta: (triton.cdiv(C, block_c), n_splits)](
-            x, part, out, theta, counter, rows, C, n_splits, size_class(numel), grid[0], grid[1], x, 1,
-            BLOCK_C=block_c, WITH_QPARAMS=with_qparams, GATED=False, **range_finish_blocks(n_splits, C),
+            x, part, out, theta, counter, rows, C, n_splits, size_class(numel), grid[0], grid[1], gate_arg, S,
+            BLOCK_C=block_c, WITH_QPARAMS=with_qparams, GATED=gated, **range_finish_blocks(n_splits, C),
         )  # fmt: skip
         return
     outer = numel // (C * inner)
@@ -393,7 +404,7 @@ def _range(x: Tensor, C: int, inner: int, out: Tensor, theta: Tensor, grid: tupl
     part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
     _channel_minmax_planes[(C, n_splits)](
         x, part, out, theta, counter, C, inner, C * inner, n_rows, n_inner_blocks, n_splits, size_class(numel),
-        grid[0], grid[1], x, BLOCK_I=block_i, WITH_QPARAMS=with_qparams, GATED=False,
+        grid[0], grid[1], gate_arg, BLOCK_I=block_i, WITH_QPARAMS=with_qparams, GATED=gated,
         **range_finish_blocks(n_splits, C),
     )  # fmt: skip
 

@@ -31,19 +31,16 @@ from torch import Tensor
 from ...qparams import NUM_QPARAMS, SCALE, ZERO, L, batchquant_grid
 from .batchquant import (
     _ROWS_MAX_BLOCK_C,
-    _channel_minmax_planes,
-    _channel_minmax_rows,
     _inner_block,
     _quantize,
+    _range,
     finish_grads,
     gate_product,
-    range_finish_blocks,
 )
 from .launch import (
     FINISH_BLOCK,
     INTERPRET,
     device_guard,
-    reduction_programs,
     size_class,
     target_programs,
 )
@@ -158,35 +155,6 @@ def _shape(x: Tensor, gate: Tensor, C: int, inner: int) -> tuple[int, int]:
     return N, S
 
 
-def _range(x: Tensor, gate: Tensor, C: int, inner: int, S: int, qp: Tensor, theta: Tensor, grid) -> None:
-    """One launch: per-channel min/max partials of ``z``, folded by the last program into the qparams
-    (the layouts and splits of ``batchquant._range``)."""
-    numel = x.numel()
-    counter = torch.zeros(1, dtype=torch.int32, device=x.device)
-    if inner == 1:
-        rows = numel // C
-        block_c = min(triton.next_power_of_2(C), _ROWS_MAX_BLOCK_C)
-        n_splits = reduction_programs(rows * min(C, block_c), triton.cdiv(C, block_c), x.device)
-        part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
-        _channel_minmax_rows[lambda meta: (triton.cdiv(C, block_c), n_splits)](
-            x, part, qp, theta, counter, rows, C, n_splits, size_class(numel), grid[0], grid[1], gate, S,
-            BLOCK_C=block_c, WITH_QPARAMS=True, GATED=True, **range_finish_blocks(n_splits, C),
-        )  # fmt: skip
-        return
-    outer = numel // (C * inner)
-    block_i = _inner_block(inner)
-    n_inner_blocks = triton.cdiv(inner, block_i)
-    n_rows = outer * n_inner_blocks
-    if n_rows >= 2**31:
-        raise ValueError(f"x has {outer * inner} elements per channel; the Triton kernels support fewer")
-    n_splits = reduction_programs(outer * inner, C, x.device)
-    part = torch.empty((2, n_splits, C), dtype=torch.float32, device=x.device)
-    _channel_minmax_planes[(C, n_splits)](
-        x, part, qp, theta, counter, C, inner, C * inner, n_rows, n_inner_blocks, n_splits, size_class(numel),
-        grid[0], grid[1], gate, BLOCK_I=block_i, WITH_QPARAMS=True, GATED=True, **range_finish_blocks(n_splits, C),
-    )  # fmt: skip
-
-
 def gated_batchquant_forward(
     x: Tensor,
     gate: Tensor,
@@ -211,7 +179,7 @@ def gated_batchquant_forward(
         if from_range:
             lo_hi = lo_hi.contiguous()
         else:
-            _range(x, gate, C, inner, S, qp, theta, grid)
+            _range(x, C, inner, qp, theta, grid, gate=gate, S=S)
             lo_hi = qp  # not read
         _quantize[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
             x, y, qp, theta, offset, lo_hi, numel, size_class(numel), grid[0], grid[1], gate, C, inner, C * S,

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "batchquant_autograd.h"
 #include "bquant.h"
 
 namespace bquant {
@@ -254,26 +255,14 @@ class BatchQuantFunction : public torch::autograd::Function<BatchQuantFunction> 
                                bool is_signed) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, qparams] = batchquant_fwd_op().call(x, theta, offset, lo_hi, bits, is_signed);
-    ctx->save_for_backward({x, offset, qparams});
-    ctx->set_materialize_grads(false);  // no zeros for the qparams output, which never has a gradient
-    ctx->saved_data["bits"] = bits;
-    ctx->saved_data["signed"] = is_signed;
-    ctx->saved_data["theta_sizes"] = theta.sizes().vec();
-    ctx->saved_data["theta_dtype"] = static_cast<int64_t>(theta.scalar_type());
-    ctx->mark_non_differentiable({qparams});
-    return {y, qparams};
+    return save_batchquant(ctx, y, qparams, {x, offset}, theta, bits, is_signed);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& offset = saved[1];
-    const at::Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(x);  // only the range was used
-    auto [grad_x, grad_theta, grad_offset] = batchquant_bwd_op().call(
-        grad_y, x, offset, saved[2], ctx->saved_data["bits"].toInt(), ctx->saved_data["signed"].toBool());
-    const auto theta_dtype = static_cast<at::ScalarType>(ctx->saved_data["theta_dtype"].toInt());
-    return {grad_x, as_param(grad_theta, ctx->saved_data["theta_sizes"].toIntVector(), theta_dtype),
-            as_param(grad_offset, offset.sizes(), offset.scalar_type()), {}, {}, {}};
+    const SavedBatchQuant s(ctx, grads);
+    auto [grad_x, grad_theta, grad_offset] =
+        batchquant_bwd_op().call(s.grad_y, s.x(), s.offset(), s.qparams(), s.bits, s.is_signed);
+    return s.outputs({grad_x}, grad_theta, grad_offset);
   }
 };
 

@@ -133,6 +133,16 @@ inline V batchquant_elem_vec(const V& x, const BQVecScalars<V>& p) {
   return batchquant_y_vec<kBytes == 2>(batchquant_u_vec(x, p), p);
 }
 
+// A product as torch's mul stores it in T: for 16-bit inputs the float product (exact) rounded to T once.
+template <typename T>
+inline T gated_t(T a, T b) {
+  return static_cast<T>(static_cast<acc_t<T>>(a) * static_cast<acc_t<T>>(b));
+}
+template <typename T>
+inline acc_t<T> gated_a(T a, T b) {
+  return static_cast<acc_t<T>>(gated_t(a, b));
+}
+
 // Lanes of a vector folded in lane order with f.
 template <typename V, typename R, typename F>
 inline R fold_lanes(const V& v, R init, F f) {
@@ -192,25 +202,39 @@ void row_minmax(const T* x, int64_t rows, int64_t len, int64_t stride, acc_t<T>*
   }
 }
 
-// Column min and max of a strip of kStrip blocks over `rows` rows, the running values held in
+// Column min and max (NaN-propagating) of the rows of x or, kGated, of z = T(x[r][j] * g[j]) (rounded as torch's mul
+// stores it, gated_t), computed in registers: one walk for both, the gating compiled out of the plain form.
+
+// A strip of kStrip blocks over `rows` rows, rows `stride` apart, the running values (and the strip's gates) held in
 // registers; they start from row 0 when `first`, else from mn / mx.
-template <typename T, int kStrip>
-void col_minmax_strip(const T* x, int64_t rows, int64_t stride, bool first, acc_t<T>* mn, acc_t<T>* mx) {
+template <typename T, int kStrip, bool kGated>
+void col_minmax_strip(const T* x, const T* g, int64_t rows, int64_t stride, bool first, acc_t<T>* mn, acc_t<T>* mx) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   constexpr int kVecs = kStrip * IO::kParts;
-  V lo[kVecs], hi[kVecs], v[kVecs];
+  V vg[kVecs], lo[kVecs], hi[kVecs], v[kVecs];
+  if constexpr (kGated) {
+    for (int s = 0; s < kStrip; ++s) IO::load(g + s * IO::kBlock, vg + s * IO::kParts);
+  }
+  const auto load_row = [&](int64_t r) {
+    for (int s = 0; s < kStrip; ++s) IO::load(x + r * stride + s * IO::kBlock, v + s * IO::kParts);
+    if constexpr (kGated) {
+      for (int k = 0; k < kVecs; ++k) v[k] = v[k] * vg[k];
+      for (int s = 0; s < kStrip; ++s) IO::round(v + s * IO::kParts);
+    }
+  };
+  int64_t r = 0;
   if (first) {
-    for (int s = 0; s < kStrip; ++s) IO::load(x + s * IO::kBlock, lo + s * IO::kParts);
-    for (int k = 0; k < kVecs; ++k) hi[k] = lo[k];
+    load_row(r++);
+    for (int k = 0; k < kVecs; ++k) lo[k] = hi[k] = v[k];
   } else {
     for (int k = 0; k < kVecs; ++k) {
       lo[k] = V::loadu(mn + k * V::size());
       hi[k] = V::loadu(mx + k * V::size());
     }
   }
-  for (int64_t r = first ? 1 : 0; r < rows; ++r) {
-    for (int s = 0; s < kStrip; ++s) IO::load(x + r * stride + s * IO::kBlock, v + s * IO::kParts);
+  for (; r < rows; ++r) {
+    load_row(r);
     for (int k = 0; k < kVecs; ++k) {
       lo[k] = vec_min(lo[k], v[k]);
       hi[k] = vec_max(hi[k], v[k]);
@@ -225,17 +249,38 @@ void col_minmax_strip(const T* x, int64_t rows, int64_t stride, bool first, acc_
 // Rows are taken in tiles of about kColTileBytes, which the strips of a tile re-read from L1.
 constexpr int64_t kColTileBytes = 16384;
 
-template <typename T>
-void col_minmax(const T* x, int64_t rows, int64_t cols, int64_t stride, acc_t<T>* mn, acc_t<T>* mx) {
+// `rows` rows of `cols` elements, rows `stride` apart, into mn / mx: started from row 0 when `first`, else accumulated.
+template <typename T, bool kGated>
+void col_minmax_impl(const T* x, const T* g, int64_t rows, int64_t cols, int64_t stride, bool first, acc_t<T>* mn,
+                     acc_t<T>* mx) {
   using IO = VecIO<T>;
   using A = typename IO::A;
+  using V = typename IO::V;
   constexpr int kStrip = std::max(1, 4 / IO::kParts);  // 4 vectors each of running min, max and input
-  if (cols < IO::kBlock) {
-    for (int64_t j = 0; j < cols; ++j) mn[j] = mx[j] = static_cast<A>(x[j]);
-    for (int64_t r = 1; r < rows; ++r) {
-      for (int64_t j = 0; j < cols; ++j) {
-        mn[j] = nan_min(mn[j], static_cast<A>(x[r * stride + j]));
-        mx[j] = nan_max(mx[j], static_cast<A>(x[r * stride + j]));
+  if (rows == 1 || cols < IO::kBlock) {  // one row (the gated op's short-row samples) or narrow: a loop over the rows
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* px = x + r * stride;
+      const bool init = first && r == 0;
+      int64_t j = 0;
+      for (; j + IO::kBlock <= cols; j += IO::kBlock) {
+        V v[IO::kParts];
+        IO::load(px + j, v);
+        if constexpr (kGated) {
+          V vg[IO::kParts];
+          IO::load(g + j, vg);
+          for (int k = 0; k < IO::kParts; ++k) v[k] = v[k] * vg[k];
+          IO::round(v);
+        }
+        for (int k = 0; k < IO::kParts; ++k) {
+          const int64_t o = j + k * V::size();
+          (init ? v[k] : vec_min(V::loadu(mn + o), v[k])).store(mn + o);
+          (init ? v[k] : vec_max(V::loadu(mx + o), v[k])).store(mx + o);
+        }
+      }
+      for (; j < cols; ++j) {
+        const A z = kGated ? gated_a(px[j], g[j]) : static_cast<A>(px[j]);
+        mn[j] = init ? z : nan_min(mn[j], z);
+        mx[j] = init ? z : nan_max(mx[j], z);
       }
     }
     return;
@@ -244,16 +289,22 @@ void col_minmax(const T* x, int64_t rows, int64_t cols, int64_t stride, acc_t<T>
   for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
     const T* tile = x + r0 * stride;
     const int64_t tr = std::min(tile_rows, rows - r0);
+    const bool init = first && r0 == 0;
     int64_t j = 0;
-    for (; j + kStrip * IO::kBlock <= cols; j += kStrip * IO::kBlock) {
-      col_minmax_strip<T, kStrip>(tile + j, tr, stride, r0 == 0, mn + j, mx + j);
+    for (; j + kStrip * IO::kBlock <= cols; j += kStrip * IO::kBlock) {  // (the plain form's g is null: left as is)
+      col_minmax_strip<T, kStrip, kGated>(tile + j, kGated ? g + j : g, tr, stride, init, mn + j, mx + j);
     }
     for (; j < cols; j += IO::kBlock) {
       // The last block may overlap the previous one (min and max are idempotent).
       const int64_t c = std::min(j, cols - IO::kBlock);
-      col_minmax_strip<T, 1>(tile + c, tr, stride, r0 == 0, mn + c, mx + c);
+      col_minmax_strip<T, 1, kGated>(tile + c, kGated ? g + c : g, tr, stride, init, mn + c, mx + c);
     }
   }
+}
+
+template <typename T>
+void col_minmax(const T* x, int64_t rows, int64_t cols, int64_t stride, acc_t<T>* mn, acc_t<T>* mx) {
+  col_minmax_impl<T, false>(x, nullptr, rows, cols, stride, true, mn, mx);
 }
 
 // mn = min(mn, src_mn) and mx = max(mx, src_mx) element-wise over n elements (NaN-propagating).
@@ -272,16 +323,6 @@ void minmax_accumulate(A* mn, A* mx, const A* src_mn, const A* src_mx, int64_t n
 }
 
 // ----------------------------------------------------------------------------- BatchQuant
-
-// A product as torch's mul stores it in T: for 16-bit inputs the float product (exact) rounded to T once.
-template <typename T>
-inline T gated_t(T a, T b) {
-  return static_cast<T>(static_cast<acc_t<T>>(a) * static_cast<acc_t<T>>(b));
-}
-template <typename T>
-inline acc_t<T> gated_a(T a, T b) {
-  return static_cast<acc_t<T>>(gated_t(a, b));
-}
 
 // The element loops of BatchQuant, also for gated BatchQuant: the input is then z = T(x * gate), computed in
 // registers as torch's mul rounds it, with one gate per element (kGated, ge) or one for all (kScaled, *ge).
@@ -502,91 +543,10 @@ bool gate_extremes(const T* g, int64_t n, acc_t<T>* mn, acc_t<T>* mx) {
   return all;
 }
 
-// Column min and max of z = T(x[r][j] * g[j]) over `rows` rows of a strip of kStrip blocks, rows `stride`
-// apart, the running values held in registers; they start from row 0 when `first`, else from mn / mx.
-template <typename T, int kStrip>
-void gate_col_minmax_strip(const T* x, const T* g, int64_t rows, int64_t stride, bool first, acc_t<T>* mn,
-                           acc_t<T>* mx) {
-  using IO = VecIO<T>;
-  using V = typename IO::V;
-  constexpr int kVecs = kStrip * IO::kParts;
-  V vg[kVecs], lo[kVecs], hi[kVecs], v[kVecs];
-  for (int s = 0; s < kStrip; ++s) IO::load(g + s * IO::kBlock, vg + s * IO::kParts);
-  const auto load_z = [&](int64_t r) {
-    for (int s = 0; s < kStrip; ++s) IO::load(x + r * stride + s * IO::kBlock, v + s * IO::kParts);
-    for (int k = 0; k < kVecs; ++k) v[k] = v[k] * vg[k];
-    for (int s = 0; s < kStrip; ++s) IO::round(v + s * IO::kParts);
-  };
-  int64_t r = 0;
-  if (first) {
-    load_z(r++);
-    for (int k = 0; k < kVecs; ++k) lo[k] = hi[k] = v[k];
-  } else {
-    for (int k = 0; k < kVecs; ++k) {
-      lo[k] = V::loadu(mn + k * V::size());
-      hi[k] = V::loadu(mx + k * V::size());
-    }
-  }
-  for (; r < rows; ++r) {
-    load_z(r);
-    for (int k = 0; k < kVecs; ++k) {
-      lo[k] = vec_min(lo[k], v[k]);
-      hi[k] = vec_max(hi[k], v[k]);
-    }
-  }
-  for (int k = 0; k < kVecs; ++k) {
-    lo[k].store(mn + k * V::size());
-    hi[k].store(mx + k * V::size());
-  }
-}
-
-// Column min and max (NaN-propagating) of z = T(x[r][j] * g[j]), rows of `len` consecutive elements, into
-// mn / mx: started from row 0 when `first`, else accumulated. Tiles and strips as in col_minmax.
+// Column min and max of z = T(x[r][j] * g[j]), rows of `len` consecutive elements (col_minmax_impl).
 template <typename T>
 void gate_col_minmax(const T* x, const T* g, int64_t rows, int64_t len, bool first, acc_t<T>* mn, acc_t<T>* mx) {
-  using IO = VecIO<T>;
-  constexpr int kStrip = std::max(1, 4 / IO::kParts);
-  using V = typename IO::V;
-  if (rows == 1 || len < IO::kBlock) {  // one row (short rows' samples) or narrow: a loop over the rows
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* px = x + r * len;
-      const bool init = first && r == 0;
-      int64_t j = 0;
-      for (; j + IO::kBlock <= len; j += IO::kBlock) {
-        V v[IO::kParts], vg[IO::kParts];
-        IO::load(px + j, v);
-        IO::load(g + j, vg);
-        for (int k = 0; k < IO::kParts; ++k) v[k] = v[k] * vg[k];
-        IO::round(v);
-        for (int k = 0; k < IO::kParts; ++k) {
-          const int64_t o = j + k * V::size();
-          (init ? v[k] : vec_min(V::loadu(mn + o), v[k])).store(mn + o);
-          (init ? v[k] : vec_max(V::loadu(mx + o), v[k])).store(mx + o);
-        }
-      }
-      for (; j < len; ++j) {
-        const acc_t<T> z = gated_a(px[j], g[j]);
-        mn[j] = init ? z : nan_min(mn[j], z);
-        mx[j] = init ? z : nan_max(mx[j], z);
-      }
-    }
-    return;
-  }
-  const int64_t tile_rows = std::max<int64_t>(1, kColTileBytes / static_cast<int64_t>(len * sizeof(T)));
-  for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
-    const T* tile = x + r0 * len;
-    const int64_t tr = std::min(tile_rows, rows - r0);
-    const bool init = first && r0 == 0;
-    int64_t j = 0;
-    for (; j + kStrip * IO::kBlock <= len; j += kStrip * IO::kBlock) {
-      gate_col_minmax_strip<T, kStrip>(tile + j, g + j, tr, len, init, mn + j, mx + j);
-    }
-    for (; j < len; j += IO::kBlock) {
-      // The last block may overlap the previous one (min and max are idempotent).
-      const int64_t c = std::min(j, len - IO::kBlock);
-      gate_col_minmax_strip<T, 1>(tile + c, g + c, tr, len, init, mn + c, mx + c);
-    }
-  }
+  col_minmax_impl<T, true>(x, g, rows, len, len, first, mn, mx);
 }
 
 // out[0, n): g[0] in the first `head` elements, then each next gate in the next `inner`. One broadcast store

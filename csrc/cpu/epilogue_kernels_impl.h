@@ -416,7 +416,7 @@ Widened<A> widened(const Layout& L, const Affine<A>& af) {
 // ----------------------------------------------------------------------------- forward
 
 constexpr int64_t kTile = 8;  // channels per register tile (channels-innermost statistics)
-constexpr int64_t kStatsBlockBytes = 16384;  // rows per block of the statistics (see channel_stats)
+constexpr int64_t kStatsBlockBytes = 16384;  // bytes of rows per block of the statistics (channel_stats)
 
 using vd4 = double __attribute__((vector_size(32)));
 

@@ -63,18 +63,33 @@ struct VecIO16 {
 template <>
 struct VecIO<c10::Half> : VecIO16<c10::Half> {
 #ifdef CPU_CAPABILITY_AVX2
-  // F16C's round trip per float vector (round to nearest even, as convert_from_float), without packing
-  // the two halves into one 16-bit vector and out again.
+  // F16C rounds to nearest even as c10 does, but keeps a NaN's payload where c10 stores 0x7E00 with the
+  // NaN's sign: NaN lanes become the float NaN that converts to that, so that an element gets the scalar
+  // tail's bits wherever it sits.
+  static __m128i to_half(__m256 v) {
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    if (_mm256_movemask_ps(nan) != 0) {  // rare: a branch costs less than a blend on every vector
+      const __m256 sign = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u))));
+      v = _mm256_blendv_ps(v, _mm256_or_ps(sign, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000))), nan);
+    }
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+  }
+  static void store(c10::Half* p, const V* v) {
+    for (int k = 0; k < kParts; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(p) + k, to_half(v[k]));
+  }
+  static void store_exact(c10::Half* p, const V* v) { store(p, v); }
+  // The round trip per float vector, without packing the two halves into one 16-bit vector and out again.
   static void round(V* v) {
-    for (int k = 0; k < kParts; ++k) v[k] = _mm256_cvtph_ps(_mm256_cvtps_ph(v[k], _MM_FROUND_TO_NEAREST_INT));
+    for (int k = 0; k < kParts; ++k) v[k] = _mm256_cvtph_ps(to_half(v[k]));
   }
 #endif
 };
 template <>
 struct VecIO<c10::BFloat16> : VecIO16<c10::BFloat16> {
 #ifdef CPU_CAPABILITY_AVX2
-  // Round to nearest even on the float's bits, as c10 and convert_from_float round (NaN kept as it is):
-  // no packing into a bfloat16 vector and out again.
+  // Round to nearest even on the float's bits, as c10 rounds, NaN to c10's 0x7FC0 (torch's vector
+  // conversion stores 0xFFFF: an element gets the scalar tail's bits wherever it sits); no packing into a
+  // bfloat16 vector and out again.
   static void round(V* v) {
     const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -82,14 +97,28 @@ struct VecIO<c10::BFloat16> : VecIO16<c10::BFloat16> {
       const __m256i u = _mm256_castps_si256(v[k]);
       const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
       const __m256 r = _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, bias)), high));
-      v[k] = _mm256_blendv_ps(r, v[k], _mm256_cmp_ps(v[k], v[k], _CMP_UNORD_Q));
+      v[k] = c10_nan(r, v[k]);
     }
   }
-
-  // A float that came from a bfloat16 has its low 16 bits zero, so dropping them is exact: a shift and
-  // a pack instead of convert_from_float's rounding and NaN handling (the backward's grad_x / grad_w
-  // are such values, or zeros).
+  static void store(c10::BFloat16* p, const V* v) {
+    V r[kParts] = {v[0], v[1]};
+    round(r);
+    pack(p, r);
+  }
+  // Values a bfloat16 holds (loaded ones, masked, or zeros: the backward's grad_x / grad_w) have their low
+  // 16 bits zero, so dropping them is exact: a shift and a pack instead of the rounding (NaN as c10 stores it).
   static void store_exact(c10::BFloat16* p, const V* v) {
+    const V r[kParts] = {c10_nan(v[0], v[0]), c10_nan(v[1], v[1])};
+    pack(p, r);
+  }
+
+ private:
+  // r, or c10's NaN 0x7FC0 (as a float) where v is NaN.
+  static __m256 c10_nan(__m256 r, __m256 v) {
+    return _mm256_blendv_ps(r, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  // The upper 16 bits of each float, in order.
+  static void pack(c10::BFloat16* p, const V* v) {
     const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(v[0]), 16);
     const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(v[1]), 16);
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);  // lane order back

@@ -118,9 +118,8 @@ REPO = Path(__file__).resolve().parents[2]
 def assert_cpu_instances_agree(script: str, cases: list, tmp_path: Path) -> None:
     """Run ``script`` (argv: the inputs file, the outputs file, the repository) on ``cases`` once under
     ATEN_CPU_CAPABILITY=default (the baseline instance of the CPU kernels) and once as this process runs
-    (AVX2 where the CPU has it): every saved output equal bit for bit (signed zeros included; NaN in the
-    same places, their payloads may differ: torch's vector bfloat16 conversion stores 0xFFFF, c10's 0x7FC0).
-    Inputs are made here: torch's own random generators differ between capabilities."""
+    (AVX2 where the CPU has it): every saved output equal bit for bit, signed zeros and NaN payloads
+    included. Inputs are made here: torch's own random generators differ between capabilities."""
     inputs = tmp_path / "inputs.pt"
     torch.save(cases, inputs)
     outputs = {}
@@ -138,6 +137,4 @@ def assert_cpu_instances_agree(script: str, cases: list, tmp_path: Path) -> None
         assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), f"output {i}: layouts differ"
         a, b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
         same = a.view(torch.uint8).reshape(a.numel(), -1).eq(b.view(torch.uint8).reshape(b.numel(), -1)).all(1)
-        if a.is_floating_point():
-            same |= a.isnan() & b.isnan()
         assert same.all(), f"output {i}: portable and native instances differ in {int((~same).sum())} elements"

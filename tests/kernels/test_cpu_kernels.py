@@ -303,6 +303,33 @@ def test_nan_propagates(shape, channels_last, where):
     assert_bitwise(gw, ref.lsq_backward(torch.ones_like(w), w, torch.tensor([0.3]), 4, True, w.numel())[0], "grad_w")
 
 
+# c10's NaN in each 16-bit type, by the NaN's sign (bfloat16 drops it).
+C10_NAN_BITS = {torch.bfloat16: (0x7FC0, 0x7FC0), torch.float16: (0x7E00, 0xFE00 - 0x10000)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_nan_stored_as_c10_stores_it_wherever_it_sits(dtype):
+    """A NaN output element has c10's bits (the scalar tail's) whether it sits in a vector body or in the
+    tail: torch's vector conversions would store 0xFFFF (bfloat16) or keep the payload (float16). NaN of
+    both signs and with payloads, in y (stored range), grad_x (NaN gradients passed through), and w_hat."""
+    x = _activation((3, 5, 7), torch.float32, seed=13).to(dtype)  # 105 elements: vector blocks and a tail
+    g = _randn_like(x, 14)
+    payload = {torch.bfloat16: (0x7FC1, -0x0041), torch.float16: (0x7E01, -0x01FF)}[dtype]  # +NaN, -NaN
+    for i, bits in zip((2, 20, 100, 103), payload * 2, strict=True):  # body, body, tail, tail
+        x.view(-1)[i] = torch.tensor(bits, dtype=torch.int16).view(dtype)
+        g.view(-1)[i + 1] = torch.tensor(bits, dtype=torch.int16).view(dtype)
+        x.view(-1)[i + 1] = 0.5  # inside the range: its gradient is g's NaN
+    theta, offset = _params()
+    y, _, gx, _, _ = _batchquant(x, g, theta, offset, lo_hi=torch.tensor([-3.0, 3.0]))
+    w_hat, _, _ = _lsq(x.reshape(-1), g.reshape(-1), torch.tensor([0.3]))
+    for name, t in (("y", y), ("grad_x", gx), ("w_hat", w_hat)):
+        nan = torch.isnan(t)
+        assert nan.sum() == 4, f"{name}: {int(nan.sum())} NaN"
+        bits = t.contiguous().view(torch.int16)[nan]
+        want = torch.tensor([C10_NAN_BITS[dtype][int(b < 0)] for b in bits.tolist()], dtype=torch.int16)
+        assert torch.equal(bits, want), f"{name}: NaN bits {bits.tolist()}, c10 stores {want.tolist()}"
+
+
 def _memory_order(x):
     """The permutation of x's dims that is contiguous in memory (outermost first)."""
     return sorted(range(x.dim()), key=lambda d: -x.stride(d))

@@ -473,7 +473,7 @@ def test_portable_and_avx2_instances_agree(tmp_path):
             gamma, beta, theta, offset, *_ = (t.float() for t in _params(24, 6))
             g = h.to_layout(h.make_activation((16, 24, 6, 6), seed=7).to(dtype), layout)
             cases.append((y, gamma, beta, theta, offset, g))
-    # NaN in the 16-bit types: the vector conversions store c10's NaN (0x7E00 / 0x7FC0 with the sign)
+    # NaN in the 16-bit types: the vector conversions store c10's NaN (float16 0x7E00 with the sign, bfloat16 0x7FC0)
     for dtype in (torch.bfloat16, torch.float16):
         y = h.make_activation((16, 24, 6, 6), kind="shifted", seed=8).to(dtype)
         y[3, 5, 2, 1] = float("nan")

@@ -418,9 +418,20 @@ def batch_range(x: Tensor, C: int, inner: int) -> Tensor:
 
 
 def batchquant_forward(
-    x: Tensor, theta: Tensor, offset: Tensor, lo_hi: Tensor | None, bits: int, signed: bool, C: int, inner: int
+    x: Tensor,
+    theta: Tensor,
+    offset: Tensor,
+    lo_hi: Tensor | None,
+    bits: int,
+    signed: bool,
+    C: int,
+    inner: int,
+    gate: Tensor | None = None,
+    S: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """``(y, qparams)``: spec 1.4 with the batch range (``lo_hi=None``) or the given one."""
+    """``(y, qparams)``: spec 1.4 with the batch range (``lo_hi=None``) or the given one; of ``z =
+    round_T(x * gate)`` where a gate (``(N, C)`` contiguous, ``S`` spatial elements per (sample, channel))
+    is given (gated.py)."""
     grid = batchquant_grid(bits, signed)
     numel = x.numel()
     y = torch.empty_like(x)  # same strides as x: the element pass runs in memory order
@@ -430,11 +441,13 @@ def batchquant_forward(
         if from_range:
             lo_hi = lo_hi.contiguous()
         else:
-            _range(x, C, inner, qp, theta, grid)
+            _range(x, C, inner, qp, theta, grid, gate=gate, S=S)
             lo_hi = qp  # not read
+        # Ungated: x stands in for the gate and 1 for its index arguments (not read).
+        gate_args = (x, 1, 1, 1) if gate is None else (gate, C, inner, C * S)
         _quantize[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
-            x, y, qp, theta, offset, lo_hi, numel, size_class(numel), grid[0], grid[1], x, 1, 1, 1,
-            FROM_RANGE=from_range, GATED=False,
+            x, y, qp, theta, offset, lo_hi, numel, size_class(numel), grid[0], grid[1], *gate_args,
+            FROM_RANGE=from_range, GATED=gate is not None,
         )  # fmt: skip
     return y, qp
 

@@ -6,8 +6,8 @@ rounded to ``T`` once) is computed where ``x`` is loaded and never stored. ``x``
 ``(outer, C, inner)`` in memory (backend contract): contiguous ``(N, C, S)`` or channels-innermost
 ``(N, S, C)`` (``inner == 1``), ``S`` the spatial size; ``gate`` is ``(N, C)`` contiguous.
 
-Forward: no kernel of its own. The launches of ``batchquant_forward`` with ``batchquant.py``'s kernels
-run with ``GATED=True``: per-channel min/max partials of ``z`` (``_channel_minmax_planes`` or
+Forward: no kernel or launcher of its own: ``batchquant_forward`` with the gate runs ``batchquant.py``'s
+kernels with ``GATED=True``: per-channel min/max partials of ``z`` (``_channel_minmax_planes`` or
 ``_channel_minmax_rows``, the same layouts and splits) whose last program computes the qparams with
 ``finish_range``, then the element pass ``_quantize`` (alone with a stored range). The same element math
 on the same ``z`` values: ``y`` and the qparams are those of the composition bit for bit.
@@ -28,12 +28,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...qparams import NUM_QPARAMS, SCALE, ZERO, L, batchquant_grid
+from ...qparams import SCALE, ZERO, L, batchquant_grid
 from .batchquant import (
     _ROWS_MAX_BLOCK_C,
     _inner_block,
-    _quantize,
-    _range,
+    batchquant_forward,
     finish_grads,
     gate_product,
 )
@@ -41,7 +40,6 @@ from .launch import (
     FINISH_BLOCK,
     INTERPRET,
     device_guard,
-    size_class,
     target_programs,
 )
 from .quant_math import batchquant_elem_backward
@@ -168,24 +166,8 @@ def gated_batchquant_forward(
 ) -> tuple[Tensor, Tensor]:
     """``(y, qparams)`` of ``batchquant(x * gate)`` (``gate`` (N, C) contiguous, x's dtype), bit-identical
     to :func:`batchquant.batchquant_forward` of the materialized product; ``y`` with x's strides."""
-    N, S = _shape(x, gate, C, inner)
-    gate = gate.contiguous()
-    grid = batchquant_grid(bits, signed)
-    numel = x.numel()
-    y = torch.empty_like(x)
-    qp = torch.empty(NUM_QPARAMS, dtype=torch.float32, device=x.device)
-    from_range = lo_hi is not None
-    with device_guard(x):
-        if from_range:
-            lo_hi = lo_hi.contiguous()
-        else:
-            _range(x, C, inner, qp, theta, grid, gate=gate, S=S)
-            lo_hi = qp  # not read
-        _quantize[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
-            x, y, qp, theta, offset, lo_hi, numel, size_class(numel), grid[0], grid[1], gate, C, inner, C * S,
-            FROM_RANGE=from_range, GATED=True,
-        )  # fmt: skip
-    return y, qp
+    _, S = _shape(x, gate, C, inner)
+    return batchquant_forward(x, theta, offset, lo_hi, bits, signed, C, inner, gate=gate.contiguous(), S=S)
 
 
 def _backward_blocks(N: int, C: int, S: int, cl: bool, device: torch.device) -> tuple[int, int, int]:

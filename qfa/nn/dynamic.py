@@ -75,6 +75,13 @@ def _fill_static(dst: QConv2d | QLinear, src: _ActiveBits, weight: Tensor, w_ful
     return dst
 
 
+def _fuses_on(fused: str, backend: str | None, y: Tensor) -> bool:
+    """Whether a fused op whose kernels are ``fused``'s runs for ``y``: only the quantizers' own backend
+    (``backend`` resolved for ``y``), and not the CPU kernel in 16 bits, slower there than the separate
+    ops (bench/results/README.md)."""
+    return fused == resolve(backend, y.device, y.dtype) and not (fused == "cpu" and y.element_size() == 2)
+
+
 def _finish(
     layer: nn.Module,
     y: Tensor,
@@ -97,8 +104,7 @@ def _finish(
         # Triton's, not measured on a GPU yet (docs/known-issues.md).
         any_quantizer = next(iter(layer._banks()[1].values()), None)
         backend = None if any_quantizer is None else any_quantizer.backend
-        fused = fused_backend(backend, y)
-        if fused == resolve(backend, y.device, y.dtype) and not (fused == "cpu" and y.element_size() == 2):
+        if _fuses_on(fused_backend(backend, y), backend, y):
             return fused_epilogue(y, bn, layer.act_name, next_quantizer, backend, residual, keep_activation)
     if bn is not None:
         y = bn(y)
@@ -115,10 +121,9 @@ def _quantize_se(layer: nn.Module, y: Tensor, quantizer: BatchQuantizer) -> Tens
     the cpu backend), else the multiply then the quantizer."""
     gate = layer.se.gate(y)
     backend = quantizer.backend
-    fused = gated_backend(backend, y)
     # Autocast may give the gate another dtype than y: then the product's type promotion decides.
     ok = layer.bn is not None and layer.bn.uses_batch_stats and gate.dtype == y.dtype
-    if ok and fused == resolve(backend, y.device, y.dtype) and not (fused == "cpu" and y.element_size() == 2):
+    if ok and _fuses_on(gated_backend(backend, y), backend, y):
         return quantizer(y, gate)
     return quantizer(y * gate)
 
